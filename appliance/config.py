@@ -1,0 +1,286 @@
+"""The one configuration schema and its one loader.
+
+Only this module parses TOML. Everything else receives a ``Settings`` object.
+Every key is declared once, below, with its type, default and limits;
+``config.example.toml`` documents the same keys (a test keeps the two in step).
+
+A bad file fails with the file, the key, what was expected and what was found::
+
+    /etc/crm-appliance/appliance.toml: [web] workers: expected an integer from 1 to 256, found "four" (a string)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import stat
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/crm-appliance/appliance.toml")
+ENV_VAR = "CRM_APPLIANCE_CONFIG"
+
+_REQUIRED = dataclasses.MISSING
+
+
+def _key(default=_REQUIRED, *, minimum=None, maximum=None, choices=None, doc=""):
+    """Declare one key: its default (none means required), limits and one-line meaning."""
+    meta = {"min": minimum, "max": maximum, "choices": choices, "doc": doc}
+    if default is _REQUIRED:
+        return field(metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ApplianceSection:
+    data_dir: Path = _key(Path("/var/lib/crm-appliance"), doc="Attachments, backups and state.")
+    log_dir: Path = _key(Path("/var/log/crm-appliance"), doc="Install, web and scheduler logs.")
+
+
+@dataclass(frozen=True)
+class DatabaseSection:
+    host: str = _key("127.0.0.1", doc="PostgreSQL host; the appliance's own cluster is local.")
+    port: int = _key(5432, minimum=1, maximum=65535)
+    name: str = _key("crm")
+    user: str = _key("crm")
+    password_file: Path = _key(
+        Path("/etc/crm-appliance/db-password"), doc="File (mode 0600) holding the password."
+    )
+    pool_size: int = _key(32, minimum=1, maximum=1000, doc="Connections per web process.")
+    connect_timeout_seconds: int = _key(5, minimum=1, maximum=300)
+
+    def password(self) -> str:
+        return read_secret(self.password_file, "[database] password_file")
+
+
+@dataclass(frozen=True)
+class WebSection:
+    public_url: str = _key(doc="The address seat users open, e.g. https://crm.example.lan")
+    bind: str = _key("127.0.0.1:8000", doc="host:port gunicorn listens on.")
+    workers: int = _key(2, minimum=1, maximum=256)
+    threads: int = _key(8, minimum=1, maximum=256)
+    secret_key_file: Path = _key(
+        Path("/etc/crm-appliance/secret-key"), doc="File (mode 0600) with the session signing key."
+    )
+    trusted_proxies: int = _key(
+        0, minimum=0, maximum=5, doc="Proxies in front (nginx = 1) whose X-Forwarded-For is trusted."
+    )
+    session_hours: int = _key(12, minimum=1, maximum=24 * 30)
+    login_max_failures: int = _key(5, minimum=1, maximum=100, doc="Failed logins before lock-out.")
+    login_lockout_minutes: int = _key(15, minimum=1, maximum=24 * 60)
+    set_password_link_hours: int = _key(72, minimum=1, maximum=24 * 30)
+    default_locale: str = _key("en", choices=("en", "zh"))
+    page_size: int = _key(50, minimum=10, maximum=500, doc="Rows per list page.")
+
+    def secret_key(self) -> str:
+        key = read_secret(self.secret_key_file, "[web] secret_key_file")
+        if len(key) < 32:
+            raise ConfigError(
+                f"{self.secret_key_file}: [web] secret_key_file: expected at least 32 characters, "
+                f"found {len(key)}; generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+            )
+        return key
+
+
+@dataclass(frozen=True)
+class SeatsSection:
+    licensed: int = _key(minimum=1, maximum=100_000, doc="Seats the licence allows.")
+    expires: dt.date | None = _key(None, doc="Licence end date (YYYY-MM-DD); none = perpetual.")
+
+
+@dataclass(frozen=True)
+class AttachmentsSection:
+    per_seat_mb: int = _key(50, minimum=1, maximum=100_000, doc="Quota each seat brings.")
+    max_upload_mb: int = _key(25, minimum=1, maximum=10_000)
+
+
+@dataclass(frozen=True)
+class Settings:
+    web: WebSection
+    seats: SeatsSection
+    appliance: ApplianceSection = field(default_factory=ApplianceSection)
+    database: DatabaseSection = field(default_factory=DatabaseSection)
+    attachments: AttachmentsSection = field(default_factory=AttachmentsSection)
+    source: str = "<defaults>"
+
+
+SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Settings)[f.name] for f in dataclasses.fields(Settings) if f.name != "source"
+}
+
+
+def resolve_path(cli_value: str | os.PathLike | None = None) -> Path:
+    """The config file to read: ``--config``, else ``$CRM_APPLIANCE_CONFIG``, else the default."""
+    if cli_value:
+        return Path(cli_value)
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    return DEFAULT_PATH
+
+
+def load(path: str | os.PathLike) -> Settings:
+    """Read and validate one TOML file into ``Settings``."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such configuration file; copy config.example.toml there or pass --config"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: expected UTF-8 text, found a byte that is not ({exc.reason})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return from_mapping(data, source=str(path))
+
+
+def from_mapping(data: dict, source: str = "<mapping>") -> Settings:
+    """Validate a parsed mapping (as TOML gives it) into ``Settings``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a table of sections, found {_describe(data)}")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: [{unknown[0]}]: unknown section; expected one of: {', '.join(sorted(SECTIONS))}"
+        )
+    sections = {}
+    for name, cls in SECTIONS.items():
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{name}]: expected a table, found {_describe(table)}")
+        sections[name] = _build_section(cls, name, table, source)
+    return Settings(source=source, **sections)
+
+
+def _build_section(cls, section: str, table: dict, source: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: [{section}] {unknown[0]}: unknown key; expected one of: {', '.join(fields)}"
+        )
+    values = {}
+    for name, f in fields.items():
+        where = f"{source}: [{section}] {name}"
+        if name not in table:
+            if f.default is _REQUIRED and f.default_factory is _REQUIRED:
+                raise ConfigError(f"{where}: required, but missing; expected {_expected(hints[name], f)}")
+            continue
+        values[name] = _convert(table[name], hints[name], f, where)
+    return cls(**values)
+
+
+def _convert(value, hint, f: dataclasses.Field, where: str):
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+    if optional and value in ("", "none"):
+        return None
+    meta = f.metadata
+    bad = ConfigError(f"{where}: expected {_expected(hint, f, optional)}, found {_describe(value)}")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        if (meta["min"] is not None and value < meta["min"]) or (meta["max"] is not None and value > meta["max"]):
+            raise bad
+        return value
+    if hint in (str, Path):
+        if not isinstance(value, str) or not value.strip():
+            raise bad
+        if meta["choices"] and value not in meta["choices"]:
+            raise bad
+        return Path(value) if hint is Path else value
+    if hint is dt.date:
+        if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+            return value
+        if isinstance(value, str):
+            try:
+                return dt.date.fromisoformat(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug in the schema
+
+
+def _expected(hint, f: dataclasses.Field, optional: bool = False) -> str:
+    meta = f.metadata
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = [a for a in typing.get_args(hint) if a is not type(None)][0]
+        optional = True
+    if hint is int:
+        text = "an integer"
+        if meta["min"] is not None and meta["max"] is not None:
+            text += f" from {meta['min']} to {meta['max']}"
+        elif meta["min"] is not None:
+            text += f" of at least {meta['min']}"
+    elif hint is bool:
+        text = "true or false"
+    elif hint is dt.date:
+        text = "a date like 2027-12-31"
+    elif hint is Path:
+        text = "a file or directory path"
+    elif meta["choices"]:
+        text = "one of " + ", ".join(f'"{c}"' for c in meta["choices"])
+    else:
+        text = "a non-empty string"
+    return text + (' (or "none")' if optional else "")
+
+
+def _describe(value) -> str:
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "a table", dt.date: "a date", dt.datetime: "a date-time"}
+    kind = kinds.get(type(value), type(value).__name__)
+    shown = repr(value) if not isinstance(value, str) else f'"{value}"'
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{shown} ({kind})"
+
+
+def read_secret(path: Path, key: str) -> str:
+    """Read a secret file, refusing one that other users could read."""
+    try:
+        st = path.stat()
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {key}: the secret file does not exist; the installer creates it") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {key}: cannot read the secret file: {exc.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"{path}: {key}: expected mode 0600 (owner only), found {stat.S_IMODE(st.st_mode):04o}; "
+            f"run: chmod 600 {path}"
+        )
+    if not text:
+        raise ConfigError(f"{path}: {key}: the secret file is empty")
+    return text
+
+
+def write_secret(path: Path, value: str) -> None:
+    """Write a secret with mode 0600 from its first byte: temp file, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(value + "\n")
+    os.replace(tmp, path)
+
+
+def schema_keys() -> dict[str, dict[str, dataclasses.Field]]:
+    """Every section and key of the schema (used by the example-file test and docs)."""
+    return {name: {f.name: f for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}

@@ -1,0 +1,1 @@
+"""The ``crm-appliance`` command and the deployment steps behind it."""

@@ -17,6 +17,7 @@ import os
 import stat
 import tomllib
 import types
+import zoneinfo
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,7 @@ class WebSection:
     login_lockout_minutes: int = _key(15, minimum=1, maximum=24 * 60)
     set_password_link_hours: int = _key(72, minimum=1, maximum=24 * 30)
     default_locale: str = _key("en", choices=("en", "zh"))
+    timezone: str = _key("Asia/Shanghai", doc="IANA zone in which seat users read and enter times.")
     page_size: int = _key(50, minimum=10, maximum=500, doc="Rows per list page.")
 
     def secret_key(self) -> str:
@@ -205,6 +207,8 @@ def _convert(value, hint, f: dataclasses.Field, where: str):
             raise bad
         if meta["choices"] and value not in meta["choices"]:
             raise bad
+        if f.name == "timezone" and not _is_zone(value):
+            raise ConfigError(f'{where}: expected an IANA time zone such as "Asia/Shanghai", found {_describe(value)}')
         return Path(value) if hint is Path else value
     if hint is dt.date:
         if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
@@ -216,6 +220,14 @@ def _convert(value, hint, f: dataclasses.Field, where: str):
                 raise bad from None
         raise bad
     raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug in the schema
+
+
+def _is_zone(name: str) -> bool:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
 
 
 def _expected(hint, f: dataclasses.Field, optional: bool = False) -> str:

@@ -11,11 +11,11 @@ from playhouse.postgres_ext import PooledPostgresqlExtDatabase
 
 from appliance.config import Settings
 from appliance.errors import DatabaseError
-from webapp import models
+import webapp.models as models
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "webapp" / "migrations"
+MIGRATIONS_DIR = Path(models.__file__).resolve().parent / "migrations"
 # Any constant works; it only has to be the same for every migrating process.
 _MIGRATION_LOCK = 0x43524D01
 

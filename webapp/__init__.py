@@ -1,0 +1,113 @@
+"""The seat users' CRM: a Flask app built by ``create_app(settings)``; no module-level app."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from flask import Flask, render_template, request
+from flask_babel import Babel
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from appliance.config import Settings
+
+log = logging.getLogger(__name__)
+
+csrf = CSRFProtect()
+babel = Babel()
+
+LOCALES = ("en", "zh")
+
+
+def create_app(settings: Settings, database=None) -> Flask:
+    """Build the app for ``settings``; ``database`` (an open peewee pool) is made from them if not given.
+
+    Refuses to start without a readable secret key of at least 32 characters.
+    """
+    from appliance.db import open_database
+    from webapp import (accounts, activities, admin, auth, contacts, dashboard, leads, notes,
+                        opportunities, search, tickets)
+    from webapp.i18n import select_locale, template_helpers
+
+    app = Flask(__name__)
+    web = settings.web
+    app.config.update(
+        SECRET_KEY=web.secret_key(),
+        SESSION_COOKIE_NAME="crm_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=web.public_url.lower().startswith("https://"),
+        PERMANENT_SESSION_LIFETIME=dt.timedelta(hours=web.session_hours),
+        # The CSRF token lives as long as the session that holds it.
+        WTF_CSRF_TIME_LIMIT=None,
+        MAX_CONTENT_LENGTH=(settings.attachments.max_upload_mb + 1) * 1024 * 1024,
+        BABEL_DEFAULT_LOCALE=web.default_locale,
+        BABEL_DEFAULT_TIMEZONE=web.timezone,
+        BABEL_TRANSLATION_DIRECTORIES="translations",
+    )
+    app.extensions["crm_settings"] = settings
+    if web.trusted_proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=web.trusted_proxies, x_proto=web.trusted_proxies,
+                                x_host=web.trusted_proxies)
+
+    db = database if database is not None else open_database(settings)
+    app.extensions["crm_db"] = db
+
+    @app.before_request
+    def _connect():
+        db.connect(reuse_if_open=True)
+
+    @app.teardown_request
+    def _release(exc):
+        if not db.is_closed():
+            db.close()  # back to the pool
+
+    csrf.init_app(app)
+    babel.init_app(app, locale_selector=select_locale)
+    app.context_processor(template_helpers)
+
+    for module in (auth, dashboard, accounts, contacts, leads, opportunities, tickets, activities,
+                   notes, search, admin):
+        app.register_blueprint(module.bp)
+    auth.init_app(app)
+
+    @app.after_request
+    def _security_headers(response):
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        response.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+            "frame-ancestors 'none'; form-action 'self'",
+        )
+        if request.endpoint != "static":
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    def _error(code: int, title: str, message: str = ""):
+        def handler(exc):
+            return render_template("error.html", code=code, title=title,
+                                   message=message or getattr(exc, "description", "")), code
+        return handler
+
+    from flask_babel import lazy_gettext as _l
+
+    app.register_error_handler(400, _error(400, _l("Bad request")))
+    app.register_error_handler(403, _error(403, _l("Not allowed"),
+                                           _l("Your role does not allow this action on this record.")))
+    app.register_error_handler(404, _error(404, _l("Not found"),
+                                           _l("There is no such page or record, or it is not yours to see.")))
+    app.register_error_handler(405, _error(405, _l("Method not allowed")))
+    app.register_error_handler(413, _error(413, _l("Too large"), _l("The upload is larger than allowed.")))
+    app.register_error_handler(CSRFError, _error(
+        400, _l("Form expired"), _l("The form was too old or not sent from this site. Go back, reload the page and try again.")))
+
+    @app.errorhandler(500)
+    def _internal(exc):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return render_template("error.html", code=500, title=_l("Something went wrong"),
+                               message=_l("The error was logged. Please try again.")), 500
+
+    return app

@@ -1,0 +1,1 @@
+"""Ansible playbooks and roles that deploy the appliance (shipped as package data)."""

@@ -1,0 +1,29 @@
+"""Activities: tasks, calls and meetings with a due time and status, linked to any record."""
+
+from flask_babel import lazy_gettext as _l
+
+from webapp import permissions
+from webapp.crud import Column, Filter, Module, make_blueprint
+from webapp.forms import ActivityForm
+from webapp.models import ACTIVITY_KINDS, ACTIVITY_STATUSES, RECORD_MODELS, Activity
+
+module = Module(
+    entity="activity", model=Activity, form=ActivityForm, url_prefix="/activities",
+    columns=[Column("subject", _l("Subject"), sortable=True), Column("kind", _l("Type"), sortable=True),
+             Column("status", _l("Status"), sortable=True), Column("due_at", _l("Due")),
+             Column("owner", _l("Assigned to")), Column("updated_at", _l("Updated"), sortable=True)],
+    search_fields=("subject",),
+    filters=[Filter("mine", _l("Only mine"), "owner"), Filter("status", _l("Status"), "status", ACTIVITY_STATUSES),
+             Filter("kind", _l("Type"), "kind", ACTIVITY_KINDS)],
+    detail_fields=[("kind", _l("Type")), ("subject", _l("Subject")), ("due_at", _l("Due")),
+                   ("status", _l("Status")), ("owner", _l("Assigned to")), ("description", _l("Description"))],
+)
+bp = make_blueprint(module)
+
+
+def parent_of(user, activity: Activity):
+    """The record the activity hangs on, if the seat may see it."""
+    model = RECORD_MODELS.get(activity.parent_type or "")
+    if model is None or not activity.parent_id:
+        return None
+    return permissions.visible(user, model).where(model.id == activity.parent_id).first()

@@ -1,0 +1,195 @@
+"""Administration for the boss: seats, roles, the audit log and the login log (R-6, R-7, R-10).
+
+Every page here answers 404 to a seat without administration rights, as if it
+did not exist.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, url_for
+from flask_babel import gettext as _
+from flask_babel import lazy_gettext as _l
+from flask_babel import to_utc
+from flask_wtf import FlaskForm
+from wtforms import EmailField, SelectField, StringField
+from wtforms.validators import DataRequired, Length, Optional
+
+from appliance import seats
+from appliance.errors import SeatError
+from webapp import audit, permissions
+from webapp.crud import escape_like
+from webapp.models import AuditLog, LoginLog, Role, Team, User, database
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+PAGE = 100
+
+
+@bp.before_request
+def _admins_only():
+    permissions.require_admin(g.user)
+
+
+class SeatForm(FlaskForm):
+    email = EmailField(_l("E-mail"), validators=[DataRequired(), Length(max=254)])
+    name = StringField(_l("Name"), validators=[DataRequired(), Length(max=100)])
+    role = SelectField(_l("Role"), validators=[DataRequired()])
+    team = StringField(_l("Team"), validators=[Optional(), Length(max=100)])
+
+
+def _settings():
+    return current_app.extensions["crm_settings"]
+
+
+@bp.route("/seats", methods=["GET", "POST"])
+def seat_list():
+    """All seats; add one (its set-password link is shown once, here)."""
+    form = SeatForm()
+    form.role.choices = [(r.name, r.name) for r in Role.select().order_by(Role.name)]
+    new_link = None
+    if form.validate_on_submit():
+        try:
+            created = seats.add_seat(_settings(), form.email.data, form.name.data, form.role.data, form.team.data)
+        except SeatError as exc:
+            form.email.errors.append(str(exc))
+        else:
+            audit.write_row(g.user, "user", created.user.id, "create",
+                            {"email": [None, created.user.email], "role": [None, form.role.data]})
+            new_link = {"email": created.user.email, "link": created.link, "expires_at": created.expires_at}
+            form = SeatForm(formdata=None)
+            form.role.choices = [(r.name, r.name) for r in Role.select().order_by(Role.name)]
+    rows = seats.list_seats()
+    licensed = _settings().seats.licensed
+    active = sum(1 for r in rows if r["active"])
+    return render_template("admin/seats.html", form=form, rows=rows, new_link=new_link, licensed=licensed,
+                           active=active), 400 if form.errors else 200
+
+
+def _seat_or_404(user_id: int) -> User:
+    if not permissions.valid_id(user_id):
+        abort(404)
+    user = User.get_or_none(User.id == user_id)
+    if user is None:
+        abort(404)
+    return user
+
+
+@bp.route("/seats/<int:user_id>/suspend", methods=["POST"])
+def suspend(user_id: int):
+    """End the seat's sessions at once and refuse its logins (a stolen account, R-10)."""
+    user = _seat_or_404(user_id)
+    if user.id == g.user.id:
+        flash(_("You cannot suspend your own seat."), "error")
+    else:
+        with database.atomic():
+            seats.suspend(user, (request.form.get("reason") or "suspended by the boss")[:200])
+            audit.write_row(g.user, "user", user.id, "suspend", {"active": [True, False]})
+        flash(_("Seat %(email)s suspended; its sessions have ended.", email=user.email), "success")
+    return redirect(url_for("admin.seat_list"))
+
+
+@bp.route("/seats/<int:user_id>/reactivate", methods=["POST"])
+def reactivate(user_id: int):
+    user = _seat_or_404(user_id)
+    try:
+        with database.atomic():
+            seats.reactivate(_settings(), user)
+            audit.write_row(g.user, "user", user.id, "reactivate", {"active": [False, True]})
+    except SeatError as exc:
+        flash(str(exc), "error")
+    else:
+        flash(_("Seat %(email)s is active again.", email=user.email), "success")
+    return redirect(url_for("admin.seat_list"))
+
+
+@bp.route("/seats/<int:user_id>/link", methods=["POST"])
+def new_link(user_id: int):
+    """A fresh one-time set-password link (the old one stops working); the password is never shown."""
+    user = _seat_or_404(user_id)
+    link, expires = seats.issue_link(_settings(), user)
+    audit.write_row(g.user, "user", user.id, "new_link", {})
+    return render_template("admin/link.html", seat=user, link=link, expires_at=expires)
+
+
+@bp.route("/roles")
+def roles():
+    return render_template("admin/roles.html", roles=list(Role.select().order_by(Role.name)),
+                           entities=permissions.ENTITIES, actions=permissions.ACTIONS,
+                           teams=list(Team.select().order_by(Team.name)))
+
+
+def _date_arg(name: str, end_of_day: bool = False) -> dt.datetime | None:
+    """A YYYY-MM-DD filter in the appliance's time zone, as naive UTC; None if absent, 400 if malformed."""
+    raw = (request.args.get(name) or "").strip()
+    if not raw:
+        return None
+    try:
+        day = dt.date.fromisoformat(raw[:10])
+    except ValueError:
+        abort(400, _("Dates are written like 2026-01-31."))
+    start = dt.datetime.combine(day, dt.time.min)
+    if end_of_day:
+        start += dt.timedelta(days=1)
+    return to_utc(start)
+
+
+def _before_id() -> int | None:
+    raw = request.args.get("before", "")
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) > 2**63 - 1:
+        abort(400, _("The page link is damaged; go back to the first page."))
+    return int(raw)
+
+
+@bp.route("/audit")
+def audit_log():
+    """Filter the audit log by actor, entity, record, action and dates; newest first, paged by id."""
+    query = AuditLog.select()
+    args = request.args
+    if args.get("actor"):
+        query = query.where(AuditLog.actor ** f"%{escape_like(args['actor'][:254])}%")
+    if args.get("entity"):
+        query = query.where(AuditLog.entity == args["entity"][:20])
+    if args.get("record_id"):
+        if not args["record_id"].isdigit() or not permissions.valid_id(int(args["record_id"])):
+            abort(400, _("A record number is a positive whole number."))
+        query = query.where(AuditLog.record_id == int(args["record_id"]))
+    if args.get("action"):
+        query = query.where(AuditLog.action == args["action"][:20])
+    since, until = _date_arg("from"), _date_arg("to", end_of_day=True)
+    if since:
+        query = query.where(AuditLog.at >= since)
+    if until:
+        query = query.where(AuditLog.at < until)
+    before = _before_id()
+    if before:
+        query = query.where(AuditLog.id < before)
+    rows = list(query.order_by(AuditLog.id.desc()).limit(PAGE + 1))
+    return render_template("admin/audit.html", rows=rows[:PAGE], more=len(rows) > PAGE,
+                           next_before=rows[PAGE - 1].id if len(rows) > PAGE else None,
+                           entities=sorted(permissions.ENTITIES + ("note", "user")))
+
+
+@bp.route("/logins")
+def login_log():
+    """Filter the login log by e-mail, outcome and dates (R-7: login logs for audits)."""
+    query = LoginLog.select()
+    args = request.args
+    if args.get("email"):
+        query = query.where(LoginLog.email ** f"%{escape_like(args['email'][:254])}%")
+    if args.get("outcome") in ("ok", "failed"):
+        query = query.where(LoginLog.success == (args["outcome"] == "ok"))
+    since, until = _date_arg("from"), _date_arg("to", end_of_day=True)
+    if since:
+        query = query.where(LoginLog.at >= since)
+    if until:
+        query = query.where(LoginLog.at < until)
+    before = _before_id()
+    if before:
+        query = query.where(LoginLog.id < before)
+    rows = list(query.order_by(LoginLog.id.desc()).limit(PAGE + 1))
+    return render_template("admin/logins.html", rows=rows[:PAGE], more=len(rows) > PAGE,
+                           next_before=rows[PAGE - 1].id if len(rows) > PAGE else None)

@@ -1,0 +1,352 @@
+"""List, detail, create, edit, delete and export pages, shared by every record module.
+
+Each module (accounts.py, contacts.py, ...) describes itself with a ``Module`` and
+gets a blueprint from ``make_blueprint``; it may add its own routes to it. Every
+query here starts from ``permissions.visible`` and every write goes through
+``audit``: no page reaches a record any other way.
+
+Lists page by keyset on (sort column, id) and fetch one row more than they show,
+so a page costs the same on the millionth row as on the first, and nothing is
+counted.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as dt
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+from flask import (Blueprint, Response, abort, current_app, flash, g, redirect, render_template, request,
+                   stream_with_context, url_for)
+from flask_babel import gettext as _
+from peewee import Tuple
+
+from webapp import audit, permissions
+from webapp.i18n import choice_label
+from webapp.models import Activity, AuditLog, Note, OwnedRecord, User, database
+
+MAX_QUERY = 200  # longest search text accepted
+
+
+@dataclass
+class Column:
+    name: str
+    label: object
+    sortable: bool = False
+    #: how to show the value; default: the attribute, choice values translated
+    render: Callable | None = None
+
+
+@dataclass
+class Filter:
+    name: str
+    label: object
+    field: str
+    values: tuple = ()  # allowed values; empty means an integer id
+
+
+@dataclass
+class Related:
+    """A list of other records pointing at this one, e.g. an account's contacts."""
+    entity: str
+    model: type
+    fk: str
+
+
+@dataclass
+class Module:
+    entity: str
+    model: type[OwnedRecord]
+    form: type
+    url_prefix: str
+    columns: list[Column]
+    search_fields: tuple[str, ...]
+    detail_fields: list[tuple[str, object]]
+    filters: list[Filter] = field(default_factory=list)
+    related: list[Related] = field(default_factory=list)
+    default_sort: str = "updated_at"
+    #: set by make_blueprint
+    endpoint: str = ""
+
+
+MODULES: dict[str, Module] = {}
+
+
+def cell(record, column: Column):
+    if column.render is not None:
+        return column.render(record)
+    value = getattr(record, column.name)
+    if isinstance(value, OwnedRecord):
+        return value.title
+    if isinstance(value, str):
+        return choice_label(value) if column.name in ("status", "stage", "priority", "kind") else value
+    return value
+
+
+# ----------------------------------------------------------------------------- listing
+
+@dataclass
+class Page:
+    rows: list
+    next_cursor: str | None
+    prev_cursor: str | None
+    sort: str
+    direction: str
+    query: str
+    filters: dict
+
+
+def _encode_cursor(record, sort: str) -> str:
+    value = getattr(record, sort)
+    if isinstance(value, OwnedRecord):
+        value = value.id
+    value = audit._jsonable(value)
+    return base64.urlsafe_b64encode(json.dumps([value, record.id]).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(text: str):
+    """[value, id] or abort 400 for anything that is not a cursor we made."""
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        value, rid = json.loads(raw)
+    except (ValueError, TypeError):
+        abort(400, _("The page link is damaged; go back to the first page."))
+    if not permissions.valid_id(rid) or not isinstance(value, (str, int, float)) or (
+            isinstance(value, str) and len(value) > 300):
+        abort(400, _("The page link is damaged; go back to the first page."))
+    return value, rid
+
+
+def escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def filtered(module: Module, user: User, args, action: str = "read"):
+    """The module's visible records narrowed by the search text and filters in ``args``."""
+    model = module.model
+    query = permissions.visible(user, model, action)
+    text = (args.get("q") or "").strip()[:MAX_QUERY]
+    if text:
+        pattern = f"%{escape_like(text)}%"
+        cond = None
+        for name in module.search_fields:
+            part = getattr(model, name) ** pattern  # ILIKE, served by the trigram indexes
+            cond = part if cond is None else (cond | part)
+        query = query.where(cond)
+    active = {}
+    for flt in module.filters:
+        raw = (args.get(flt.name) or "").strip()
+        if not raw:
+            continue
+        if flt.name == "mine" and raw == "1":
+            query = query.where(model.owner == user.id)
+        elif flt.values:
+            if raw not in flt.values:
+                abort(400, _("Unknown filter value."))
+            query = query.where(getattr(model, flt.field) == raw)
+        else:
+            if not raw.isdigit() or not permissions.valid_id(int(raw)):
+                abort(400, _("Unknown filter value."))
+            query = query.where(getattr(model, flt.field) == int(raw))
+        active[flt.name] = raw
+    return query, text, active
+
+
+def list_page(module: Module, user: User, args, page_size: int) -> Page:
+    model = module.model
+    query, text, active = filtered(module, user, args)
+    sortable = {c.name for c in module.columns if c.sortable} | {module.default_sort}
+    sort = args.get("sort") if args.get("sort") in sortable else module.default_sort
+    direction = args.get("dir") if args.get("dir") in ("asc", "desc") else (
+        "desc" if sort == module.default_sort else "asc")
+    sort_field = getattr(model, sort)
+    key = Tuple(sort_field, model.id)
+    after, before = args.get("after"), args.get("before")
+    forward = not before
+    if after or before:
+        value, rid = _decode_cursor(after or before)
+        going_up = (direction == "asc") == forward
+        query = query.where(key > Tuple(value, rid)) if going_up else query.where(key < Tuple(value, rid))
+    ascending = (direction == "asc") == forward
+    order = (sort_field.asc(), model.id.asc()) if ascending else (sort_field.desc(), model.id.desc())
+    rows = list(query.order_by(*order).limit(page_size + 1))
+    more = len(rows) > page_size
+    rows = rows[:page_size]
+    if not forward:
+        rows.reverse()
+    next_cursor = prev_cursor = None
+    if rows:
+        if (forward and more) or (not forward and before):
+            next_cursor = _encode_cursor(rows[-1], sort)
+        if (forward and after) or (not forward and more):
+            prev_cursor = _encode_cursor(rows[0], sort)
+    return Page(rows, next_cursor, prev_cursor, sort, direction, text, active)
+
+
+# ----------------------------------------------------------------------------- detail
+
+def timeline(user: User, record: OwnedRecord, limit: int = 50) -> list[dict]:
+    """Notes, activities (through the gate) and audit entries of one record, newest first."""
+    items = []
+    notes = (Note.select(Note, User).join(User)
+             .where(Note.parent_type == record.entity, Note.parent_id == record.id, Note.deleted_at.is_null())
+             .order_by(Note.created_at.desc()).limit(limit))
+    for note in notes:
+        items.append({"kind": "note", "at": note.created_at, "note": note,
+                      "can_delete": permissions.may_delete_note(user, note, record)})
+    acts = (permissions.visible(user, Activity)
+            .where(Activity.parent_type == record.entity, Activity.parent_id == record.id)
+            .order_by(Activity.updated_at.desc()).limit(limit))
+    for act in acts:
+        items.append({"kind": "activity", "at": act.updated_at, "activity": act})
+    rows = (AuditLog.select().where(AuditLog.entity == record.entity, AuditLog.record_id == record.id)
+            .order_by(AuditLog.at.desc()).limit(limit))
+    for row in rows:
+        items.append({"kind": "audit", "at": row.at, "audit": row})
+    items.sort(key=lambda i: i["at"], reverse=True)
+    return items[:limit]
+
+
+def related_lists(module: Module, user: User, record) -> list[dict]:
+    out = []
+    for rel in module.related:
+        rows = list(permissions.visible(user, rel.model).where(getattr(rel.model, rel.fk) == record.id)
+                    .order_by(rel.model.updated_at.desc()).limit(21))
+        out.append({"entity": rel.entity, "rows": rows[:20], "more": len(rows) > 20, "fk": rel.fk,
+                    "module": MODULES[rel.entity]})
+    return out
+
+
+# ----------------------------------------------------------------------------- export
+
+_DANGEROUS_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(value) -> str:
+    """A cell a spreadsheet will not run as a formula (CSV/formula injection)."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(_DANGEROUS_START) else text
+
+
+def export_rows(module: Module, user: User, args):
+    """Yield CSV lines of the filtered list within the seat's export level; records the export."""
+    query, text, active = filtered(module, user, args, action="export")
+    fields = [n for n in module.model._meta.sorted_field_names if n not in ("deleted_at",)]
+    count = 0
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+
+    def flush():
+        data = buf.getvalue()
+        buf.seek(0)
+        buf.truncate()
+        return data
+
+    buf.write("\ufeff")  # lets Excel read UTF-8 (Chinese names) correctly
+    writer.writerow(fields)
+    yield flush()
+    for record in query.order_by(module.model.id).iterator():
+        writer.writerow([neutralise(audit._jsonable(record.__data__.get(n))) for n in fields])
+        count += 1
+        if count % 500 == 0:
+            yield flush()
+    yield flush()
+    with database.atomic():
+        audit.write_row(user, module.entity, 0, "export", {"rows": [None, count], "search": [None, text],
+                                                           "filters": [None, active]})
+
+
+# ----------------------------------------------------------------------------- blueprint
+
+def make_blueprint(module: Module) -> Blueprint:
+    bp = Blueprint(module.url_prefix.strip("/"), __name__, url_prefix=module.url_prefix)
+    module.endpoint = bp.name
+    MODULES[module.entity] = module
+    model = module.model
+
+    @bp.route("/")
+    def index():
+        """The list: search, filters, sort, keyset pages."""
+        if not permissions.can(g.user, module.entity, "read"):
+            abort(404)
+        size = current_app.extensions["crm_settings"].web.page_size
+        page = list_page(module, g.user, request.args, size)
+        return render_template("list.html", module=module, page=page, cell=cell,
+                               can_create=permissions.can(g.user, module.entity, "create"),
+                               can_export=permissions.can(g.user, module.entity, "export"))
+
+    @bp.route("/new", methods=["GET", "POST"])
+    def new():
+        """:raise 404: the seat may not create this kind of record."""
+        if not permissions.can(g.user, module.entity, "create"):
+            abort(404)
+        form = module.form()
+        form.prepare(None)
+        if not form.is_submitted():
+            _prefill(form, request.args)
+        if form.validate_on_submit():
+            record = audit.create(g.user, model, form.record_values())
+            flash(_("Saved."), "success")
+            return redirect(url_for(f"{bp.name}.detail", record_id=record.id))
+        return render_template("form.html", module=module, form=form, record=None), 400 if form.errors else 200
+
+    @bp.route("/<int:record_id>")
+    def detail(record_id: int):
+        """:raise 404: missing, deleted or not visible to the seat."""
+        record = permissions.get_or_404(g.user, model, record_id)
+        return render_template("detail.html", module=module, record=record,
+                               related=related_lists(module, g.user, record),
+                               timeline=timeline(g.user, record),
+                               can_edit=permissions.allows(g.user, record, "edit"),
+                               can_delete=permissions.allows(g.user, record, "delete"),
+                               can_add_activity=permissions.can(g.user, "activity", "create"))
+
+    @bp.route("/<int:record_id>/edit", methods=["GET", "POST"])
+    def edit(record_id: int):
+        """:raise 404: not visible. :raise 403: visible but not editable."""
+        record = permissions.get_or_404(g.user, model, record_id, "edit")
+        form = module.form(obj=record)
+        form.prepare(record)
+        if form.validate_on_submit():
+            changes = audit.update(g.user, record, form.record_values())
+            flash(_("Saved.") if changes else _("Nothing changed."), "success")
+            return redirect(url_for(f"{bp.name}.detail", record_id=record.id))
+        return render_template("form.html", module=module, form=form, record=record), 400 if form.errors else 200
+
+    @bp.route("/<int:record_id>/delete", methods=["GET", "POST"])
+    def delete(record_id: int):
+        """GET asks for confirmation; POST deletes. :raise 404: not visible. :raise 403: not deletable."""
+        record = permissions.get_or_404(g.user, model, record_id, "delete")
+        if request.method == "POST":
+            audit.delete(g.user, record)
+            flash(_("Deleted."), "success")
+            return redirect(url_for(f"{bp.name}.index"))
+        return render_template("confirm_delete.html", module=module, record=record)
+
+    @bp.route("/export.csv")
+    def export():
+        """The current filtered list as CSV, within the seat's export level."""
+        if not permissions.can(g.user, module.entity, "export"):
+            abort(404)
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
+        return Response(stream_with_context(export_rows(module, g.user, request.args)),
+                        mimetype="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="{module.url_prefix.strip("/")}-{stamp}.csv"'})
+
+    return bp
+
+
+def _prefill(form, args) -> None:
+    """``?account=ID`` (from an account's page) pre-selects that account, if the seat can see it."""
+    for name in getattr(form, "lookups", ()):
+        raw = args.get(name, "")
+        if raw.isdigit() and permissions.valid_id(int(raw)):
+            target = form[name].model
+            record = permissions.visible(g.user, target).where(target.id == int(raw)).first()
+            if record is not None:
+                form[name].set_record(record)
+

@@ -1,0 +1,250 @@
+"""Create and edit forms for every record, with field-level validation.
+
+Field names match the model's, so a valid form's ``record_values()`` is exactly
+what the write path stores. Every text field carries the column's length limit:
+over-long input is a field error, never a database error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+from flask import g, request
+from flask_babel import lazy_gettext as _l
+from flask_babel import to_user_timezone, to_utc
+from flask_wtf import FlaskForm
+from wtforms import (DateField, DateTimeLocalField, DecimalField, HiddenField, IntegerField, SelectField,
+                     StringField, TextAreaField)
+from wtforms.validators import DataRequired, Email, InputRequired, Length, NumberRange, Optional, ValidationError
+
+from webapp import permissions
+from webapp.i18n import choice_label
+from webapp.models import (ACTIVITY_KINDS, ACTIVITY_STATUSES, CURRENCIES, LEAD_STATUSES, OPPORTUNITY_STAGES,
+                           RECORD_MODELS, TICKET_PRIORITIES, TICKET_STATUSES, TICKET_TRANSITIONS, Account, Contact,
+                           User)
+
+TEXT_MAX = 20_000
+_ID_SUFFIX = re.compile(r"\(#(\d{1,10})\)\s*$")
+
+
+def choices(values) -> list[tuple[str, str]]:
+    return [(v, choice_label(v)) for v in values]
+
+
+class LookupField(StringField):
+    """A record chosen by name (or by the "Name (#id)" the autocomplete offers), within the seat's read scope.
+
+    Works without JavaScript: a typed name that matches exactly one visible record is taken.
+    """
+
+    def __init__(self, label, model, name_expr, **kwargs):
+        super().__init__(label, **kwargs)
+        self.model = model
+        self.name_expr = name_expr
+        self.record = None
+
+    def set_record(self, record) -> None:
+        self.record = record
+        self.data = f"{record.title} (#{record.id})" if record else ""
+
+    def pre_validate(self, form):
+        self.record = None
+        text = (self.data or "").strip()
+        if not text:
+            return
+        if len(text) > 250:
+            raise ValidationError(_l("Too long."))
+        query = permissions.visible(g.user, self.model)
+        match = _ID_SUFFIX.search(text)
+        if match:
+            found = list(query.where(self.model.id == int(match.group(1))).limit(2))
+        else:
+            found = list(query.where(self.name_expr(self.model) == text).limit(2))
+        if not found:
+            raise ValidationError(_l("No record by that name that you can see."))
+        if len(found) > 1:
+            raise ValidationError(_l("Several records have that name; pick one from the suggestions."))
+        self.record = found[0]
+
+
+def _account_name(model):
+    return model.name
+
+
+def _contact_name(model):
+    from peewee import fn
+    return fn.TRIM(fn.CONCAT_WS(" ", model.first_name, model.last_name))
+
+
+class OwnerField(SelectField):
+    """The seat a record is assigned to: any active seat, default the current one."""
+
+    def __init__(self, label=_l("Assigned to"), **kwargs):
+        super().__init__(label, coerce=int, **kwargs)
+
+    def load_choices(self, current_owner_id: int | None) -> None:
+        users = User.select(User.id, User.name).where(
+            User.active | (User.id == (current_owner_id or 0))).order_by(User.name)
+        self.choices = [(u.id, u.name) for u in users]
+        if self.data is None:
+            self.data = current_owner_id or g.user.id
+
+
+class RecordForm(FlaskForm):
+    """Common base: owner choice and the mapping to model values."""
+
+    owner = OwnerField()
+    #: form field -> model field for lookups
+    lookups: tuple[str, ...] = ()
+
+    def prepare(self, record=None) -> None:
+        """Fill choices (and lookups from ``record`` on a first GET)."""
+        self.owner.load_choices(record.owner_id if record is not None else None)
+        if record is not None and not self.is_submitted():
+            for name in self.lookups:
+                self[name].set_record(getattr(record, name))
+
+    def record_values(self) -> dict:
+        values = {}
+        for name, field in self._fields.items():
+            if name == "csrf_token":
+                continue
+            if isinstance(field, LookupField):
+                values[name] = field.record.id if field.record else None
+            elif isinstance(field, (StringField, TextAreaField)) and not isinstance(field, (DateField,)):
+                values[name] = (field.data or "").strip()
+            else:
+                values[name] = field.data
+        return values
+
+
+def _text(label, max_length, required=False, email=False):
+    validators = [DataRequired()] if required else [Optional()]
+    validators.append(Length(max=max_length))
+    if email:
+        validators.append(Email(message=_l("Not an e-mail address."), check_deliverability=False))
+    return StringField(label, validators=validators)
+
+
+def _description():
+    return TextAreaField(_l("Description"), validators=[Optional(), Length(max=TEXT_MAX)])
+
+
+class AccountForm(RecordForm):
+    name = _text(_l("Name"), 200, required=True)
+    industry = _text(_l("Industry"), 100)
+    website = _text(_l("Website"), 200)
+    email = _text(_l("E-mail"), 254, email=True)
+    phone = _text(_l("Phone"), 50)
+    city = _text(_l("City"), 100)
+    country = _text(_l("Country"), 100)
+    description = _description()
+
+
+class ContactForm(RecordForm):
+    first_name = _text(_l("First name"), 100)
+    last_name = _text(_l("Last name"), 100, required=True)
+    title_text = _text(_l("Job title"), 100)
+    email = _text(_l("E-mail"), 254, email=True)
+    phone = _text(_l("Phone"), 50)
+    account = LookupField(_l("Account"), Account, _account_name)
+    description = _description()
+    lookups = ("account",)
+
+
+class LeadForm(RecordForm):
+    first_name = _text(_l("First name"), 100)
+    last_name = _text(_l("Last name"), 100, required=True)
+    company = _text(_l("Company"), 200)
+    email = _text(_l("E-mail"), 254, email=True)
+    phone = _text(_l("Phone"), 50)
+    source = _text(_l("Source"), 50)
+    status = SelectField(_l("Status"), choices=choices(s for s in LEAD_STATUSES if s != "converted"),
+                         default="new")
+    description = _description()
+
+
+class OpportunityForm(RecordForm):
+    name = _text(_l("Name"), 200, required=True)
+    account = LookupField(_l("Account"), Account, _account_name)
+    contact = LookupField(_l("Contact"), Contact, _contact_name)
+    stage = SelectField(_l("Stage"), choices=choices(OPPORTUNITY_STAGES), default="prospecting")
+    amount = DecimalField(_l("Amount"), places=2, default=0,
+                          validators=[InputRequired(), NumberRange(min=0, max=999_999_999_999)])
+    currency = SelectField(_l("Currency"), choices=[(c, c) for c in CURRENCIES], default="CNY")
+    probability = IntegerField(_l("Probability (%)"), default=10,
+                               validators=[InputRequired(), NumberRange(min=0, max=100)])
+    expected_close = DateField(_l("Expected close"), validators=[Optional()])
+    description = _description()
+    lookups = ("account", "contact")
+
+
+class TicketForm(RecordForm):
+    subject = _text(_l("Subject"), 200, required=True)
+    status = SelectField(_l("Status"), choices=choices(TICKET_STATUSES), default="new")
+    priority = SelectField(_l("Priority"), choices=choices(TICKET_PRIORITIES), default="normal")
+    account = LookupField(_l("Account"), Account, _account_name)
+    contact = LookupField(_l("Contact"), Contact, _contact_name)
+    description = _description()
+    lookups = ("account", "contact")
+
+    def prepare(self, record=None) -> None:
+        super().prepare(record)
+        self._current_status = record.status if record is not None else None
+
+    def validate_status(self, field):
+        """The status flow of R-5: only the moves in ``TICKET_TRANSITIONS``."""
+        current = self._current_status
+        if current is None:
+            if field.data not in ("new", "open"):
+                raise ValidationError(_l("A new ticket starts as New or Open."))
+        elif field.data != current and field.data not in TICKET_TRANSITIONS[current]:
+            raise ValidationError(_l("A ticket cannot move from %(a)s to %(b)s.",
+                                     a=choice_label(current), b=choice_label(field.data)))
+
+
+class ActivityForm(RecordForm):
+    # "account:12": the record this activity is linked to, set from the record's page.
+    parent = HiddenField(validators=[Optional(), Length(max=40)])
+    kind = SelectField(_l("Type"), choices=choices(ACTIVITY_KINDS), default="task")
+    subject = _text(_l("Subject"), 200, required=True)
+    due_at = DateTimeLocalField(_l("Due"), format="%Y-%m-%dT%H:%M", validators=[Optional()])
+    status = SelectField(_l("Status"), choices=choices(ACTIVITY_STATUSES), default="planned")
+    description = _description()
+
+    def prepare(self, record=None) -> None:
+        """Times are stored in UTC and shown in the appliance's time zone."""
+        super().prepare(record)
+        self.parent_record = None
+        if not self.is_submitted():
+            if record is not None:
+                if record.due_at:
+                    local = to_user_timezone(record.due_at.replace(tzinfo=dt.timezone.utc))
+                    self.due_at.data = local.replace(tzinfo=None)
+                if record.parent_type:
+                    self.parent.data = f"{record.parent_type}:{record.parent_id}"
+            else:
+                self.parent.data = request.args.get("parent", "")[:40]
+
+    def validate_parent(self, field):
+        """The linked record must be one the seat can read (a guessed id is refused)."""
+        entity, _, raw = (field.data or "").partition(":")
+        if not entity:
+            return
+        model = RECORD_MODELS.get(entity)
+        record = None
+        if model is not None and raw.isdigit() and permissions.valid_id(int(raw)):
+            record = permissions.visible(g.user, model).where(model.id == int(raw)).first()
+        if record is None:
+            raise ValidationError(_l("The linked record does not exist or is not yours to see."))
+        self.parent_record = record
+
+    def record_values(self) -> dict:
+        values = super().record_values()
+        values.pop("parent")
+        if self.parent_record is not None:
+            values["parent_type"], values["parent_id"] = self.parent_record.entity, self.parent_record.id
+        if values["due_at"] is not None:
+            values["due_at"] = to_utc(values["due_at"])
+        return values

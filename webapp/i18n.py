@@ -1,0 +1,67 @@
+"""Language choice and the words shared by many templates (stage, status and entity names)."""
+
+from __future__ import annotations
+
+from flask import current_app, g, request, session
+from flask_babel import get_locale
+from flask_babel import lazy_gettext as _l
+
+
+def select_locale() -> str:
+    """The seat's choice, else this session's, else the browser's, else the configured default."""
+    from webapp import LOCALES
+
+    user = getattr(g, "user", None)
+    if user is not None and user.locale in LOCALES:
+        return user.locale
+    if session.get("locale") in LOCALES:
+        return session["locale"]
+    return request.accept_languages.best_match(LOCALES) or current_app.config["BABEL_DEFAULT_LOCALE"]
+
+
+ENTITY_NAMES = {
+    "account": _l("Account"), "contact": _l("Contact"), "lead": _l("Lead"),
+    "opportunity": _l("Opportunity"), "ticket": _l("Ticket"), "activity": _l("Activity"),
+    "note": _l("Note"), "user": _l("Seat"),
+}
+ENTITY_PLURALS = {
+    "account": _l("Accounts"), "contact": _l("Contacts"), "lead": _l("Leads"),
+    "opportunity": _l("Opportunities"), "ticket": _l("Tickets"), "activity": _l("Activities"),
+}
+
+# Every value of every choice field, translated once.
+CHOICE_LABELS = {
+    # lead status
+    "new": _l("New"), "contacted": _l("Contacted"), "qualified": _l("Qualified"),
+    "converted": _l("Converted"), "lost": _l("Lost"),
+    # opportunity stage
+    "prospecting": _l("Prospecting"), "qualification": _l("Qualification"), "proposal": _l("Proposal"),
+    "negotiation": _l("Negotiation"), "won": _l("Won"),
+    # ticket status and priority
+    "open": _l("Open"), "pending": _l("Pending"), "solved": _l("Solved"), "closed": _l("Closed"),
+    "low": _l("Low"), "normal": _l("Normal"), "high": _l("High"), "urgent": _l("Urgent"),
+    # activity kind and status
+    "task": _l("Task"), "call": _l("Call"), "meeting": _l("Meeting"),
+    "planned": _l("Planned"), "done": _l("Done"), "cancelled": _l("Cancelled"),
+    # audit actions
+    "create": _l("created"), "update": _l("changed"), "delete": _l("deleted"),
+    # permission levels
+    "all": _l("all"), "team": _l("team"), "own": _l("own"), "none": _l("none"),
+}
+
+
+def choice_label(value) -> str:
+    return CHOICE_LABELS.get(value, value if value is not None else "")
+
+
+def template_helpers() -> dict:
+    from webapp.crud import MODULES
+
+    return {
+        "modules": MODULES,
+        "getattr": getattr,
+        "current_locale": str(get_locale() or "en"),
+        "entity_name": lambda e: ENTITY_NAMES.get(e, e),
+        "entity_plural": lambda e: ENTITY_PLURALS.get(e, e),
+        "choice_label": choice_label,
+    }

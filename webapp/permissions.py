@@ -1,0 +1,134 @@
+"""The one permission gate (R-6): every query for customer records goes through here.
+
+A role grants, for each entity and action, a level: ``all``, ``team``, ``own`` or
+``none`` (as EspoCRM roles do). ``visible()`` turns the level into a WHERE clause,
+so lists, search, the board, exports and related lists all share one filter, and
+``get_or_404()`` makes a record outside the seat's level look exactly like a
+missing one.
+"""
+
+from __future__ import annotations
+
+from flask import abort
+from peewee import SQL
+
+from webapp import models
+from webapp.models import Note, OwnedRecord, Role, User
+
+LEVELS = ("none", "own", "team", "all")
+ACTIONS = ("read", "create", "edit", "delete", "export")
+ENTITIES = tuple(models.RECORD_MODELS)  # account, contact, lead, opportunity, ticket, activity
+
+# Ids are PostgreSQL integers: anything outside this range cannot exist.
+_MAX_ID = 2**31 - 1
+
+
+def _matrix(level: str, export: str | None = None) -> dict:
+    return {entity: {action: (export if action == "export" and export else level) for action in ACTIONS}
+            for entity in ENTITIES}
+
+
+BUILTIN_ROLES = {
+    # name: (permissions, administration)
+    "boss": (_matrix("all"), True),
+    "manager": (_matrix("team"), False),
+    "agent": (_matrix("own"), False),
+}
+
+
+class PermissionDenied(Exception):
+    """Raised by the write path when a seat tries an action its role does not allow."""
+
+
+def ensure_builtin_roles() -> None:
+    """Create or refresh the built-in roles; custom roles are left alone."""
+    for name, (perms, is_admin) in BUILTIN_ROLES.items():
+        role = Role.get_or_none(Role.name == name)
+        if role is None:
+            Role.create(name=name, permissions=perms, is_admin=is_admin, builtin=True)
+        elif role.permissions != perms or role.is_admin != is_admin:
+            role.permissions, role.is_admin, role.builtin = perms, is_admin, True
+            role.save()
+
+
+def level(user: User, entity: str, action: str) -> str:
+    """The seat's level for one entity and action; unknown means none."""
+    if user is None or not user.active:
+        return "none"
+    value = (user.role.permissions or {}).get(entity, {}).get(action, "none")
+    return value if value in LEVELS else "none"
+
+
+def can(user: User, entity: str, action: str) -> bool:
+    return level(user, entity, action) != "none"
+
+
+def _condition(user: User, model: type[OwnedRecord], action: str):
+    lvl = level(user, model.entity, action)
+    if lvl == "all":
+        return SQL("true")
+    if lvl == "team":
+        if user.team_id is None:
+            return model.owner == user.id
+        return (model.team == user.team_id) | (model.owner == user.id)
+    if lvl == "own":
+        return model.owner == user.id
+    return SQL("false")
+
+
+def visible(user: User, model: type[OwnedRecord], action: str = "read"):
+    """A SELECT of the live records of ``model`` the seat may ``action``."""
+    return model.select().where(model.deleted_at.is_null(), _condition(user, model, action))
+
+
+def allows(user: User, record: OwnedRecord, action: str) -> bool:
+    """Whether the seat may ``action`` this already-loaded record."""
+    if record.deleted_at is not None:
+        return False
+    lvl = level(user, record.entity, action)
+    if lvl == "all":
+        return True
+    if lvl == "team":
+        return record.owner_id == user.id or (user.team_id is not None and record.team_id == user.team_id)
+    if lvl == "own":
+        return record.owner_id == user.id
+    return False
+
+
+def valid_id(record_id) -> bool:
+    return isinstance(record_id, int) and 0 < record_id <= _MAX_ID
+
+
+def get_or_404(user: User, model: type[OwnedRecord], record_id: int, action: str = "read") -> OwnedRecord:
+    """Load one record the seat may read, else 404 as if it did not exist.
+
+    :raise 404: missing, deleted, or outside the seat's read level.
+    :raise 403: readable, but the seat may not ``action`` it.
+    """
+    if not valid_id(record_id):
+        abort(404)
+    record = visible(user, model, "read").where(model.id == record_id).first()
+    if record is None:
+        abort(404)
+    if action != "read" and not allows(user, record, action):
+        abort(403)
+    return record
+
+
+def parent_or_404(user: User, parent_type: str, parent_id: int, action: str = "read") -> OwnedRecord:
+    """The record a note or activity hangs on, through the same gate."""
+    model = models.RECORD_MODELS.get(parent_type)
+    if model is None:
+        abort(404)
+    return get_or_404(user, model, parent_id, action)
+
+
+def may_delete_note(user: User, note: Note, parent: OwnedRecord) -> bool:
+    """A note's author may remove it, and so may whoever may delete the record it is on."""
+    return note.author_id == user.id or allows(user, parent, "delete")
+
+
+def require_admin(user: User) -> None:
+    """:raise 404: the seat has no administration rights (the page is not there for it)."""
+    if user is None or not user.active or not user.role.is_admin:
+        abort(404)

@@ -1,0 +1,37 @@
+"""Global search across modules, and the name lookup behind the record pickers."""
+
+from flask import Blueprint, abort, g, jsonify, render_template, request
+
+from webapp import permissions
+from webapp.crud import MAX_QUERY, MODULES, filtered
+
+bp = Blueprint("search", __name__, url_prefix="/search")
+
+PER_MODULE = 10
+
+
+@bp.route("/")
+def index():
+    """Up to ten matches per module, each module through the permission gate."""
+    text = (request.args.get("q") or "").strip()[:MAX_QUERY]
+    results = []
+    if text:
+        for entity, module in MODULES.items():
+            if not permissions.can(g.user, entity, "read"):
+                continue
+            query, _, _ = filtered(module, g.user, {"q": text})
+            rows = list(query.order_by(module.model.updated_at.desc()).limit(PER_MODULE + 1))
+            if rows:
+                results.append({"module": module, "rows": rows[:PER_MODULE], "more": len(rows) > PER_MODULE})
+    return render_template("search.html", q=text, results=results)
+
+
+@bp.route("/lookup/<entity>")
+def lookup(entity: str):
+    """JSON [{id, label}] of visible records matching ``q``, for the autocomplete pickers."""
+    module = MODULES.get(entity)
+    if module is None or not permissions.can(g.user, entity, "read"):
+        abort(404)
+    query, _, _ = filtered(module, g.user, {"q": request.args.get("q", "")})
+    rows = query.order_by(module.model.updated_at.desc()).limit(10)
+    return jsonify([{"id": r.id, "label": f"{r.title} (#{r.id})"} for r in rows])

@@ -1,0 +1,196 @@
+"""Authentication (R-10) and the login log (R-7): hashes, links, lock-out, CSRF, sessions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+
+import pytest
+
+from appliance import seats
+from appliance.errors import SeatError
+from tests.conftest import PASSWORD
+from webapp.models import LoginLog, SetPasswordToken, User, utcnow
+
+
+def test_password_is_stored_only_as_an_argon2_hash(make_seat):
+    seat = make_seat("a@corp.cn")
+    stored = User.get_by_id(seat.user.id).password_hash
+    assert stored.startswith("$argon2id$")
+    assert PASSWORD not in stored
+
+
+def test_set_password_link_works_once(settings, db, browser_for):
+    created = seats.add_seat(settings, "new@corp.cn", "New Person", "agent")
+    path = "/auth/set-password/" + created.link.rsplit("/", 1)[1]
+    b = browser_for(None)
+    assert b.get(path).status_code == 200
+    resp = b.post(path, {"password": PASSWORD, "confirm": PASSWORD}, token_from=path)
+    assert resp.status_code == 302 and "/auth/login" in resp.headers["Location"]
+    assert b.get(path).status_code == 404, "a used link must not work again"
+    assert b.login("new@corp.cn").status_code == 302
+
+
+def test_set_password_link_expires(settings, db, browser_for):
+    created = seats.add_seat(settings, "late@corp.cn", "Late", "agent")
+    SetPasswordToken.update(expires_at=utcnow() - dt.timedelta(seconds=1)).execute()
+    token = created.link.rsplit("/", 1)[1]
+    assert browser_for(None).get(f"/auth/set-password/{token}").status_code == 404
+
+
+def test_new_link_revokes_the_old_one(settings, db):
+    created = seats.add_seat(settings, "twice@corp.cn", "Twice", "agent")
+    old = created.link.rsplit("/", 1)[1]
+    new_link, _ = seats.issue_link(settings, created.user)
+    assert seats.find_token(old) is None
+    assert seats.find_token(new_link.rsplit("/", 1)[1]) is not None
+
+
+@pytest.mark.parametrize("password,problem", [
+    ("short", "at least"), ("aaaaaaaaaaaa", "different"), ("x" * 300, "longer than 256"), ("weak@corp.cn", "e-mail"),
+])
+def test_weak_passwords_are_refused_with_a_field_error(settings, db, browser_for, password, problem):
+    created = seats.add_seat(settings, "weak@corp.cn", "Weak", "agent")
+    path = "/auth/set-password/" + created.link.rsplit("/", 1)[1]
+    b = browser_for(None)
+    resp = b.post(path, {"password": password, "confirm": password}, token_from=path)
+    assert resp.status_code == 400
+    assert problem in resp.get_data(as_text=True)
+    assert User.get(User.email == "weak@corp.cn").password_hash is None
+
+
+def test_login_log_records_success_and_failure_with_reason(make_seat, browser_for):
+    seat = make_seat("a@corp.cn")
+    b = browser_for(None)
+    assert b.login("a@corp.cn", "wrong password!!").status_code == 401
+    assert b.login("nobody@corp.cn", "whatever password").status_code == 401
+    assert b.login("a@corp.cn").status_code == 302
+    rows = list(LoginLog.select().order_by(LoginLog.id))
+    assert [(r.email, r.success, r.reason) for r in rows] == [
+        ("a@corp.cn", False, "wrong password"), ("nobody@corp.cn", False, "unknown user"),
+        ("a@corp.cn", True, "ok")]
+    assert rows[0].user_id == seat.user.id and rows[1].user_id is None
+    assert rows[2].ip == "127.0.0.1" and rows[2].user_agent
+
+
+def test_lock_out_after_repeated_failures(settings, make_seat, browser_for):
+    make_seat("a@corp.cn")
+    b = browser_for(None)
+    for _ in range(settings.web.login_max_failures):
+        assert b.login("a@corp.cn", "wrong password!!").status_code == 401
+    # Locked: even the right password is refused now, and the reason is logged.
+    resp = b.login("a@corp.cn")
+    assert resp.status_code == 401 and "Too many failed attempts" in resp.get_data(as_text=True)
+    assert LoginLog.select().order_by(LoginLog.id.desc()).first().reason == "locked"
+    # After the lock-out time the right password works again.
+    User.update(locked_until=utcnow() - dt.timedelta(seconds=1)).execute()
+    assert b.login("a@corp.cn").status_code == 302
+
+
+def test_forms_without_csrf_token_are_rejected(make_seat, browser_for):
+    seat = make_seat("a@corp.cn")
+    b = browser_for(seat)
+    resp = b.client.post("/accounts/new", data={"name": "no token", "owner": seat.user.id})
+    assert resp.status_code == 400
+    resp = b.client.post("/accounts/new", data={"name": "bad token", "owner": seat.user.id, "csrf_token": "x"})
+    assert resp.status_code == 400
+    anon = browser_for(None)
+    resp = anon.client.post("/auth/login", data={"email": "a@corp.cn", "password": PASSWORD})
+    assert resp.status_code == 400
+    from webapp.models import Account
+    assert Account.select().count() == 0
+
+
+def test_suspended_seat_is_logged_out_at_its_next_request(make_seat, browser_for):
+    seat = make_seat("a@corp.cn")
+    b = browser_for(seat)
+    assert b.get("/accounts/").status_code == 200
+    seats.suspend(User.get_by_id(seat.user.id), "stolen laptop")
+    resp = b.get("/accounts/")
+    assert resp.status_code == 302 and "/auth/login" in resp.headers["Location"]
+    assert b.login(seat.email).status_code == 401
+    assert LoginLog.select().order_by(LoginLog.id.desc()).first().reason == "suspended"
+
+
+def test_boss_suspends_a_seat_from_the_admin_page(make_seat, browser_for):
+    boss = make_seat("boss@corp.cn", role="boss")
+    agent = make_seat("a@corp.cn")
+    agent_browser = browser_for(agent)
+    resp = browser_for(boss).post(f"/admin/seats/{agent.user.id}/suspend", token_from="/admin/seats")
+    assert resp.status_code == 302
+    assert agent_browser.get("/").status_code == 302
+    assert not User.get_by_id(agent.user.id).active
+
+
+def test_pages_need_login(app, browser_for):
+    b = browser_for(None)
+    for path in ("/", "/accounts/", "/accounts/1", "/admin/seats", "/search/?q=a", "/accounts/export.csv"):
+        resp = b.get(path)
+        assert resp.status_code == 302 and "/auth/login" in resp.headers["Location"], path
+
+
+def test_session_cookie_flags(make_seat, browser_for):
+    make_seat("a@corp.cn")
+    b = browser_for(None)
+    resp = b.login("a@corp.cn")
+    cookie = resp.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    assert "Secure" not in cookie  # the test app is served over plain http
+
+
+def test_secure_cookie_when_served_over_https(pg_cluster, secrets_dir, db):
+    from tests.conftest import make_settings
+    from webapp import create_app
+
+    app = create_app(make_settings(pg_cluster, secrets_dir, web={"public_url": "https://crm.corp.lan"}), database=db)
+    assert app.config["SESSION_COOKIE_SECURE"] is True
+
+
+def test_open_redirect_after_login_is_refused(make_seat, browser_for):
+    make_seat("a@corp.cn")
+    b = browser_for(None)
+    token = b.csrf()
+    for target in ("https://evil.example/", "//evil.example/", "/\\evil.example"):
+        resp = b.client.post(f"/auth/login?next={target}", data={"email": "a@corp.cn", "password": PASSWORD,
+                                                                 "csrf_token": token})
+        assert resp.headers["Location"] == "/", target
+        b.client.post("/auth/logout", data={"csrf_token": b.csrf("/")})
+        token = b.csrf()
+
+
+def test_password_never_appears_in_logs_or_tables(make_seat, browser_for, db, caplog):
+    caplog.set_level(logging.DEBUG)
+    seat = make_seat("a@corp.cn")
+    b = browser_for(None)
+    b.login(seat.email, "a wrong password 123")
+    b.login(seat.email)
+    assert PASSWORD not in caplog.text and "a wrong password 123" not in caplog.text
+    for table in ("login_log", "audit_log", "user"):
+        dump = " ".join(str(r) for r in db.execute_sql(f'SELECT * FROM "{table}"').fetchall())
+        assert PASSWORD not in dump and "a wrong password 123" not in dump, table
+
+
+def test_licence_caps_the_seats(pg_cluster, secrets_dir, db):
+    from tests.conftest import make_settings
+
+    small = make_settings(pg_cluster, secrets_dir, seats={"licensed": 2})
+    seats.add_seat(small, "one@corp.cn", "One", "boss")
+    seats.add_seat(small, "two@corp.cn", "Two", "agent")
+    with pytest.raises(SeatError, match="allows 2 seats"):
+        seats.add_seat(small, "three@corp.cn", "Three", "agent")
+
+
+@pytest.mark.parametrize("email,role,message", [
+    ("not-an-email", "agent", "not an e-mail"), ("x@corp.cn", "emperor", "unknown role"),
+])
+def test_bad_seat_input_is_refused(settings, db, email, role, message):
+    with pytest.raises(SeatError, match=message):
+        seats.add_seat(settings, email, "X", role)
+
+
+def test_duplicate_seat_email_is_refused_case_insensitively(settings, db):
+    seats.add_seat(settings, "Dup@Corp.cn", "Dup", "agent")
+    with pytest.raises(SeatError, match="already exists"):
+        seats.add_seat(settings, "dup@corp.CN", "Dup", "agent")
+    assert re.fullmatch(r"dup@corp\.cn", User.get().email)

@@ -1,0 +1,196 @@
+"""The permission gate (R-6) for every entity and every route.
+
+Two teams: East (manager M, agents A and B) and West (agent C), plus the boss.
+Each agent owns one record of every kind, with a unique marker in its name.
+An agent sees only its own; the manager sees the team's; the boss sees all.
+A record outside the seat's level answers 404, exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from webapp import audit
+from webapp.models import RECORD_MODELS, Account, Activity, Contact, Lead, Note, Opportunity, Ticket
+
+ROUTES = {  # entity -> (url prefix, field holding the marker)
+    "account": ("/accounts", "name"),
+    "contact": ("/contacts", "last_name"),
+    "lead": ("/leads", "last_name"),
+    "opportunity": ("/opportunities", "name"),
+    "ticket": ("/tickets", "subject"),
+    "activity": ("/activities", "subject"),
+}
+
+
+def _make_records(owner_seat, tag: str) -> dict:
+    """One record of each kind owned by the seat, each named with ``tag``."""
+    user = owner_seat.user
+    acc = audit.create(user, Account, {"name": f"acc-{tag}"})
+    con = audit.create(user, Contact, {"last_name": f"con-{tag}", "account": acc.id})
+    lead = audit.create(user, Lead, {"last_name": f"lead-{tag}", "company": f"co-{tag}"})
+    opp = audit.create(user, Opportunity, {"name": f"opp-{tag}", "account": acc.id, "amount": 1000})
+    tic = audit.create(user, Ticket, {"subject": f"tic-{tag}", "account": acc.id})
+    act = audit.create(user, Activity, {"subject": f"act-{tag}", "parent_type": "account", "parent_id": acc.id})
+    note = audit.add_note(user, acc, f"note-{tag}")
+    return {"account": acc, "contact": con, "lead": lead, "opportunity": opp, "ticket": tic, "activity": act,
+            "note": note}
+
+
+@pytest.fixture
+def world(make_seat, browser_for):
+    seats = {
+        "boss": make_seat("boss@corp.cn", role="boss"),
+        "M": make_seat("m@corp.cn", role="manager", team="East"),
+        "A": make_seat("a@corp.cn", role="agent", team="East"),
+        "B": make_seat("b@corp.cn", role="agent", team="East"),
+        "C": make_seat("c@corp.cn", role="agent", team="West"),
+    }
+    records = {name: _make_records(seats[name], name) for name in ("A", "B", "C")}
+    # B's contact on A's account: A must not see it in the account's related list.
+    audit.create(seats["B"].user, Contact, {"last_name": "con-B-on-A", "account": records["A"]["account"].id})
+    return {"seats": seats, "records": records, "browser": lambda who: browser_for(seats[who])}
+
+
+# Which owners' records each viewer may see.
+VISIBLE = {"A": {"A"}, "B": {"B"}, "C": {"C"}, "M": {"A", "B"}, "boss": {"A", "B", "C"}}
+
+
+def _markers(html: str, entity: str) -> set[str]:
+    prefix = {"account": "acc", "contact": "con", "lead": "lead", "opportunity": "opp", "ticket": "tic",
+              "activity": "act"}[entity]
+    return {who for who in "ABC" if f"{prefix}-{who}<" in html or f"{prefix}-{who}\"" in html
+            or f"{prefix}-{who} " in html or f"{prefix}-{who}," in html or f"{prefix}-{who}\n" in html
+            or f"{prefix}-{who}\r" in html}
+
+
+@pytest.mark.parametrize("viewer", ["A", "C", "M", "boss"])
+@pytest.mark.parametrize("entity", list(ROUTES))
+def test_list_detail_edit_delete_follow_the_level(world, viewer, entity):
+    prefix, _ = ROUTES[entity]
+    b = world["browser"](viewer)
+    html = b.get(f"{prefix}/").get_data(as_text=True)
+    assert _markers(html, entity) == VISIBLE[viewer], f"{viewer} list of {entity}"
+    for owner in "ABC":
+        record = world["records"][owner][entity]
+        allowed = owner in VISIBLE[viewer]
+        expected = 200 if allowed else 404
+        assert b.get(f"{prefix}/{record.id}").status_code == expected, (viewer, owner, "detail")
+        assert b.get(f"{prefix}/{record.id}/edit").status_code == expected, (viewer, owner, "edit form")
+        assert b.get(f"{prefix}/{record.id}/delete").status_code == expected, (viewer, owner, "delete form")
+        if not allowed:
+            # The writes are refused too, and nothing changes.
+            resp = b.post(f"{prefix}/{record.id}/edit", {"owner": world["seats"][viewer].user.id})
+            assert resp.status_code == 404
+            assert b.post(f"{prefix}/{record.id}/delete").status_code == 404
+            fresh = RECORD_MODELS[entity].get_by_id(record.id)
+            assert fresh.deleted_at is None and fresh.owner_id == record.owner_id
+
+
+@pytest.mark.parametrize("viewer", ["A", "M", "boss"])
+@pytest.mark.parametrize("entity", list(ROUTES))
+def test_export_search_and_lookup_follow_the_level(world, viewer, entity):
+    prefix, _ = ROUTES[entity]
+    b = world["browser"](viewer)
+    csv_text = b.get(f"{prefix}/export.csv").get_data(as_text=True)
+    assert _markers(csv_text, entity) == VISIBLE[viewer], f"{viewer} export of {entity}"
+    tag = {"account": "acc", "contact": "con", "lead": "lead", "opportunity": "opp", "ticket": "tic",
+           "activity": "act"}[entity]
+    found = b.get(f"/search/?q={tag}-").get_data(as_text=True)
+    assert {w for w in "ABC" if f"{tag}-{w}<" in found} == VISIBLE[viewer], f"{viewer} search of {entity}"
+    lookup = b.get(f"/search/lookup/{entity}?q={tag}-").get_json()
+    assert {row["label"].split(" ")[0].split("-")[1] for row in lookup if "-on-" not in row["label"]} \
+        == VISIBLE[viewer]
+
+
+def test_board_shows_only_visible_cards(world):
+    for viewer in ("A", "M", "boss"):
+        html = world["browser"](viewer).get("/opportunities/board").get_data(as_text=True)
+        assert _markers(html, "opportunity") == VISIBLE[viewer], viewer
+
+
+def test_related_lists_go_through_the_gate(world):
+    account = world["records"]["A"]["account"]
+    html_a = world["browser"]("A").get(f"/accounts/{account.id}").get_data(as_text=True)
+    assert "con-A<" in html_a and "con-B-on-A" not in html_a
+    html_m = world["browser"]("M").get(f"/accounts/{account.id}").get_data(as_text=True)
+    assert "con-A<" in html_m and "con-B-on-A" in html_m
+
+
+def test_special_actions_on_foreign_records_are_404(world):
+    b = world["browser"]("A")
+    rec_b = world["records"]["B"]
+    assert b.get(f"/leads/{rec_b['lead'].id}/convert").status_code == 404
+    assert b.post(f"/leads/{rec_b['lead'].id}/convert", {"account_name": "x"}).status_code == 404
+    assert b.post(f"/opportunities/{rec_b['opportunity'].id}/stage", {"stage": "won"}).status_code == 404
+    assert b.get(f"/tickets/{rec_b['ticket'].id}/transfer").status_code == 404
+    assert b.post(f"/tickets/{rec_b['ticket'].id}/transfer",
+                  {"to_user": world["seats"]["A"].user.id}).status_code == 404
+    assert b.post(f"/notes/account/{rec_b['account'].id}", {"body": "sneaky"}).status_code == 404
+    assert b.post(f"/notes/{rec_b['note'].id}/delete").status_code == 404
+    assert Opportunity.get_by_id(rec_b["opportunity"].id).stage == "prospecting"
+    assert Ticket.get_by_id(rec_b["ticket"].id).owner_id == world["seats"]["B"].user.id
+    assert Note.select().where(Note.body == "sneaky").count() == 0
+    assert Note.get_by_id(rec_b["note"].id).deleted_at is None
+
+
+def test_activity_cannot_link_to_a_foreign_record(world):
+    b = world["browser"]("A")
+    foreign = world["records"]["B"]["account"]
+    resp = b.post("/activities/new", {"kind": "task", "subject": "linked", "status": "planned",
+                                      "owner": world["seats"]["A"].user.id, "parent": f"account:{foreign.id}"},
+                  token_from="/activities/new")
+    assert resp.status_code == 400
+    assert Activity.select().where(Activity.subject == "linked").count() == 0
+
+
+def test_lookup_field_cannot_reach_a_foreign_account(world):
+    b = world["browser"]("A")
+    foreign = world["records"]["B"]["account"]
+    resp = b.post("/contacts/new", {"last_name": "probe", "account": f"acc-B (#{foreign.id})",
+                                    "owner": world["seats"]["A"].user.id}, token_from="/contacts/new")
+    assert resp.status_code == 400
+    assert Contact.select().where(Contact.last_name == "probe").count() == 0
+
+
+def test_admin_pages_are_404_for_everyone_but_the_boss(world):
+    for viewer in ("A", "M"):
+        b = world["browser"](viewer)
+        for path in ("/admin/seats", "/admin/audit", "/admin/logins", "/admin/roles"):
+            assert b.get(path).status_code == 404, (viewer, path)
+        target = world["seats"]["B"].user
+        assert b.post(f"/admin/seats/{target.id}/suspend").status_code == 404
+        assert b.post(f"/admin/seats/{target.id}/link").status_code == 404
+    boss = world["browser"]("boss")
+    for path in ("/admin/seats", "/admin/audit", "/admin/logins", "/admin/roles"):
+        assert boss.get(path).status_code == 200, path
+
+
+def test_manager_can_edit_team_record_but_not_other_team(world):
+    b = world["browser"]("M")
+    rec_b = world["records"]["B"]["account"]
+    rec_c = world["records"]["C"]["account"]
+    owner_b = world["seats"]["B"].user.id
+    resp = b.post(f"/accounts/{rec_b.id}/edit", {"name": "acc-B renamed", "owner": owner_b},
+                  token_from=f"/accounts/{rec_b.id}/edit")
+    assert resp.status_code == 302
+    assert Account.get_by_id(rec_b.id).name == "acc-B renamed"
+    assert b.post(f"/accounts/{rec_c.id}/edit", {"name": "hijack", "owner": owner_b}).status_code == 404
+    assert Account.get_by_id(rec_c.id).name == "acc-C"
+
+
+def test_unknown_and_absurd_ids_are_404(world):
+    b = world["browser"]("boss")
+    for path in ("/accounts/999999", "/accounts/0", "/accounts/99999999999999999999999", "/accounts/-1",
+                 "/accounts/abc", "/notes/99999999999999999999/delete"):
+        method = b.post if path.endswith("delete") else b.get
+        assert method(path).status_code == 404, path
+    assert b.post("/notes/nonsense/1", {"body": "x"}).status_code == 404
+
+
+def test_deleted_record_is_gone_for_everyone(world):
+    a = world["browser"]("A")
+    rec = world["records"]["A"]["lead"]
+    assert a.post(f"/leads/{rec.id}/delete").status_code == 302
+    assert a.get(f"/leads/{rec.id}").status_code == 404
+    assert world["browser"]("boss").get(f"/leads/{rec.id}").status_code == 404

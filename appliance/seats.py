@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from peewee import JOIN
 from argon2.exceptions import InvalidHashError, VerificationError
+from flask_babel import lazy_gettext as _l
 
 from appliance.config import Settings
 from appliance.errors import SeatError
@@ -43,16 +44,16 @@ def verify_password(user: User | None, password: str) -> bool:
         return False
 
 
-def password_problem(password: str, email: str = "") -> str | None:
-    """Why a new password is not acceptable, or None."""
+def password_problem(password: str, email: str = ""):
+    """Why a new password is not acceptable (a lazily translated message), or None."""
     if len(password) < MIN_PASSWORD:
-        return f"Use at least {MIN_PASSWORD} characters."
+        return _l("Use at least %(n)d characters.", n=MIN_PASSWORD)
     if len(password) > MAX_PASSWORD:
-        return f"Use at most {MAX_PASSWORD} characters."
+        return _l("Use at most %(n)d characters.", n=MAX_PASSWORD)
     if email and password.strip().lower() == email.lower():
-        return "The password must not be your e-mail address."
+        return _l("The password must not be your e-mail address.")
     if len(set(password)) < 4:
-        return "Use more different characters."
+        return _l("Use more different characters.")
     return None
 
 

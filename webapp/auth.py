@@ -144,7 +144,7 @@ def set_password(token: str):
     if form.validate_on_submit():
         problem = seats.password_problem(form.password.data, row.user.email)
         if problem:
-            form.password.errors.append(_(problem))
+            form.password.errors.append(problem)
         else:
             user = seats.set_password(row, form.password.data)
             session.clear()

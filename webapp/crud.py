@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import csv
 import datetime as dt
+import decimal
 import io
 import json
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Callable
 from flask import (Blueprint, Response, abort, current_app, flash, g, redirect, render_template, request,
                    stream_with_context, url_for)
 from flask_babel import gettext as _
-from peewee import Tuple
+from peewee import DateField, DateTimeField, DecimalField, IntegerField, Tuple
 
 from webapp import audit, permissions
 from webapp.i18n import choice_label
@@ -108,17 +109,35 @@ def _encode_cursor(record, sort: str) -> str:
     return base64.urlsafe_b64encode(json.dumps([value, record.id]).encode()).decode().rstrip("=")
 
 
-def _decode_cursor(text: str):
-    """[value, id] or abort 400 for anything that is not a cursor we made."""
+def _decode_cursor(text: str, sort_field):
+    """(value, id) typed for ``sort_field``, or abort 400 for anything that is not a cursor we made."""
+    damaged = _("The page link is damaged; go back to the first page.")
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         value, rid = json.loads(raw)
-    except (ValueError, TypeError):
-        abort(400, _("The page link is damaged; go back to the first page."))
-    if not permissions.valid_id(rid) or not isinstance(value, (str, int, float)) or (
-            isinstance(value, str) and len(value) > 300):
-        abort(400, _("The page link is damaged; go back to the first page."))
+        value = _typed(sort_field, value)
+    except (ValueError, TypeError, ArithmeticError):
+        abort(400, damaged)
+    if not permissions.valid_id(rid):
+        abort(400, damaged)
     return value, rid
+
+
+def _typed(sort_field, value):
+    """The cursor's value as the column's type, so a forged cursor cannot reach the database as SQL junk."""
+    if isinstance(sort_field, DateTimeField):
+        return dt.datetime.fromisoformat(value)
+    if isinstance(sort_field, DateField):
+        return dt.date.fromisoformat(value)
+    if isinstance(sort_field, DecimalField):
+        return decimal.Decimal(str(value))
+    if isinstance(sort_field, IntegerField):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError("not an integer")
+        return value
+    if not isinstance(value, str) or len(value) > 300:
+        raise TypeError("not a short string")
+    return value
 
 
 def escape_like(text: str) -> str:
@@ -168,7 +187,7 @@ def list_page(module: Module, user: User, args, page_size: int) -> Page:
     after, before = args.get("after"), args.get("before")
     forward = not before
     if after or before:
-        value, rid = _decode_cursor(after or before)
+        value, rid = _decode_cursor(after or before, sort_field)
         going_up = (direction == "asc") == forward
         query = query.where(key > Tuple(value, rid)) if going_up else query.where(key < Tuple(value, rid))
     ascending = (direction == "asc") == forward

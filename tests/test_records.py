@@ -1,0 +1,315 @@
+"""Records through the web: audit rows, validation, bad input, paging, conversion, tickets, export."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+
+import pytest
+
+from webapp import audit
+from webapp.models import Account, Activity, AuditLog, Contact, Lead, Note, Opportunity, Ticket
+
+
+@pytest.fixture
+def boss(make_seat):
+    return make_seat("boss@corp.cn", role="boss")
+
+
+@pytest.fixture
+def agent(make_seat):
+    return make_seat("agent@corp.cn", role="agent", team="East")
+
+
+def _form(b, path: str, data: dict):
+    return b.post(path, data, token_from=path)
+
+
+# ----------------------------------------------------------------------------- audit (R-7)
+
+def test_every_write_leaves_an_audit_row_that_outlives_the_record(agent, browser_for):
+    b = browser_for(agent)
+    resp = _form(b, "/accounts/new", {"name": "Acme", "city": "Shanghai", "owner": agent.user.id})
+    assert resp.status_code == 302
+    acc = Account.get(Account.name == "Acme")
+    resp = _form(b, f"/accounts/{acc.id}/edit", {"name": "Acme Ltd", "city": "Shanghai", "owner": agent.user.id})
+    assert resp.status_code == 302
+    assert b.post(f"/accounts/{acc.id}/delete").status_code == 302
+    rows = list(AuditLog.select().where(AuditLog.entity == "account", AuditLog.record_id == acc.id)
+                .order_by(AuditLog.id))
+    assert [r.action for r in rows] == ["create", "update", "delete"]
+    assert rows[0].changes["name"] == [None, "Acme"]
+    assert rows[1].changes == {"name": ["Acme", "Acme Ltd"]}, "only the changed field, old -> new"
+    assert rows[2].changes["name"] == ["Acme Ltd", None]
+    assert all(r.user_id == agent.user.id and r.actor == agent.email and r.ip == "127.0.0.1" for r in rows)
+    # Destroying the row itself leaves the audit trail in place.
+    Account.delete().where(Account.id == acc.id).execute()
+    assert AuditLog.select().where(AuditLog.entity == "account", AuditLog.record_id == acc.id).count() == 3
+
+
+def test_saving_without_changes_writes_no_audit_row(agent, browser_for):
+    b = browser_for(agent)
+    acc = audit.create(agent.user, Account, {"name": "Same"})
+    before = AuditLog.select().count()
+    resp = _form(b, f"/accounts/{acc.id}/edit", {"name": "Same", "owner": agent.user.id})
+    assert resp.status_code == 302
+    assert AuditLog.select().count() == before
+
+
+def test_audit_row_and_change_are_one_transaction(agent, monkeypatch):
+    acc = audit.create(agent.user, Account, {"name": "Atomic"})
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("audit store down")
+
+    monkeypatch.setattr(audit, "write_row", boom)
+    with pytest.raises(RuntimeError):
+        audit.update(agent.user, acc, {"name": "Changed"})
+    assert Account.get_by_id(acc.id).name == "Atomic", "no change may land without its audit row"
+
+
+def test_notes_and_exports_are_audited(agent, browser_for):
+    b = browser_for(agent)
+    acc = audit.create(agent.user, Account, {"name": "Noted"})
+    assert b.post(f"/notes/account/{acc.id}", {"body": "called them"}).status_code == 302
+    note = Note.get(Note.body == "called them")
+    assert AuditLog.get(AuditLog.entity == "note", AuditLog.record_id == note.id).action == "create"
+    b.get("/accounts/export.csv?q=Noted").get_data()
+    row = AuditLog.get(AuditLog.action == "export")
+    assert row.entity == "account" and row.changes["rows"] == [None, 1]
+
+
+def test_boss_filters_the_audit_log(boss, agent, browser_for):
+    audit.create(agent.user, Account, {"name": "Filter me"})
+    audit.create(boss.user, Lead, {"last_name": "Other"})
+    b = browser_for(boss)
+    html = b.get("/admin/audit?actor=agent@&entity=account").get_data(as_text=True)
+    assert "Filter me" in html and "Other" not in html
+    assert b.get("/admin/audit?from=not-a-date").status_code == 400
+    assert b.get("/admin/audit?record_id=abc").status_code == 400
+    html = b.get("/admin/logins?outcome=ok").get_data(as_text=True)
+    assert "boss@corp.cn" in html
+
+
+# ----------------------------------------------------------------------------- validation and bad input
+
+def test_invalid_form_shows_field_errors_and_saves_nothing(agent, browser_for):
+    b = browser_for(agent)
+    resp = _form(b, "/opportunities/new", {"name": "", "amount": "lots", "probability": "150", "stage": "won",
+                                           "currency": "CNY", "owner": agent.user.id, "expected_close": "31/12"})
+    assert resp.status_code == 400
+    html = resp.get_data(as_text=True)
+    assert html.count('class="error"') >= 4, "name, amount, probability and date each get an error"
+    assert "Nothing was saved" in html
+    assert Opportunity.select().count() == 0
+
+
+@pytest.mark.parametrize("field,value", [
+    ("name", "x" * 201), ("email", "not-an-email"), ("phone", "1" * 51), ("description", "d" * 20_001),
+])
+def test_over_long_or_malformed_input_is_a_field_error_never_a_500(agent, browser_for, field, value):
+    data = {"name": "ok", "owner": agent.user.id}
+    data[field] = value
+    resp = _form(browser_for(agent), "/accounts/new", data)
+    assert resp.status_code == 400
+    assert Account.select().count() == 0
+
+
+def test_unknown_owner_or_choice_is_refused(agent, browser_for):
+    b = browser_for(agent)
+    assert _form(b, "/accounts/new", {"name": "x", "owner": 999999}).status_code == 400
+    assert _form(b, "/accounts/new", {"name": "x", "owner": "abc"}).status_code == 400
+    assert _form(b, "/tickets/new", {"subject": "x", "status": "teleported", "priority": "normal",
+                                     "owner": agent.user.id}).status_code == 400
+    assert Account.select().count() == 0 and Ticket.select().count() == 0
+
+
+@pytest.mark.parametrize("query", [
+    "?after=garbage", "?before=%%%", "?after=WzEsMl0", "?sort=password_hash", "?status=teleported",
+    "?account=abc", "?account=99999999999999", "?q=" + "x" * 5000, "?q=%25_%5C", "?dir=sideways",
+])
+def test_bad_list_parameters_answer_400_or_are_ignored_never_500(agent, browser_for, query):
+    resp = browser_for(agent).get("/tickets/" + query)
+    assert resp.status_code in (200, 400), resp.status_code
+
+
+def test_search_text_is_literal_not_a_pattern(agent, browser_for):
+    audit.create(agent.user, Account, {"name": "100% Cotton"})
+    audit.create(agent.user, Account, {"name": "1000 Cotton"})
+    html = browser_for(agent).get("/accounts/?q=100%25").get_data(as_text=True)
+    assert "100% Cotton" in html and "1000 Cotton" not in html
+
+
+# ----------------------------------------------------------------------------- paging
+
+def test_keyset_pages_walk_every_row_once_in_both_directions(agent, browser_for):
+    names = [f"Company {i:03d}" for i in range(37)]
+    for name in names:
+        audit.create(agent.user, Account, {"name": name})
+    b = browser_for(agent)
+    seen, url, pages = [], "/accounts/?sort=name&dir=asc", []
+    while url:
+        html = b.get(url).get_data(as_text=True)
+        page = re.findall(r">(Company \d{3})</a>", html)
+        pages.append(page)
+        seen += page
+        nxt = re.search(r'href="([^"]+after=[^"]+)"', html)
+        url = nxt.group(1).replace("&amp;", "&") if nxt else None
+    assert seen == names, "every row once, in order"
+    assert [len(p) for p in pages] == [10, 10, 10, 7]
+    # And back from the last page.
+    back = [pages[-1]]
+    prev = re.search(r'href="([^"]+before=[^"]+)"', html)
+    while prev:
+        html = b.get(prev.group(1).replace("&amp;", "&")).get_data(as_text=True)
+        back.insert(0, re.findall(r">(Company \d{3})</a>", html))
+        prev = re.search(r'href="([^"]+before=[^"]+)"', html)
+    assert back == pages
+
+
+# ----------------------------------------------------------------------------- lead conversion
+
+def test_convert_lead_creates_account_contact_opportunity(agent, browser_for):
+    lead = audit.create(agent.user, Lead, {"first_name": "Li", "last_name": "Wei", "company": "Wei Trading",
+                                           "email": "li@wei.cn"})
+    b = browser_for(agent)
+    resp = _form(b, f"/leads/{lead.id}/convert", {"account_name": "Wei Trading", "create_opportunity": "y",
+                                                  "opportunity_name": "Wei deal", "amount": "5000",
+                                                  "currency": "CNY", "stage": "qualification"})
+    assert resp.status_code == 302
+    acc = Account.get(Account.name == "Wei Trading")
+    con = Contact.get(Contact.last_name == "Wei")
+    opp = Opportunity.get(Opportunity.name == "Wei deal")
+    assert con.account_id == acc.id and opp.account_id == acc.id and opp.contact_id == con.id
+    lead = Lead.get_by_id(lead.id)
+    assert lead.status == "converted" and lead.converted_account_id == acc.id
+    assert f"/opportunities/{opp.id}" in resp.headers["Location"]
+    # A converted lead cannot be converted twice.
+    resp = b.post(f"/leads/{lead.id}/convert", {"account_name": "Again"})
+    assert resp.status_code == 302
+    assert Account.select().where(Account.name == "Again").count() == 0
+
+
+def test_convert_lead_is_all_or_nothing(agent, browser_for, monkeypatch):
+    import webapp.leads
+
+    lead = audit.create(agent.user, Lead, {"last_name": "Zhang", "company": "Zhang Co"})
+    real_create = audit.create
+
+    def failing_create(actor, model, values):
+        if model is Opportunity:
+            raise RuntimeError("disk full")
+        return real_create(actor, model, values)
+
+    monkeypatch.setattr(webapp.leads.audit, "create", failing_create)
+
+    class FakeForm:  # the parsed form, as the view hands it over
+        class existing_account:
+            record = None
+
+        class account_name:
+            data = "Zhang Co"
+
+        class create_opportunity:
+            data = True
+
+        class opportunity_name:
+            data = "Zhang deal"
+
+        class amount:
+            data = 1
+
+        class currency:
+            data = "CNY"
+
+        class stage:
+            data = "qualification"
+
+    with pytest.raises(RuntimeError):
+        webapp.leads.convert_lead(agent.user, lead, FakeForm)
+    assert Account.select().count() == 0 and Contact.select().count() == 0
+    assert Lead.get_by_id(lead.id).status == "new"
+    assert AuditLog.select().where(AuditLog.entity.in_(["account", "contact"])).count() == 0
+
+
+# ----------------------------------------------------------------------------- tickets
+
+def test_ticket_status_flow(agent, browser_for):
+    b = browser_for(agent)
+    assert _form(b, "/tickets/new", {"subject": "Broken", "status": "solved", "priority": "normal",
+                                     "owner": agent.user.id}).status_code == 400, "a ticket starts new or open"
+    assert _form(b, "/tickets/new", {"subject": "Broken", "status": "new", "priority": "high",
+                                     "owner": agent.user.id}).status_code == 302
+    ticket = Ticket.get(Ticket.subject == "Broken")
+    for status in ("open", "pending", "solved", "closed"):
+        resp = _form(b, f"/tickets/{ticket.id}/edit", {"subject": "Broken", "status": status, "priority": "high",
+                                                        "owner": agent.user.id})
+        assert resp.status_code == 302, status
+    resp = _form(b, f"/tickets/{ticket.id}/edit", {"subject": "Broken", "status": "open", "priority": "high",
+                                                    "owner": agent.user.id})
+    assert resp.status_code == 400, "closed is final"
+    assert Ticket.get_by_id(ticket.id).status == "closed"
+
+
+def test_ticket_hand_over_moves_owner_team_and_leaves_a_note(make_seat, browser_for):
+    a = make_seat("a@corp.cn", role="agent", team="East")
+    c = make_seat("c@corp.cn", role="agent", team="West")
+    ticket = audit.create(a.user, Ticket, {"subject": "Printer"})
+    b = browser_for(a)
+    resp = _form(b, f"/tickets/{ticket.id}/transfer", {"to_user": c.user.id, "comment": "West handles printers"})
+    assert resp.status_code == 302
+    ticket = Ticket.get_by_id(ticket.id)
+    assert ticket.owner_id == c.user.id and ticket.team_id == c.user.team_id
+    assert b.get(f"/tickets/{ticket.id}").status_code == 404
+    html = browser_for(c).get(f"/tickets/{ticket.id}").get_data(as_text=True)
+    assert "West handles printers" in html
+    change = AuditLog.get(AuditLog.entity == "ticket", AuditLog.action == "update")
+    assert change.changes["owner"] == [a.user.id, c.user.id]
+
+
+# ----------------------------------------------------------------------------- board, activities, export
+
+def test_board_move_by_json_and_by_plain_form(agent, browser_for):
+    opp = audit.create(agent.user, Opportunity, {"name": "Deal"})
+    b = browser_for(agent)
+    token = b.csrf("/opportunities/board")
+    resp = b.client.post(f"/opportunities/{opp.id}/stage", data={"stage": "proposal"},
+                         headers={"X-CSRFToken": token, "Accept": "application/json"})
+    assert resp.status_code == 200 and resp.get_json() == {"id": opp.id, "stage": "proposal"}
+    resp = b.post(f"/opportunities/{opp.id}/stage", {"stage": "won"})
+    assert resp.status_code == 302
+    opp = Opportunity.get_by_id(opp.id)
+    assert opp.stage == "won" and opp.probability == 100
+    resp = b.client.post(f"/opportunities/{opp.id}/stage", data={"stage": "heaven"},
+                         headers={"X-CSRFToken": token, "Accept": "application/json"})
+    assert resp.status_code == 400
+
+
+def test_activity_linked_to_a_record_shows_on_its_timeline(agent, browser_for, settings):
+    acc = audit.create(agent.user, Account, {"name": "Linked"})
+    b = browser_for(agent)
+    path = f"/activities/new?parent=account:{acc.id}"
+    assert f'value="account:{acc.id}"' in b.get(path).get_data(as_text=True)
+    resp = b.post(path, {"kind": "call", "subject": "Call the buyer", "status": "planned",
+                         "owner": agent.user.id, "parent": f"account:{acc.id}", "due_at": "2026-12-01T09:30"},
+                  token_from=path)
+    assert resp.status_code == 302
+    act = Activity.get(Activity.subject == "Call the buyer")
+    assert (act.parent_type, act.parent_id) == ("account", acc.id)
+    assert act.due_at.hour == 1, "09:30 in Asia/Shanghai is stored as 01:30 UTC"
+    assert "Call the buyer" in b.get(f"/accounts/{acc.id}").get_data(as_text=True)
+    assert "Call the buyer" in b.get("/").get_data(as_text=True), "on the dashboard as an open activity"
+
+
+def test_export_neutralises_formulas(agent, browser_for):
+    audit.create(agent.user, Account, {"name": "=HYPERLINK(\"http://evil\")", "phone": "+86 123"})
+    text = browser_for(agent).get("/accounts/export.csv").get_data(as_text=True)
+    rows = list(csv.DictReader(io.StringIO(text.lstrip("\ufeff"))))
+    assert rows[0]["name"].startswith("'=") and rows[0]["phone"] == "'+86 123"
+
+
+def test_dashboard_shows_my_pipeline_and_recent_changes(agent, browser_for):
+    audit.create(agent.user, Opportunity, {"name": "Big one", "stage": "proposal", "amount": 12345})
+    html = browser_for(agent).get("/").get_data(as_text=True)
+    assert "12,345.00" in html and "Big one" in html

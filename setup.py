@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_namespace_packages, setup
 
 
 def _version() -> str:
@@ -12,28 +12,16 @@ def _version() -> str:
     raise RuntimeError("appliance/__init__.py has no __version__")
 
 
-def _data_files(package: str, *folders: str) -> list[str]:
-    """Every file under the given folders, relative to the package (templates, static, ...)."""
-    root = Path(__file__).parent / package
-    found = []
-    for folder in folders:
-        for path in (root / folder).rglob("*"):
-            if path.is_file() and "__pycache__" not in path.parts:
-                found.append(str(path.relative_to(root)))
-    return found
-
-
 setup(
     name="crm-appliance",
     version=_version(),
     description="Self-hosted, on-premise CRM appliance: installer, web CRM, backups and diagnostics.",
     python_requires=">=3.11",
-    packages=["appliance", "installer", "sizing", "webapp", "webapp.migrations", "playbooks"],
-    package_data={
-        "webapp": _data_files("webapp", "templates", "static", "translations"),
-        "playbooks": _data_files("playbooks", "."),
-    },
-    include_package_data=True,
+    # Folders of templates, static files, translations and playbooks are namespace
+    # packages whose every file ships as package data.
+    packages=find_namespace_packages(include=["appliance*", "installer*", "sizing*", "webapp*", "playbooks*"]),
+    package_data={"": ["*"]},
+    exclude_package_data={"": ["*.pyc", "*.pot"]},
     install_requires=[
         "flask>=3.0,<4",
         "flask-wtf>=1.2,<2",

@@ -70,7 +70,7 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help=f"Configuration file [default: ${config_mod.ENV_VAR} or {config_mod.DEFAULT_PATH}].")
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens, step by step.")
-@click.version_option(message=_version_message(), help="Show the version, install path and Python version.")
+@click.version_option(version=appliance.__version__, message=_version_message(), help="Show the version, install path and Python version.")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     """Install, run and look after the CRM appliance."""
@@ -129,16 +129,15 @@ def db_status(ctx: Context, as_json: bool) -> None:
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Threads per worker [default: [web] threads].")
 @click.option("--daemon", is_flag=True, help="Detach into the background (used by quickstart).")
 @click.option("--pidfile", type=click.Path(dir_okay=False), default=None, help="Write the master's pid here.")
-@click.option("--user", default=None, help="Drop privileges to this user after binding.")
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None, help="Access and error log [default: stderr].")
 @pass_ctx
 @handle_errors
-def serve(ctx: Context, bind, workers, threads, daemon, pidfile, user, log_file) -> None:
+def serve(ctx: Context, bind, workers, threads, daemon, pidfile, log_file) -> None:
     """Run the CRM under gunicorn (gthread workers) in the foreground."""
     from installer.serve import serve as run_server
 
     overrides = {"bind": bind, "workers": workers, "threads": threads, "daemon": daemon or None,
-                 "pidfile": pidfile, "user": user, "group": user}
+                 "pidfile": pidfile}
     if log_file:
         overrides.update(accesslog=log_file, errorlog=log_file)
     run_server(ctx.settings, **overrides)

@@ -26,7 +26,8 @@ from appliance.errors import ApplianceError
 
 SERVICE_USER = "crm"
 ETC = Path("/etc/crm-appliance")
-PIDFILE = Path("/run/crm-appliance-web.pid")
+RUN_DIR = Path("/run/crm-appliance")
+PIDFILE = RUN_DIR / "web.pid"
 
 
 @dataclass
@@ -186,9 +187,12 @@ def ensure_web(ctx: QuickstartContext) -> None:
     else:
         venv_bin = Path(shutil.which("crm-appliance") or "crm-appliance")
         log = ctx.settings.appliance.log_dir / "web.log"
+        RUN_DIR.mkdir(exist_ok=True)
+        shutil.chown(RUN_DIR, SERVICE_USER, SERVICE_USER)
+        # The whole server, master included, runs as the service user.
         subprocess.Popen(
-            [str(venv_bin), "--config", str(ctx.config_path), "serve", "--daemon", "--pidfile", str(PIDFILE),
-             "--user", SERVICE_USER, "--log-file", str(log)],
+            ["runuser", "-u", SERVICE_USER, "--", str(venv_bin), "--config", str(ctx.config_path), "serve",
+             "--daemon", "--pidfile", str(PIDFILE), "--log-file", str(log)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
             start_new_session=True)
         ctx.say(f"Started the web server; its log is {log}.")

@@ -313,3 +313,37 @@ def test_dashboard_shows_my_pipeline_and_recent_changes(agent, browser_for):
     audit.create(agent.user, Opportunity, {"name": "Big one", "stage": "proposal", "amount": 12345})
     html = browser_for(agent).get("/").get_data(as_text=True)
     assert "12,345.00" in html and "Big one" in html
+
+
+def test_list_page_costs_the_same_queries_for_1_row_or_10(agent, browser_for):
+    """No query per row: owners and accounts come in the page's own query."""
+    import logging
+
+    b = browser_for(agent)
+    acc = audit.create(agent.user, Account, {"name": "Parent"})
+
+    def queries_for(path):
+        logger = logging.getLogger("peewee")
+        seen = []
+
+        class Count(logging.Handler):
+            def emit(self, record):
+                seen.append(record.getMessage())
+
+        handler = Count()
+        logger.addHandler(handler)
+        old = logger.level
+        logger.setLevel(logging.DEBUG)
+        try:
+            assert b.get(path).status_code == 200
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(old)
+        return len(seen)
+
+    audit.create(agent.user, Opportunity, {"name": "Deal 0", "account": acc.id})
+    one = queries_for("/opportunities/")
+    for i in range(1, 10):
+        audit.create(agent.user, Opportunity, {"name": f"Deal {i}", "account": acc.id})
+    ten = queries_for("/opportunities/")
+    assert one == ten, f"{one} queries for 1 row, {ten} for 10"

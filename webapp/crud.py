@@ -24,7 +24,7 @@ from typing import Callable
 from flask import (Blueprint, Response, abort, current_app, flash, g, redirect, render_template, request,
                    stream_with_context, url_for)
 from flask_babel import gettext as _
-from peewee import DateField, DateTimeField, DecimalField, IntegerField, Tuple
+from peewee import JOIN, DateField, DateTimeField, DecimalField, ForeignKeyField, IntegerField, Tuple
 
 from webapp import audit, permissions
 from webapp.i18n import choice_label
@@ -175,9 +175,21 @@ def filtered(module: Module, user: User, args, action: str = "read"):
     return query, text, active
 
 
+def with_related(query, model, names):
+    """Load the records that the named foreign keys point at in the same query (no query per row)."""
+    for name in names:
+        fk = model._meta.fields.get(name)
+        if isinstance(fk, ForeignKeyField):
+            target = fk.rel_model.alias()
+            query = (query.select_extend(target)
+                     .join_from(model, target, JOIN.LEFT_OUTER, on=(fk == target.id), attr=name))
+    return query
+
+
 def list_page(module: Module, user: User, args, page_size: int) -> Page:
     model = module.model
     query, text, active = filtered(module, user, args)
+    query = with_related(query, model, [c.name for c in module.columns])
     sortable = {c.name for c in module.columns if c.sortable} | {module.default_sort}
     sort = args.get("sort") if args.get("sort") in sortable else module.default_sort
     direction = args.get("dir") if args.get("dir") in ("asc", "desc") else (

@@ -60,7 +60,7 @@ def password_problem(password: str, email: str = ""):
 def normalise_email(email: str) -> str:
     email = (email or "").strip().lower()
     if not EMAIL_RE.match(email) or len(email) > 254:
-        raise SeatError(f"{email!r} is not an e-mail address")
+        raise SeatError(_l("%(email)s is not an e-mail address", email=repr(email)))
     return email
 
 
@@ -76,20 +76,18 @@ def add_seat(settings: Settings, email: str, name: str, role: str, team: str | N
     email = normalise_email(email)
     name = (name or "").strip()
     if not name or len(name) > 100:
-        raise SeatError("a seat needs a name of 1 to 100 characters")
+        raise SeatError(_l("a seat needs a name of 1 to 100 characters"))
     role_row = Role.get_or_none(Role.name == role)
     if role_row is None:
         names = ", ".join(r.name for r in Role.select().order_by(Role.name))
-        raise SeatError(f"unknown role {role!r}; expected one of: {names}")
+        raise SeatError(_l("unknown role %(role)s; expected one of: %(names)s", role=repr(role), names=names))
     with database.atomic():
         in_use = User.select().where(User.active).count()
         if in_use >= settings.seats.licensed:
-            raise SeatError(
-                f"the licence allows {settings.seats.licensed} seats and all are in use; "
-                "disable a seat or extend the licence"
-            )
+            raise SeatError(_l("the licence allows %(n)d seats and all are in use; disable a seat or extend "
+                                  "the licence", n=settings.seats.licensed))
         if User.select().where(User.email == email).exists():
-            raise SeatError(f"a seat with e-mail {email} already exists")
+            raise SeatError(_l("a seat with e-mail %(email)s already exists", email=email))
         team_row = None
         if team:
             team_row, _ = Team.get_or_create(name=team.strip()[:100])
@@ -149,7 +147,7 @@ def reactivate(settings: Settings, user: User) -> None:
     with database.atomic():
         in_use = User.select().where(User.active).count()
         if in_use >= settings.seats.licensed:
-            raise SeatError(f"the licence allows {settings.seats.licensed} seats and all are in use")
+            raise SeatError(_l("the licence allows %(n)d seats and all are in use", n=settings.seats.licensed))
         user.active = True
         user.suspended_reason = None
         user.save()

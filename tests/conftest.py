@@ -79,8 +79,11 @@ _TABLES = ("audit_log", "login_log", "note", "activity", "ticket", "opportunity"
 @pytest.fixture
 def db(migrated_db):
     """A clean database with the built-in roles, connected for the test's thread."""
+    from webapp import models
     from webapp.permissions import ensure_builtin_roles
 
+    # A test (the CLI's, say) may have bound the models elsewhere: bind them back.
+    models.database.initialize(migrated_db)
     migrated_db.connect(reuse_if_open=True)
     migrated_db.execute_sql("TRUNCATE " + ", ".join(f'"{t}"' for t in _TABLES) + " RESTART IDENTITY CASCADE")
     ensure_builtin_roles()

@@ -7,6 +7,7 @@ import logging
 
 from flask import Flask, render_template, request
 from flask_babel import Babel
+from flask_babel import lazy_gettext as _l
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -26,6 +27,7 @@ def create_app(settings: Settings, database=None) -> Flask:
     Refuses to start without a readable secret key of at least 32 characters.
     """
     from appliance.db import open_database
+    from webapp import models
     from webapp import (accounts, activities, admin, auth, contacts, dashboard, leads, notes,
                         opportunities, search, tickets)
     from webapp.i18n import select_locale, template_helpers
@@ -51,7 +53,11 @@ def create_app(settings: Settings, database=None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=web.trusted_proxies, x_proto=web.trusted_proxies,
                                 x_host=web.trusted_proxies)
 
-    db = database if database is not None else open_database(settings)
+    if database is None:
+        db = open_database(settings)
+    else:
+        db = database
+        models.database.initialize(db)
     app.extensions["crm_db"] = db
 
     @app.before_request
@@ -88,18 +94,22 @@ def create_app(settings: Settings, database=None) -> Flask:
 
     def _error(code: int, title: str, message: str = ""):
         def handler(exc):
+            # Our own aborts carry a translated description; Werkzeug's stock English ones are replaced.
+            description = getattr(exc, "description", "")
+            if description == getattr(type(exc), "description", None):
+                description = ""
             return render_template("error.html", code=code, title=title,
-                                   message=message or getattr(exc, "description", "")), code
+                                   message=description or message), code
         return handler
 
-    from flask_babel import lazy_gettext as _l
-
-    app.register_error_handler(400, _error(400, _l("Bad request")))
+    app.register_error_handler(400, _error(400, _l("Bad request"),
+                                           _l("The request could not be understood. Go back and try again.")))
     app.register_error_handler(403, _error(403, _l("Not allowed"),
                                            _l("Your role does not allow this action on this record.")))
     app.register_error_handler(404, _error(404, _l("Not found"),
                                            _l("There is no such page or record, or it is not yours to see.")))
-    app.register_error_handler(405, _error(405, _l("Method not allowed")))
+    app.register_error_handler(405, _error(405, _l("Method not allowed"),
+                                           _l("This address does not accept that kind of request.")))
     app.register_error_handler(413, _error(413, _l("Too large"), _l("The upload is larger than allowed.")))
     app.register_error_handler(CSRFError, _error(
         400, _l("Form expired"), _l("The form was too old or not sent from this site. Go back, reload the page and try again.")))

@@ -39,6 +39,12 @@ class SeatForm(FlaskForm):
     team = StringField(_l("Team"), validators=[Optional(), Length(max=100)])
 
 
+def _role_choices():
+    from webapp.i18n import ROLE_NAMES
+
+    return [(r.name, ROLE_NAMES.get(r.name, r.name)) for r in Role.select().order_by(Role.name)]
+
+
 def _settings():
     return current_app.extensions["crm_settings"]
 
@@ -47,7 +53,7 @@ def _settings():
 def seat_list():
     """All seats; add one (its set-password link is shown once, here)."""
     form = SeatForm()
-    form.role.choices = [(r.name, r.name) for r in Role.select().order_by(Role.name)]
+    form.role.choices = _role_choices()
     new_link = None
     if form.validate_on_submit():
         try:
@@ -59,7 +65,7 @@ def seat_list():
                             {"email": [None, created.user.email], "role": [None, form.role.data]})
             new_link = {"email": created.user.email, "link": created.link, "expires_at": created.expires_at}
             form = SeatForm(formdata=None)
-            form.role.choices = [(r.name, r.name) for r in Role.select().order_by(Role.name)]
+            form.role.choices = _role_choices()
     rows = seats.list_seats()
     licensed = _settings().seats.licensed
     active = sum(1 for r in rows if r["active"])

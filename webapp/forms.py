@@ -14,6 +14,7 @@ from flask import g, request
 from flask_babel import lazy_gettext as _l
 from flask_babel import to_user_timezone, to_utc
 from flask_wtf import FlaskForm
+from peewee import fn
 from wtforms import (DateField, DateTimeLocalField, DecimalField, HiddenField, IntegerField, SelectField,
                      StringField, TextAreaField)
 from wtforms.validators import DataRequired, Email, InputRequired, Length, NumberRange, Optional, ValidationError
@@ -38,10 +39,10 @@ class LookupField(StringField):
     Works without JavaScript: a typed name that matches exactly one visible record is taken.
     """
 
-    def __init__(self, label, model, name_expr, **kwargs):
+    def __init__(self, label, model, name_matches, **kwargs):
         super().__init__(label, **kwargs)
         self.model = model
-        self.name_expr = name_expr
+        self.name_matches = name_matches  # (model, text) -> condition
         self.record = None
 
     def set_record(self, record) -> None:
@@ -60,7 +61,7 @@ class LookupField(StringField):
         if match:
             found = list(query.where(self.model.id == int(match.group(1))).limit(2))
         else:
-            found = list(query.where(self.name_expr(self.model) == text).limit(2))
+            found = list(query.where(self.name_matches(self.model, text)).limit(2))
         if not found:
             raise ValidationError(_l("No record by that name that you can see."))
         if len(found) > 1:
@@ -68,13 +69,14 @@ class LookupField(StringField):
         self.record = found[0]
 
 
-def _account_name(model):
-    return model.name
+def account_named(model, text):
+    return model.name == text
 
 
-def _contact_name(model):
-    from peewee import fn
-    return fn.TRIM(fn.CONCAT_WS(" ", model.first_name, model.last_name))
+def contact_named(model, text):
+    """"Wei Li", or "李伟" with the family name first and no space."""
+    return ((fn.TRIM(fn.CONCAT_WS(" ", model.first_name, model.last_name)) == text)
+            | (fn.CONCAT(model.last_name, model.first_name) == text))
 
 
 class OwnerField(SelectField):
@@ -148,7 +150,7 @@ class ContactForm(RecordForm):
     title_text = _text(_l("Job title"), 100)
     email = _text(_l("E-mail"), 254, email=True)
     phone = _text(_l("Phone"), 50)
-    account = LookupField(_l("Account"), Account, _account_name)
+    account = LookupField(_l("Account"), Account, account_named)
     description = _description()
     lookups = ("account",)
 
@@ -167,8 +169,8 @@ class LeadForm(RecordForm):
 
 class OpportunityForm(RecordForm):
     name = _text(_l("Name"), 200, required=True)
-    account = LookupField(_l("Account"), Account, _account_name)
-    contact = LookupField(_l("Contact"), Contact, _contact_name)
+    account = LookupField(_l("Account"), Account, account_named)
+    contact = LookupField(_l("Contact"), Contact, contact_named)
     stage = SelectField(_l("Stage"), choices=choices(OPPORTUNITY_STAGES), default="prospecting")
     amount = DecimalField(_l("Amount"), places=2, default=0,
                           validators=[InputRequired(), NumberRange(min=0, max=999_999_999_999)])
@@ -184,8 +186,8 @@ class TicketForm(RecordForm):
     subject = _text(_l("Subject"), 200, required=True)
     status = SelectField(_l("Status"), choices=choices(TICKET_STATUSES), default="new")
     priority = SelectField(_l("Priority"), choices=choices(TICKET_PRIORITIES), default="normal")
-    account = LookupField(_l("Account"), Account, _account_name)
-    contact = LookupField(_l("Contact"), Contact, _contact_name)
+    account = LookupField(_l("Account"), Account, account_named)
+    contact = LookupField(_l("Contact"), Contact, contact_named)
     description = _description()
     lookups = ("account", "contact")
 

@@ -44,9 +44,21 @@ CHOICE_LABELS = {
     "task": _l("Task"), "call": _l("Call"), "meeting": _l("Meeting"),
     "planned": _l("Planned"), "done": _l("Done"), "cancelled": _l("Cancelled"),
     # audit actions
-    "create": _l("created"), "update": _l("changed"), "delete": _l("deleted"),
+    "create": _l("created"), "update": _l("changed"), "delete": _l("deleted"), "export": _l("exported"),
+    "suspend": _l("suspended"), "reactivate": _l("reactivated"), "new_link": _l("issued a set-password link"),
     # permission levels
     "all": _l("all"), "team": _l("team"), "own": _l("own"), "none": _l("none"),
+}
+
+
+ROLE_NAMES = {"boss": _l("Boss"), "manager": _l("Manager"), "agent": _l("Agent")}
+PERMISSION_ACTIONS = {"read": _l("Read"), "create": _l("Create"), "edit": _l("Edit"), "delete": _l("Delete"),
+                      "export": _l("Export")}
+# Why a login failed or succeeded, as stored in the login log.
+LOGIN_REASONS = {
+    "ok": _l("Logged in"), "wrong password": _l("Wrong password"), "unknown user": _l("Unknown e-mail"),
+    "no password set": _l("No password set yet"), "wrong password, locked": _l("Wrong password; account locked"),
+    "locked": _l("Account locked"), "suspended": _l("Seat suspended"),
 }
 
 
@@ -64,4 +76,7 @@ def template_helpers() -> dict:
         "entity_name": lambda e: ENTITY_NAMES.get(e, e),
         "entity_plural": lambda e: ENTITY_PLURALS.get(e, e),
         "choice_label": choice_label,
+        "role_name": lambda name: ROLE_NAMES.get(name, name),
+        "permission_action": lambda name: PERMISSION_ACTIONS.get(name, name),
+        "login_reason": lambda reason: LOGIN_REASONS.get(reason, reason),
     }

@@ -9,7 +9,7 @@ from wtforms.validators import DataRequired, Length, NumberRange, Optional, Vali
 
 from webapp import audit, permissions
 from webapp.crud import Column, Filter, Module, make_blueprint
-from webapp.forms import LeadForm, LookupField, _account_name, choices
+from webapp.forms import LeadForm, LookupField, account_named, choices
 from webapp.models import (CURRENCIES, LEAD_STATUSES, OPPORTUNITY_STAGES, Account, Contact, Lead, Opportunity,
                            database, utcnow)
 
@@ -29,7 +29,7 @@ bp = make_blueprint(module)
 
 
 class ConvertForm(FlaskForm):
-    existing_account = LookupField(_l("Existing account (leave empty to create one)"), Account, _account_name)
+    existing_account = LookupField(_l("Existing account (leave empty to create one)"), Account, account_named)
     account_name = StringField(_l("New account name"), validators=[Optional(), Length(max=200)])
     create_opportunity = BooleanField(_l("Also create an opportunity"), default=True)
     opportunity_name = StringField(_l("Opportunity name"), validators=[Optional(), Length(max=200)])
@@ -39,7 +39,7 @@ class ConvertForm(FlaskForm):
     stage = SelectField(_l("Stage"), choices=choices(s for s in OPPORTUNITY_STAGES if s not in ("won", "lost")),
                         default="qualification")
 
-    def validate_account_name(self, field):
+    def validateaccount_named(self, field):
         if not self.existing_account.data and not (field.data or "").strip():
             raise ValidationError(_l("Name the new account, or choose an existing one."))
 

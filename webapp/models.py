@@ -34,6 +34,14 @@ from playhouse.postgres_ext import BinaryJSONField
 database = DatabaseProxy()
 
 
+def person_name(first: str, last: str) -> str:
+    """"Wei Li" in Latin script, "李伟" (family name first, no space) in Chinese."""
+    first, last = (first or "").strip(), (last or "").strip()
+    if any("\u4e00" <= ch <= "\u9fff" for ch in first + last):
+        return last + first
+    return f"{first} {last}".strip()
+
+
 def utcnow() -> dt.datetime:
     """Naive UTC: every timestamp column stores UTC."""
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
@@ -144,7 +152,7 @@ class Contact(OwnedRecord):
 
     @property
     def title(self) -> str:
-        return f"{self.first_name} {self.last_name}".strip()
+        return person_name(self.first_name, self.last_name)
 
 
 LEAD_STATUSES = ("new", "contacted", "qualified", "converted", "lost")
@@ -168,7 +176,7 @@ class Lead(OwnedRecord):
 
     @property
     def title(self) -> str:
-        return f"{self.first_name} {self.last_name}".strip()
+        return person_name(self.first_name, self.last_name)
 
 
 OPPORTUNITY_STAGES = ("prospecting", "qualification", "proposal", "negotiation", "won", "lost")

@@ -31,6 +31,7 @@ function setupBoard() {
   var board = document.querySelector(".board");
   if (!board) return;
   var csrf = board.dataset.csrf;
+  var failed = board.dataset.error;
   var dragged = null;
   board.querySelectorAll(".card.opp").forEach(function (card) {
     card.addEventListener("dragstart", function (e) {
@@ -54,13 +55,13 @@ function setupBoard() {
                                 headers: {"Accept": "application/json", "X-CSRFToken": csrf}})
         .then(function (r) { return r.json().then(function (data) { return {ok: r.ok, data: data}; }); })
         .then(function (res) {
-          if (!res.ok) { alert(res.data.error || "Could not move the card."); return; }
+          if (!res.ok) { alert(res.data.error || failed); return; }
           column.querySelector("ol.cards").prepend(card);
           var select = card.querySelector("select[name=stage]");
           if (select) select.value = res.data.stage;
           card.dataset.stage = res.data.stage;
         })
-        .catch(function () { alert("Could not move the card."); });
+        .catch(function () { alert(failed); });
     });
   });
 }

@@ -141,13 +141,21 @@ def _date_arg(name: str, end_of_day: bool = False) -> dt.datetime | None:
     return to_utc(start)
 
 
-def _before_id() -> int | None:
+def _log_page(query, model) -> dict:
+    """Apply the from/to dates and the ``before`` id of a log page; newest first, one page."""
+    since, until = _date_arg("from"), _date_arg("to", end_of_day=True)
+    if since:
+        query = query.where(model.at >= since)
+    if until:
+        query = query.where(model.at < until)
     raw = request.args.get("before", "")
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) > 2**63 - 1:
-        abort(400, _("The page link is damaged; go back to the first page."))
-    return int(raw)
+    if raw:
+        if not raw.isdigit() or int(raw) > 2**63 - 1:
+            abort(400, _("The page link is damaged; go back to the first page."))
+        query = query.where(model.id < int(raw))
+    rows = list(query.order_by(model.id.desc()).limit(PAGE + 1))
+    more = len(rows) > PAGE
+    return {"rows": rows[:PAGE], "more": more, "next_before": rows[PAGE - 1].id if more else None}
 
 
 @bp.route("/audit")
@@ -165,17 +173,7 @@ def audit_log():
         query = query.where(AuditLog.record_id == int(args["record_id"]))
     if args.get("action"):
         query = query.where(AuditLog.action == args["action"][:20])
-    since, until = _date_arg("from"), _date_arg("to", end_of_day=True)
-    if since:
-        query = query.where(AuditLog.at >= since)
-    if until:
-        query = query.where(AuditLog.at < until)
-    before = _before_id()
-    if before:
-        query = query.where(AuditLog.id < before)
-    rows = list(query.order_by(AuditLog.id.desc()).limit(PAGE + 1))
-    return render_template("admin/audit.html", rows=rows[:PAGE], more=len(rows) > PAGE,
-                           next_before=rows[PAGE - 1].id if len(rows) > PAGE else None,
+    return render_template("admin/audit.html", **_log_page(query, AuditLog),
                            entities=sorted(permissions.ENTITIES + ("note", "user")))
 
 
@@ -188,14 +186,4 @@ def login_log():
         query = query.where(LoginLog.email ** f"%{escape_like(args['email'][:254])}%")
     if args.get("outcome") in ("ok", "failed"):
         query = query.where(LoginLog.success == (args["outcome"] == "ok"))
-    since, until = _date_arg("from"), _date_arg("to", end_of_day=True)
-    if since:
-        query = query.where(LoginLog.at >= since)
-    if until:
-        query = query.where(LoginLog.at < until)
-    before = _before_id()
-    if before:
-        query = query.where(LoginLog.id < before)
-    rows = list(query.order_by(LoginLog.id.desc()).limit(PAGE + 1))
-    return render_template("admin/logins.html", rows=rows[:PAGE], more=len(rows) > PAGE,
-                           next_before=rows[PAGE - 1].id if len(rows) > PAGE else None)
+    return render_template("admin/logins.html", **_log_page(query, LoginLog))

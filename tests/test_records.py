@@ -264,6 +264,7 @@ def test_ticket_hand_over_moves_owner_team_and_leaves_a_note(make_seat, browser_
     assert b.get(f"/tickets/{ticket.id}").status_code == 404
     html = browser_for(c).get(f"/tickets/{ticket.id}").get_data(as_text=True)
     assert "West handles printers" in html
+    assert f"{a.user.name} → {c.user.name}" in html, "the timeline names the seats, not their ids"
     change = AuditLog.get(AuditLog.entity == "ticket", AuditLog.action == "update")
     assert change.changes["owner"] == [a.user.id, c.user.id]
 

@@ -173,7 +173,8 @@ def audit_log():
         query = query.where(AuditLog.record_id == int(args["record_id"]))
     if args.get("action"):
         query = query.where(AuditLog.action == args["action"][:20])
-    return render_template("admin/audit.html", **_log_page(query, AuditLog),
+    page = _log_page(query, AuditLog)
+    return render_template("admin/audit.html", **page, changes=audit.readable_changes(page["rows"]),
                            entities=sorted(permissions.ENTITIES + ("note", "user")))
 
 

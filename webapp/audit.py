@@ -40,6 +40,18 @@ def snapshot(record) -> dict:
     return out
 
 
+def readable_changes(rows) -> dict[int, list[tuple[str, object, object]]]:
+    """Per audit row id: (field, old, new), with seat ids shown as seat names (one query per page)."""
+    user_ids = {v for row in rows for v in row.changes.get("owner", ()) if isinstance(v, int)}
+    names = dict(User.select(User.id, User.name).where(User.id.in_(user_ids)).tuples()) if user_ids else {}
+
+    def shown(key, value):
+        return names.get(value, value) if key == "owner" else value
+
+    return {row.id: [(key, shown(key, old), shown(key, new)) for key, (old, new) in row.changes.items()]
+            for row in rows}
+
+
 def client_ip() -> str | None:
     return request.remote_addr if has_request_context() else None
 

@@ -234,10 +234,11 @@ def timeline(user: User, record: OwnedRecord, limit: int = 50) -> list[dict]:
             .order_by(Activity.updated_at.desc()).limit(limit))
     for act in acts:
         items.append({"kind": "activity", "at": act.updated_at, "activity": act})
-    rows = (AuditLog.select().where(AuditLog.entity == record.entity, AuditLog.record_id == record.id)
-            .order_by(AuditLog.at.desc()).limit(limit))
+    rows = list(AuditLog.select().where(AuditLog.entity == record.entity, AuditLog.record_id == record.id)
+                .order_by(AuditLog.at.desc()).limit(limit))
+    changes = audit.readable_changes(rows)
     for row in rows:
-        items.append({"kind": "audit", "at": row.at, "audit": row})
+        items.append({"kind": "audit", "at": row.at, "audit": row, "changes": changes[row.id]})
     items.sort(key=lambda i: i["at"], reverse=True)
     return items[:limit]
 

@@ -25,8 +25,8 @@ setup(
     install_requires=[
         "flask>=3.0,<4",
         "flask-wtf>=1.2,<2",
-        # 3.4 drops tuple choices for SelectField; move to SelectChoice before lifting this.
-        "wtforms>=3.1,<3.4",
+        # SelectChoice (the choices API that replaces tuples) arrived in 3.3.
+        "wtforms>=3.3,<4",
         "flask-babel>=4.0,<5",
         "email-validator>=2.1,<3",
         "peewee>=4.5,<5",

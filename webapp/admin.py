@@ -14,6 +14,7 @@ from flask_babel import lazy_gettext as _l
 from flask_babel import to_utc
 from flask_wtf import FlaskForm
 from wtforms import EmailField, SelectField, StringField
+from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, Length, Optional
 
 from appliance import seats
@@ -42,7 +43,7 @@ class SeatForm(FlaskForm):
 def _role_choices():
     from webapp.i18n import ROLE_NAMES
 
-    return [(r.name, ROLE_NAMES.get(r.name, r.name)) for r in Role.select().order_by(Role.name)]
+    return [SelectChoice(r.name, ROLE_NAMES.get(r.name, r.name)) for r in Role.select().order_by(Role.name)]
 
 
 def _settings():

@@ -17,6 +17,7 @@ from flask_wtf import FlaskForm
 from peewee import fn
 from wtforms import (DateField, DateTimeLocalField, DecimalField, HiddenField, IntegerField, SelectField,
                      StringField, TextAreaField)
+from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, Email, InputRequired, Length, NumberRange, Optional, ValidationError
 
 from webapp import permissions
@@ -29,8 +30,9 @@ TEXT_MAX = 20_000
 _ID_SUFFIX = re.compile(r"\(#(\d{1,10})\)\s*$")
 
 
-def choices(values) -> list[tuple[str, str]]:
-    return [(v, choice_label(v)) for v in values]
+def choices(values, label=choice_label) -> list[SelectChoice]:
+    """Options for a select: each value with its translated label."""
+    return [SelectChoice(v, label(v)) for v in values]
 
 
 class LookupField(StringField):
@@ -88,7 +90,7 @@ class OwnerField(SelectField):
     def load_choices(self, current_owner_id: int | None) -> None:
         users = User.select(User.id, User.name).where(
             User.active | (User.id == (current_owner_id or 0))).order_by(User.name)
-        self.choices = [(u.id, u.name) for u in users]
+        self.choices = [SelectChoice(u.id, u.name) for u in users]
         if self.data is None:
             self.data = current_owner_id or g.user.id
 
@@ -174,7 +176,7 @@ class OpportunityForm(RecordForm):
     stage = SelectField(_l("Stage"), choices=choices(OPPORTUNITY_STAGES), default="prospecting")
     amount = DecimalField(_l("Amount"), places=2, default=0,
                           validators=[InputRequired(), NumberRange(min=0, max=999_999_999_999)])
-    currency = SelectField(_l("Currency"), choices=[(c, c) for c in CURRENCIES], default="CNY")
+    currency = SelectField(_l("Currency"), choices=choices(CURRENCIES, label=str), default="CNY")
     probability = IntegerField(_l("Probability (%)"), default=10,
                                validators=[InputRequired(), NumberRange(min=0, max=100)])
     expected_close = DateField(_l("Expected close"), validators=[Optional()])

@@ -35,7 +35,7 @@ class ConvertForm(FlaskForm):
     opportunity_name = StringField(_l("Opportunity name"), validators=[Optional(), Length(max=200)])
     amount = DecimalField(_l("Amount"), places=2, default=0,
                           validators=[Optional(), NumberRange(min=0, max=999_999_999_999)])
-    currency = SelectField(_l("Currency"), choices=[(c, c) for c in CURRENCIES], default="CNY")
+    currency = SelectField(_l("Currency"), choices=choices(CURRENCIES, label=str), default="CNY")
     stage = SelectField(_l("Stage"), choices=choices(s for s in OPPORTUNITY_STAGES if s not in ("won", "lost")),
                         default="qualification")
 

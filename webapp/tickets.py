@@ -5,6 +5,7 @@ from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
 from flask_wtf import FlaskForm
 from wtforms import SelectField, TextAreaField
+from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, Length, Optional, ValidationError
 
 from webapp import audit, permissions
@@ -54,7 +55,7 @@ def transfer(record_id: int):
     ticket = permissions.get_or_404(g.user, Ticket, record_id, "edit")
     form = TransferForm()
     form._current_owner = ticket.owner_id
-    form.to_user.choices = [(u.id, u.name) for u in
+    form.to_user.choices = [SelectChoice(u.id, u.name) for u in
                             User.select(User.id, User.name).where(User.active).order_by(User.name)]
     if form.validate_on_submit():
         target = User.get_by_id(form.to_user.data)

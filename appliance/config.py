@@ -183,15 +183,19 @@ def _build_section(cls, section: str, table: dict, source: str):
     return cls(**values)
 
 
-def _convert(value, hint, f: dataclasses.Field, where: str):
-    optional = False
+def _unwrap_optional(hint):
+    """(inner type, whether None is allowed) for ``X | None``; (hint, False) otherwise."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional, hint = True, args[0]
+        return [a for a in typing.get_args(hint) if a is not type(None)][0], True
+    return hint, False
+
+
+def _convert(value, declared, f: dataclasses.Field, where: str):
+    hint, optional = _unwrap_optional(declared)
     if optional and value in ("", "none"):
         return None
     meta = f.metadata
-    bad = ConfigError(f"{where}: expected {_expected(hint, f, optional)}, found {_describe(value)}")
+    bad = ConfigError(f"{where}: expected {_expected(declared, f)}, found {_describe(value)}")
     if hint is bool:
         if not isinstance(value, bool):
             raise bad
@@ -230,11 +234,9 @@ def _is_zone(name: str) -> bool:
     return True
 
 
-def _expected(hint, f: dataclasses.Field, optional: bool = False) -> str:
+def _expected(hint, f: dataclasses.Field) -> str:
     meta = f.metadata
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = [a for a in typing.get_args(hint) if a is not type(None)][0]
-        optional = True
+    hint, optional = _unwrap_optional(hint)
     if hint is int:
         text = "an integer"
         if meta["min"] is not None and meta["max"] is not None:

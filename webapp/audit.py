@@ -20,7 +20,7 @@ from webapp.models import AuditLog, Note, OwnedRecord, User, database, utcnow
 _UNTRACKED = {"id", "created_at", "updated_at", "deleted_at"}
 
 
-def _jsonable(value):
+def jsonable(value):
     if isinstance(value, (dt.datetime, dt.date)):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
@@ -36,7 +36,7 @@ def snapshot(record) -> dict:
             continue
         # A foreign key is recorded as the id it holds, without loading the related row.
         value = record.__data__.get(name) if isinstance(field, ForeignKeyField) else getattr(record, name)
-        out[name] = _jsonable(value)
+        out[name] = jsonable(value)
     return out
 
 

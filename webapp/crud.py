@@ -105,7 +105,7 @@ def _encode_cursor(record, sort: str) -> str:
     value = getattr(record, sort)
     if isinstance(value, OwnedRecord):
         value = value.id
-    value = audit._jsonable(value)
+    value = audit.jsonable(value)
     return base64.urlsafe_b64encode(json.dumps([value, record.id]).encode()).decode().rstrip("=")
 
 
@@ -282,7 +282,7 @@ def export_rows(module: Module, user: User, args):
     writer.writerow(fields)
     yield flush()
     for record in query.order_by(module.model.id).iterator():
-        writer.writerow([neutralise(audit._jsonable(record.__data__.get(n))) for n in fields])
+        writer.writerow([neutralise(audit.jsonable(record.__data__.get(n))) for n in fields])
         count += 1
         if count % 500 == 0:
             yield flush()

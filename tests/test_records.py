@@ -206,7 +206,7 @@ def test_convert_lead_is_all_or_nothing(agent, browser_for, monkeypatch):
 
     class FakeForm:  # the parsed form, as the view hands it over
         class existing_account:
-            record = None
+            selected_id = None
 
         class account_name:
             data = "Zhang Co"
@@ -348,3 +348,24 @@ def test_list_page_costs_the_same_queries_for_1_row_or_10(agent, browser_for):
         audit.create(agent.user, Opportunity, {"name": f"Deal {i}", "account": acc.id})
     ten = queries_for("/opportunities/")
     assert one == ten, f"{one} queries for 1 row, {ten} for 10"
+
+
+def test_editing_keeps_a_link_to_a_record_the_editor_cannot_see(make_seat, browser_for):
+    """A's contact sits on B's account: A sees "(#id)" without the name, and saving keeps the link."""
+    a = make_seat("a@corp.cn", role="agent", team="East")
+    b = make_seat("b@corp.cn", role="agent", team="East")
+    secret_account = audit.create(b.user, Account, {"name": "Secret Holdings"})
+    contact = audit.create(a.user, Contact, {"last_name": "Mine", "account": secret_account.id})
+    browser = browser_for(a)
+    form = browser.get(f"/contacts/{contact.id}/edit").get_data(as_text=True)
+    assert "Secret Holdings" not in form and f'value="(#{secret_account.id})"' in form
+    resp = _form(browser, f"/contacts/{contact.id}/edit", {"last_name": "Mine, renamed",
+                                                            "account": f"(#{secret_account.id})",
+                                                            "owner": a.user.id})
+    assert resp.status_code == 302
+    contact = Contact.get_by_id(contact.id)
+    assert contact.last_name == "Mine, renamed" and contact.account_id == secret_account.id
+    # Pointing another contact at that account by its id is still refused.
+    resp = _form(browser, "/contacts/new", {"last_name": "Probe", "account": f"(#{secret_account.id})",
+                                            "owner": a.user.id})
+    assert resp.status_code == 400

@@ -39,27 +39,41 @@ class LookupField(StringField):
     """A record chosen by name (or by the "Name (#id)" the autocomplete offers), within the seat's read scope.
 
     Works without JavaScript: a typed name that matches exactly one visible record is taken.
+    A link the record already has to something the seat cannot see is shown as "(#id)" only,
+    and kept as it is when the form is saved unchanged.
     """
 
     def __init__(self, label, model, name_matches, **kwargs):
         super().__init__(label, **kwargs)
         self.model = model
         self.name_matches = name_matches  # (model, text) -> condition
-        self.record = None
+        self.selected_id = None
+        self.kept_id = None  # the current link, which saving unchanged keeps
+
+    def show_current(self, record_id: int | None, prefill: bool) -> None:
+        """Remember the record's current link; on a first GET, show it (by name only if visible)."""
+        self.kept_id = record_id
+        if record_id is None or not prefill:
+            return
+        visible = permissions.visible(g.user, self.model).where(self.model.id == record_id).first()
+        self.data = f"{visible.title} (#{record_id})" if visible else f"(#{record_id})"
 
     def set_record(self, record) -> None:
-        self.record = record
-        self.data = f"{record.title} (#{record.id})" if record else ""
+        self.selected_id = record.id
+        self.data = f"{record.title} (#{record.id})"
 
     def pre_validate(self, form):
-        self.record = None
+        self.selected_id = None
         text = (self.data or "").strip()
         if not text:
             return
         if len(text) > 250:
             raise ValidationError(_l("Too long."))
-        query = permissions.visible(g.user, self.model)
         match = _ID_SUFFIX.search(text)
+        if match and self.kept_id is not None and int(match.group(1)) == self.kept_id:
+            self.selected_id = self.kept_id
+            return
+        query = permissions.visible(g.user, self.model)
         if match:
             found = list(query.where(self.model.id == int(match.group(1))).limit(2))
         else:
@@ -68,7 +82,7 @@ class LookupField(StringField):
             raise ValidationError(_l("No record by that name that you can see."))
         if len(found) > 1:
             raise ValidationError(_l("Several records have that name; pick one from the suggestions."))
-        self.record = found[0]
+        self.selected_id = found[0].id
 
 
 def account_named(model, text):
@@ -99,15 +113,15 @@ class RecordForm(FlaskForm):
     """Common base: owner choice and the mapping to model values."""
 
     owner = OwnerField()
-    #: form field -> model field for lookups
+    #: the LookupFields of this form (each named like the model's foreign key)
     lookups: tuple[str, ...] = ()
 
     def prepare(self, record=None) -> None:
-        """Fill choices (and lookups from ``record`` on a first GET)."""
+        """Fill the owner choices and what the lookups currently point at."""
         self.owner.load_choices(record.owner_id if record is not None else None)
-        if record is not None and not self.is_submitted():
+        if record is not None:
             for name in self.lookups:
-                self[name].set_record(getattr(record, name))
+                self[name].show_current(record.__data__.get(name), prefill=not self.is_submitted())
 
     def record_values(self) -> dict:
         values = {}
@@ -115,8 +129,8 @@ class RecordForm(FlaskForm):
             if name == "csrf_token":
                 continue
             if isinstance(field, LookupField):
-                values[name] = field.record.id if field.record else None
-            elif isinstance(field, (StringField, TextAreaField)) and not isinstance(field, (DateField,)):
+                values[name] = field.selected_id
+            elif isinstance(field, StringField):  # text, text areas, hidden fields
                 values[name] = (field.data or "").strip()
             else:
                 values[name] = field.data

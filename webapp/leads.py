@@ -52,7 +52,8 @@ def convert_lead(user, lead: Lead, form: ConvertForm) -> tuple[Account, Contact,
     """Create (or reuse) the account, create the contact and the opportunity, mark the lead:
     all in one transaction, every step audited; any failure leaves nothing behind."""
     with database.atomic():
-        account = form.existing_account.record
+        chosen = form.existing_account.selected_id  # already checked visible by the form
+        account = Account.get_by_id(chosen) if chosen else None
         if account is None:
             account = audit.create(user, Account, {"name": form.account_name.data.strip(), "owner": lead.owner_id,
                                                    "email": lead.email, "phone": lead.phone})

@@ -365,6 +365,10 @@ def test_editing_keeps_a_link_to_a_record_the_editor_cannot_see(make_seat, brows
     assert resp.status_code == 302
     contact = Contact.get_by_id(contact.id)
     assert contact.last_name == "Mine, renamed" and contact.account_id == secret_account.id
+    # Nor do the contact's page and the contact list name that account.
+    for path in (f"/contacts/{contact.id}", "/contacts/"):
+        html = browser.get(path).get_data(as_text=True)
+        assert "Secret Holdings" not in html and f"#{secret_account.id}" in html, path
     # Pointing another contact at that account by its id is still refused.
     resp = _form(browser, "/contacts/new", {"last_name": "Probe", "account": f"(#{secret_account.id})",
                                             "owner": a.user.id})

@@ -67,9 +67,11 @@ def choice_label(value) -> str:
 
 
 def template_helpers() -> dict:
+    from webapp import permissions
     from webapp.crud import MODULES
 
     return {
+        "may_read": lambda record: permissions.allows(g.user, record, "read"),
         "modules": MODULES,
         "getattr": getattr,
         "current_locale": str(get_locale() or "en"),

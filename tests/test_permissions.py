@@ -194,3 +194,73 @@ def test_deleted_record_is_gone_for_everyone(world):
     assert a.post(f"/leads/{rec.id}/delete").status_code == 302
     assert a.get(f"/leads/{rec.id}").status_code == 404
     assert world["browser"]("boss").get(f"/leads/{rec.id}").status_code == 404
+
+
+# Every route and where this file proves it answers only within the seat's level.
+COVERED = {
+    "/<prefix>/": "list", "/<prefix>/<int:record_id>": "detail", "/<prefix>/<int:record_id>/edit": "edit",
+    "/<prefix>/<int:record_id>/delete": "delete", "/<prefix>/export.csv": "export", "/<prefix>/new": "creation",
+    "/leads/<int:record_id>/convert": "special actions", "/opportunities/<int:record_id>/stage": "special actions",
+    "/opportunities/board": "board", "/tickets/<int:record_id>/transfer": "special actions",
+    "/notes/<entity>/<int:record_id>": "special actions", "/notes/<int:note_id>/delete": "special actions",
+    "/search/": "search", "/search/lookup/<entity>": "lookup", "/": "dashboard",
+    "/admin/audit": "admin", "/admin/logins": "admin", "/admin/roles": "admin", "/admin/seats": "admin",
+    "/admin/seats/<int:user_id>/link": "admin", "/admin/seats/<int:user_id>/suspend": "admin",
+    "/admin/seats/<int:user_id>/reactivate": "admin",
+}
+PUBLIC = {"/auth/login", "/auth/logout", "/auth/locale", "/auth/set-password/<token>", "/static/<path:filename>"}
+
+
+def test_every_route_is_covered_by_these_tests(app):
+    """A new route fails here until its permission behaviour is tested in this file."""
+    prefixes = tuple(prefix for prefix, _ in ROUTES.values())
+    uncovered = []
+    for rule in app.url_map.iter_rules():
+        path = rule.rule
+        for prefix in prefixes:
+            if path.startswith(prefix + "/"):
+                generic = "/<prefix>" + path[len(prefix):]
+                if generic in COVERED:
+                    path = generic
+                break
+        if path not in COVERED and path not in PUBLIC:
+            uncovered.append(rule.rule)
+    assert not uncovered, f"routes without permission tests: {uncovered}"
+
+
+def test_dashboard_shows_only_visible_records(world):
+    html = world["browser"]("A").get("/").get_data(as_text=True)
+    for entity in ("account", "lead", "ticket"):
+        assert _markers(html, entity) <= VISIBLE["A"], entity
+    assert "tic-A" in html, "A's own open ticket is on A's dashboard"
+
+
+def test_reactivate_is_boss_only(world):
+    target = world["seats"]["B"].user
+    from appliance import seats as seat_lib
+
+    seat_lib.suspend(target)
+    assert world["browser"]("M").post(f"/admin/seats/{target.id}/reactivate").status_code == 404
+    from webapp.models import User
+    assert User.get_by_id(target.id).active is False
+
+
+def test_a_read_only_role_cannot_create_edit_delete_or_export(world, make_seat, browser_for):
+    """A custom role: read all, nothing else. Creation and export answer 404, edits 403."""
+    from webapp.models import Role
+    from webapp.permissions import ACTIONS, ENTITIES
+
+    Role.create(name="auditor", permissions={e: {a: ("all" if a == "read" else "none") for a in ACTIONS}
+                                             for e in ENTITIES})
+    viewer = browser_for(make_seat("auditor@corp.cn", role="auditor"))
+    for entity, (prefix, field) in ROUTES.items():
+        record = world["records"]["A"][entity]
+        assert viewer.get(f"{prefix}/{record.id}").status_code == 200
+        assert viewer.get(f"{prefix}/new").status_code == 404
+        assert viewer.get(f"{prefix}/export.csv").status_code == 404
+        assert viewer.get(f"{prefix}/{record.id}/edit").status_code == 403
+        assert viewer.post(f"{prefix}/{record.id}/delete").status_code == 403
+        assert viewer.post(f"{prefix}/new", {field: "planted"}).status_code == 404
+        assert 'href="' + prefix + '/new"' not in viewer.get(f"{prefix}/").get_data(as_text=True)
+        assert RECORD_MODELS[entity].get_by_id(record.id).deleted_at is None
+    assert Account.select().where(Account.name == "planted").count() == 0

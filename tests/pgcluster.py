@@ -83,6 +83,10 @@ def start_cluster() -> Cluster:
     if as_root:
         name = f"crmtest{port}"
         os.chmod(base, 0o755)
+        # pg_ctlcluster writes its pid file here; /run may have been emptied by a reboot.
+        run_dir = Path("/var/run/postgresql")
+        run_dir.mkdir(mode=0o2775, exist_ok=True)
+        shutil.chown(run_dir, "postgres", "postgres")
         shutil.chown(socket_dir, "postgres", "postgres")
         cmd = ["pg_createcluster", version, name, "-p", str(port), "-d", str(base / "data"),
                "-s", str(socket_dir), "--", "--auth-local=peer", "--auth-host=scram-sha-256",

@@ -19,3 +19,7 @@ class DatabaseError(ApplianceError):
 
 class SeatError(ApplianceError):
     """A seat cannot be added, changed or found (duplicate e-mail, unknown role, ...)."""
+
+
+class SizingError(ApplianceError):
+    """A sizing request cannot be met as asked (unknown profile, seats out of range, unknown check id)."""

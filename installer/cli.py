@@ -18,7 +18,9 @@ import click
 
 import appliance
 from appliance import config as config_mod
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, SizingError
+from sizing import profiles as sizing_profiles
+from sizing.check import CHECK_IDS
 
 
 def _version_message() -> str:
@@ -228,6 +230,142 @@ def quickstart(ctx: Context, boss_email: str, boss_name: str, port: int) -> None
     if result.boss_link:
         click.echo(f"Open this one-time link to set the password of {boss_email}:")
         click.echo(result.boss_link)
+
+
+# ----------------------------------------------------------------------------- preflight and plan
+
+def _profile_option(func):
+    return click.option("--profile", "profile_name", type=click.Choice(sizing_profiles.names()),
+                        default=sizing_profiles.DEFAULT_PROFILE, show_default=True,
+                        help="Sizing profile; see docs/sizing.md (eval is not for production).")(func)
+
+
+def _seats_option(func):
+    return click.option("--seats", type=int, default=None,
+                        help="Concurrent seats to size for [default: the profile's maximum].")(func)
+
+
+def _sizing_args(profile_name: str, seats: int | None):
+    """The profile and a seat count it can carry; a bad count is a usage error (exit 2)."""
+    profile = sizing_profiles.get(profile_name)
+    try:
+        return profile, sizing_profiles.validate_seats(profile, profile.max_seats if seats is None else seats)
+    except SizingError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--seats'") from None
+
+
+def _default_data_dir(ctx: Context) -> Path:
+    """The configured data directory, or the schema's default before any config exists."""
+    try:
+        return ctx.settings.appliance.data_dir
+    except ApplianceError:
+        return config_mod.ApplianceSection().data_dir
+
+
+_VERDICT_STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "ACCEPTED": "magenta"}
+
+
+@main.command()
+@_profile_option
+@_seats_option
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the appliance keeps its data [default: the config's [appliance] data_dir, "
+                   "else /var/lib/crm-appliance].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--accept-risk", "accepted", multiple=True, metavar="CHECK",
+              type=click.Choice(CHECK_IDS),
+              help=f"Accept a failing check (repeatable): it shows as ACCEPTED and no longer blocks. "
+                   f"CHECK is one of: {', '.join(CHECK_IDS)}.")
+@pass_ctx
+@handle_errors
+def preflight(ctx: Context, profile_name, seats, data_dir, as_json, accepted) -> None:
+    """Check this host against a sizing profile, changing nothing. Exit 1 if a check fails."""
+    from sizing import check, host
+
+    profile, seats = _sizing_args(profile_name, seats)
+    data_dir = Path(data_dir) if data_dir else _default_data_dir(ctx)
+    facts = host.gather(data_dir)
+    result = check.preflight(facts, profile, seats, accepted)
+    if as_json:
+        import dataclasses
+
+        click.echo(json.dumps({"profile": result.profile, "seats": result.seats, "ok": result.ok,
+                               "accepted": list(result.accepted),
+                               "verdicts": [dataclasses.asdict(v) for v in result.verdicts],
+                               "facts": dataclasses.asdict(facts)}, indent=2, default=str))
+    else:
+        note = "" if profile.production else " (NOT for production)"
+        click.echo(f"Preflight: profile {profile.name}{note}, {seats} seats, data in {data_dir}")
+        _render_table(["CHECK", "REQUIRED", "FOUND", "VERDICT", "REMEDY"],
+                      [(v.check, v.required, v.found, v.status, v.remedy) for v in result.verdicts])
+    if not result.ok:
+        failed = ", ".join(v.check for v in result.failed)
+        raise click.ClickException(f"preflight failed for profile {profile.name}: {failed}; fix them, "
+                                   f"or take the risk with --accept-risk CHECK")
+
+
+def _render_table(headers: list[str], rows: list[tuple[str, ...]]) -> None:
+    """A rich table on a terminal; plain aligned columns otherwise (logs, pipes, tests)."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
+    if console.is_terminal:
+        table = Table(*headers)
+        for row in rows:  # Text, not markup: a found value may contain brackets
+            table.add_row(*(Text(cell, style=_VERDICT_STYLE.get(cell, "") if i == 3 else "")
+                            for i, cell in enumerate(row)))
+        console.print(table)
+        return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers[:-1])]
+    for row in [tuple(headers), *rows]:
+        click.echo(("  ".join(f"{cell:{w}}" for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip())
+
+
+@main.command()
+@_profile_option
+@_seats_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_ctx
+@handle_errors
+def plan(ctx: Context, profile_name, seats, as_json) -> None:
+    """The tuning install applies on this host: workers, PostgreSQL memory, disk budget."""
+    from sizing import host
+    from sizing.plan import plan_for
+
+    profile, seats = _sizing_args(profile_name, seats)
+    facts = host.gather(_default_data_dir(ctx))
+    result = plan_for(profile, seats, facts)
+    if as_json:
+        import dataclasses
+
+        data = dataclasses.asdict(result)
+        data.update(request_slots=result.request_slots, postgresql_conf=result.postgresql_conf())
+        data["disk"].update(total_bytes=result.disk.total_bytes, data_bytes=result.disk.data_bytes,
+                            fits=result.disk.fits)
+        click.echo(json.dumps(data, indent=2))
+    else:
+        _render_plan(result, facts)
+    if not result.disk.fits:
+        raise click.ClickException(f"the year-one disk budget of {result.disk.total_bytes / 1000**3:.1f} GB does not fit "
+                                   f"the {result.disk.usable_bytes / 1000**3:.1f} GB usable: give the data directory a larger disk")
+
+
+def _render_plan(plan, facts) -> None:
+    gb, r, d = 1000**3, plan.resources, plan.disk
+    click.echo(f"Plan for {plan.seats} seats on this host: {r.cores} cores, "
+               f"{r.memory_bytes / 1024**3:.1f} GiB memory, {d.disk_bytes / gb:.1f} GB disk at {facts.disk_mount}")
+    click.echo(f"gunicorn    workers {plan.gunicorn_workers}, threads {plan.gunicorn_threads} "
+               f"({plan.request_slots} requests at once); database pool {plan.db_pool_size} per worker")
+    click.echo("postgresql  " + ", ".join(f"{k} = {v}" for k, v in plan.postgresql_conf().items()))
+    click.echo(f"nginx       worker_processes {plan.nginx_worker_processes}")
+    click.echo(f"disk        year one: database {d.database_bytes / gb:.1f} GB, WAL {d.wal_bytes / gb:.1f} GB, "
+               f"attachments {d.attachments_bytes / gb:.1f} GB, backups {d.backups_bytes / gb:.1f} GB, "
+               f"system {d.system_bytes / gb:.1f} GB = {d.total_bytes / gb:.1f} GB "
+               f"of {d.usable_bytes / gb:.1f} GB usable; room for {d.years_that_fit:.0f} years of growth")
+    for warning in plan.warnings:
+        click.echo(f"WARNING: {warning}")
 
 
 if __name__ == "__main__":  # pragma: no cover

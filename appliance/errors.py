@@ -23,3 +23,20 @@ class SeatError(ApplianceError):
 
 class SizingError(ApplianceError):
     """A sizing request cannot be met as asked (unknown profile, seats out of range, unknown check id)."""
+
+
+class DeployError(ApplianceError):
+    """Deploying with Ansible failed: names the failed task, its message and a hint.
+
+    Raised by ``installer.deploy`` for a bad inventory, an unreachable host, a failed
+    task, or an install that cannot start (not root, no wheel, no Ansible).
+    """
+
+    def __init__(self, message: str, *, task: str | None = None, host: str | None = None,
+                 detail: str | None = None, hint: str | None = None, log_path=None):
+        super().__init__(message)
+        self.task = task
+        self.host = host
+        self.detail = detail
+        self.hint = hint
+        self.log_path = log_path

@@ -129,17 +129,14 @@ def db_status(ctx: Context, as_json: bool) -> None:
 @click.option("--bind", default=None, help="host:port to listen on [default: [web] bind].")
 @click.option("--workers", type=click.IntRange(1, 256), default=None, help="Worker processes [default: [web] workers].")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Threads per worker [default: [web] threads].")
-@click.option("--daemon", is_flag=True, help="Detach into the background (used by quickstart).")
-@click.option("--pidfile", type=click.Path(dir_okay=False), default=None, help="Write the master's pid here.")
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None, help="Access and error log [default: stderr].")
 @pass_ctx
 @handle_errors
-def serve(ctx: Context, bind, workers, threads, daemon, pidfile, log_file) -> None:
+def serve(ctx: Context, bind, workers, threads, log_file) -> None:
     """Run the CRM under gunicorn (gthread workers) in the foreground."""
     from installer.serve import serve as run_server
 
-    overrides = {"bind": bind, "workers": workers, "threads": threads, "daemon": daemon or None,
-                 "pidfile": pidfile}
+    overrides = {"bind": bind, "workers": workers, "threads": threads}
     if log_file:
         overrides.update(accesslog=log_file, errorlog=log_file)
     run_server(ctx.settings, **overrides)
@@ -208,28 +205,6 @@ def _os_user() -> str:
         return getpass.getuser()
     except Exception:  # no passwd entry in some containers
         return "unknown"
-
-
-# ----------------------------------------------------------------------------- quickstart
-
-@main.command()
-@click.option("--boss-email", default="boss@crm.local", show_default=True, help="Login of the first boss seat.")
-@click.option("--boss-name", default="Boss", show_default=True, help="Name of the first boss seat.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Web port.")
-@pass_ctx
-@handle_errors
-def quickstart(ctx: Context, boss_email: str, boss_name: str, port: int) -> None:
-    """Set up and start the CRM on this host with local PostgreSQL (until `install` lands)."""
-    from installer.quickstart import QuickstartContext
-    from installer.quickstart import quickstart as run_quickstart
-
-    result = run_quickstart(QuickstartContext(config_path=ctx.config_path, boss_email=boss_email,
-                                              boss_name=boss_name, port=port, say=click.echo))
-    click.echo("")
-    click.echo(f"The CRM runs at {result.settings.web.public_url}")
-    if result.boss_link:
-        click.echo(f"Open this one-time link to set the password of {boss_email}:")
-        click.echo(result.boss_link)
 
 
 # ----------------------------------------------------------------------------- preflight and plan
@@ -366,6 +341,84 @@ def _render_plan(plan, facts) -> None:
                f"of {d.usable_bytes / gb:.1f} GB usable; room for {d.years_that_fit:.0f} years of growth")
     for warning in plan.warnings:
         click.echo(f"WARNING: {warning}")
+
+
+# ----------------------------------------------------------------------------- install, uninstall, status
+
+def _install_context(ctx: Context, config, inventory, **kwargs):
+    from installer import deploy
+
+    return deploy.InstallContext(config_path=Path(config) if config else _existing_config(ctx),
+                                 inventory=Path(inventory) if inventory else None,
+                                 confirm=lambda question: click.confirm(question, default=False), **kwargs)
+
+
+def _existing_config(ctx: Context) -> Path | None:
+    """The group's --config (or the default path) when the file exists; None lets install use defaults."""
+    return ctx.config_path if ctx.config_path.exists() else None
+
+
+_inventory_option = click.option("--inventory", type=click.Path(dir_okay=False, exists=True), default=None,
+                                 help="Ansible inventory naming one host in group 'appliance' [default: this host].")
+
+
+@main.command()
+@click.option("--config", "config", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Configuration to install [default: the group's --config when it exists, else defaults].")
+@_inventory_option
+@_profile_option
+@click.option("--seats", type=click.IntRange(min=1), default=None,
+              help="Concurrent seats to plan for [default: the licensed seats, at most the profile's].")
+@click.option("--accept-risk", "accepted", multiple=True, metavar="CHECK", type=click.Choice(CHECK_IDS),
+              help="Accept a failing preflight check (repeatable); it is logged and shown by status.")
+@click.option("--check", "check_only", is_flag=True,
+              help="Change nothing: report what differs from the installed state (drift). Exit 3 on drift.")
+@click.option("--yes", is_flag=True, help="Do not ask before changing the host.")
+@click.option("--new-boss-link", is_flag=True, help="Issue a new one-time link for a boss who has no password yet.")
+@pass_ctx
+@handle_errors
+def install(ctx: Context, config, inventory, profile_name, seats, accepted, check_only, yes, new_boss_link) -> None:
+    """Check the host, then deploy (or update) the appliance with Ansible. Safe to run again."""
+    from installer import deploy, progress
+
+    ictx = _install_context(ctx, config, inventory, profile=profile_name, seats=seats,
+                            accept_risks=tuple(accepted), yes=yes, new_boss_link=new_boss_link)
+    if check_only:
+        report = deploy.check(ictx)
+        progress.print_drift(ictx.console, report)
+        if report.drifted:
+            sys.exit(3)
+        return
+    progress.print_install(ictx.console, deploy.install(ictx))
+
+
+@main.command()
+@_inventory_option
+@click.option("--yes", is_flag=True, help="Do not ask before changing the host.")
+@pass_ctx
+@handle_errors
+def uninstall(ctx: Context, inventory, yes) -> None:
+    """Stop the services and remove the program; the database, data and /etc/crm-appliance stay."""
+    from installer import deploy, progress
+
+    ictx = _install_context(ctx, None, inventory, yes=yes)
+    progress.print_uninstall(ictx.console, deploy.uninstall(ictx))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_ctx
+@handle_errors
+def status(ctx: Context, as_json: bool) -> None:
+    """What runs on this host and how it answers (read-only)."""
+    from installer import deploy, progress
+
+    ictx = _install_context(ctx, None, None)
+    result = deploy.status(ictx)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        progress.print_status(ictx.console, result)
 
 
 if __name__ == "__main__":  # pragma: no cover

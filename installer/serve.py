@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
 
 from appliance.config import Settings
 
 log = logging.getLogger(__name__)
+
+
+_SECRET_PATH = re.compile(r"(/auth/set-password/)[^/?\s]+")
+
+
+class RedactingLogger(Logger):
+    """gunicorn's logger with the one-time set-password token cut out of logged paths."""
+
+    def atoms(self, resp, req, environ, request_time):
+        atoms = super().atoms(resp, req, environ, request_time)
+        for key in ("U", "r"):
+            if isinstance(atoms.get(key), str):
+                atoms[key] = _SECRET_PATH.sub(r"\1<redacted>", atoms[key])
+        return atoms
 
 
 class CrmServer(BaseApplication):
@@ -36,6 +52,7 @@ class CrmServer(BaseApplication):
             "errorlog": "-",
             # No query strings in the access log: search text is customer data.
             "access_log_format": '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms',
+            "logger_class": "installer.serve.RedactingLogger",
             "proc_name": "crm-appliance-web",
         }
         options.update({k: v for k, v in self.overrides.items() if v is not None})

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Install and start the CRM appliance on this Debian 12 host, as root.
 #
-# Until the Ansible installer lands this is the quick start: Debian's PostgreSQL,
-# a virtual environment in /opt/crm-appliance, the CRM under gunicorn on port 8000,
-# and a one-time link for the first boss seat. Safe to run again.
+# Builds the installer's virtual environment (.venv, with Debian's Python), then runs
+# `crm-appliance install`: preflight against the sizing profile, then Ansible deploys
+# PostgreSQL, the CRM under gunicorn, supervisord or systemd, and nginx with TLS.
+# The profile is standard-50 when this host meets it, else eval (not for production);
+# set CRM_PROFILE to choose. Extra arguments go to `crm-appliance install`. Safe to run again.
 set -euo pipefail
 [[ "${DEBUG:-}" == 1 ]] && set -x
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,20 +15,26 @@ if [[ $(id -u) -ne 0 ]]; then
     exit 1
 fi
 
-PREFIX=/opt/crm-appliance
-PACKAGES=(postgresql python3 python3-venv)
-
-echo "==> Installing system packages: ${PACKAGES[*]}"
+echo "==> Installing what the installer itself needs: python3, python3-venv"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
+apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null
 
-echo "==> Installing the appliance into ${PREFIX}/venv"
-mkdir -p "${PREFIX}"
-# Debian's Python, not one under /root: the service user must be able to run it.
-[[ -x "${PREFIX}/venv/bin/python" ]] || /usr/bin/python3 -m venv "${PREFIX}/venv"
-"${PREFIX}/venv/bin/pip" install -q --disable-pip-version-check --upgrade pip
-"${PREFIX}/venv/bin/pip" install -q --disable-pip-version-check --upgrade .
+echo "==> Building the installer's virtual environment in .venv"
+[[ -x .venv/bin/python ]] || /usr/bin/python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/pip install -q --disable-pip-version-check -e .
 
-echo "==> Setting up and starting the CRM"
-PATH="${PREFIX}/venv/bin:${PATH}" exec "${PREFIX}/venv/bin/crm-appliance" quickstart "$@"
+PROFILE="${CRM_PROFILE:-}"
+if [[ -z "$PROFILE" ]]; then
+    if .venv/bin/crm-appliance preflight --profile standard-50 >/dev/null 2>&1; then
+        PROFILE=standard-50
+    else
+        PROFILE=eval
+        echo "==> This host does not meet the standard-50 profile (see: .venv/bin/crm-appliance preflight);"
+        echo "    installing the eval profile, which is not for production."
+    fi
+fi
+
+echo "==> Installing the appliance (profile ${PROFILE})"
+exec .venv/bin/crm-appliance install --profile "$PROFILE" --yes "$@"

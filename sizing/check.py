@@ -35,9 +35,12 @@ APPLIANCE_LISTENERS: dict[int, tuple[str, ...]] = {
 The port rule: a held port counts as "held by the appliance" (PASS, so that
 preflight can be re-run on an installed host) only when BOTH the listener's
 process name is the one the appliance runs there AND the appliance marker
-``/etc/crm-appliance/appliance.toml`` exists. A Debian PostgreSQL or nginx on a
-host the appliance never touched is somebody else's and FAILs.
+``/etc/crm-appliance/appliance.toml`` exists. An nginx on a host the appliance
+never touched is somebody else's and FAILs. A PostgreSQL on 5432 there only WARNs:
+it is Debian's own cluster (the postgresql package starts it), which install adopts.
 """
+
+POSTGRES_PORT = 5432
 
 CHECK_IDS: tuple[str, ...] = (
     "seats", "cores", "memory", "disk-total", "disk-free", "os", "arch", "root",
@@ -228,6 +231,11 @@ def _check_port(port: int) -> Callable[[HostFacts, Profile, int], Verdict]:
             return Verdict(check_id, required, "free", "PASS")
         if held_by_appliance(facts, port):
             return Verdict(check_id, required, f"{holder}, the appliance's", "PASS")
+        if port == POSTGRES_PORT and fact.process in APPLIANCE_LISTENERS[port]:
+            # Debian's postgresql package starts its 15/main cluster, which install adopts.
+            return Verdict(check_id, required, f"{holder}, Debian's PostgreSQL", "WARN",
+                           "install adopts this PostgreSQL cluster and adds the crm role and database to it; "
+                           "if it holds other data, move that data to another host first")
         if fact.state == "unknown":
             return Verdict(check_id, required, "unknown", "WARN",
                            f"expected to tell whether port {port} is free, could not: run preflight as root")

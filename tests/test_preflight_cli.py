@@ -152,14 +152,25 @@ def test_accepted_risks_let_preflight_pass_and_stay_visible(fake_host):
     assert result.stdout.count(" ACCEPTED ") == 4
 
 
-def test_eval_passes_on_the_ci_machine_only_through_the_port_rule(fake_host):
+def test_debian_postgresql_before_the_first_install_only_warns(fake_host):
     assert run("preflight", "--profile", "eval").exit_code == 0
-    fake_host(appliance_marker=False)  # the same PostgreSQL on a host the appliance never touched
+    fake_host(appliance_marker=False)  # Debian's own cluster on a host the appliance never touched
+    result = run("preflight", "--profile", "eval")
+    assert result.exit_code == 0, result.output
+    line = next(l for l in result.stdout.splitlines() if l.startswith("port-5432"))
+    assert " WARN " in line and "install adopts this PostgreSQL cluster" in line
+
+
+def test_a_foreign_web_server_on_443_fails(fake_host):
+    from sizing.host import PortFact
+
+    fake_host(appliance_marker=False, ports=(PortFact(80, "free", None, None), PortFact(443, "held", "apache2", 77),
+                                             PortFact(5432, "free", None, None)))
     result = run("preflight", "--profile", "eval")
     assert result.exit_code == 1
-    assert _error_lines(result) == ["Error: preflight failed for profile eval: port-5432; fix them, "
+    assert _error_lines(result) == ["Error: preflight failed for profile eval: port-443; fix them, "
                                     "or take the risk with --accept-risk CHECK"]
-    assert "held by postgres (pid 30130) (no appliance installed here)" in result.stdout
+    assert "held by apache2 (pid 77) (no appliance installed here)" in result.stdout
 
 
 def test_data_dir_comes_from_the_flag_then_the_config_then_the_default(fake_host, tmp_path):

@@ -40,12 +40,17 @@ def test_serve_answers_over_http_and_stops_cleanly(tmp_path, settings, db):
                 assert time.monotonic() < deadline, "gunicorn did not answer within 30 s"
                 time.sleep(0.2)
         assert "csrf_token" in body and headers["X-Frame-Options"] == "DENY"
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/auth/set-password/SECRET-TOKEN-123", timeout=5)
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404
         assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         output = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, output
     assert "gthread" in output
+    assert "/auth/set-password/<redacted>" in output and "SECRET-TOKEN-123" not in output
 
 
 def test_serve_refuses_a_bad_secret_before_starting(tmp_path, settings):

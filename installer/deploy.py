@@ -1,0 +1,940 @@
+"""Deploy the CRM appliance with Ansible: install, check for drift, uninstall, status.
+
+Proposed Click commands for ``installer/cli.py`` (thin: parse, call one function here,
+render; ``handle_errors`` turns the ``ApplianceError`` into one line and exit 1)::
+
+    crm-appliance install [--config F] [--inventory F] [--profile P] [--seats N]
+                          [--accept-risk CHECK]... [--check] [--yes] [--new-boss-link]
+        --config F         configuration in the one schema [default: the group's --config,
+                           i.e. /etc/crm-appliance/appliance.toml when it exists, else defaults]
+        --inventory F      Ansible inventory naming one host in group "appliance"
+                           [default: playbooks/inventory/local.yml, this host]
+        --profile P        sizing profile: eval, standard-50, ... [default: standard-50]
+        --seats N          concurrent seats to plan for [default: the licensed seats,
+                           at most the profile's]
+        --accept-risk C    accept a failing preflight check (repeatable); logged
+        --check            change nothing: report drift from the intended state (R-3);
+                           exit 0 when none, 3 when there is drift
+        --yes              do not ask before changing the host
+        --new-boss-link    issue a new one-time link for a boss who has no password yet
+
+        from installer import deploy, progress
+        ictx = deploy.InstallContext(config_path=Path(config) if config else ctx.config_path,
+                                     inventory=..., profile=..., seats=..., accept_risks=accept_risk,
+                                     yes=yes, confirm=lambda q: click.confirm(q, default=False),
+                                     new_boss_link=new_boss_link)
+        if check:
+            report = deploy.check(ictx)
+            progress.print_drift(ictx.console, report)
+            sys.exit(3 if report.drifted else 0)
+        progress.print_install(ictx.console, deploy.install(ictx))
+
+    crm-appliance uninstall [--inventory F] [--yes]
+        stops and removes the services and files the installer put there; the data stays
+        (the database, /var/lib/crm-appliance, /etc/crm-appliance with config and secrets).
+        progress.print_uninstall(ictx.console, deploy.uninstall(ictx))
+
+    crm-appliance status [--json]
+        click.echo(json.dumps(deploy.status(ictx), indent=2)) or progress.print_status(...)
+
+Design (see docs/install.md):
+
+- An install is an ordered list of named steps, each taking the ``InstallContext``.
+  Pre-flight steps (``require_root`` .. ``confirm``) change nothing. Then the wheel is
+  built from the source tree, the secrets are generated on the first install (files,
+  mode 0600, never on a command line), and ``playbooks/site.yml`` runs.
+- Exactly one function, :func:`run_playbook`, calls ``ansible_runner.run()``.
+  Ansible owns every change on the host; this module prepares the inventory and the
+  extra variables and reads the event stream (``installer.progress``).
+- ansible-runner puts extra variables on ``ansible-playbook``'s command line when
+  ``suppress_env_files=True``: they therefore never hold a secret. The database
+  password reaches Ansible through a file lookup inside the playbook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets as secrets_mod
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from appliance import config as config_mod
+from appliance.errors import ApplianceError, ConfigError, DeployError
+
+log = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).resolve().parent.parent
+PLAYBOOK_DIR = SOURCE_DIR / "playbooks"
+DEFAULT_INVENTORY = PLAYBOOK_DIR / "inventory" / "local.yml"
+#: Where the rendered configuration goes on the host; the services read it.
+INSTALLED_CONFIG = config_mod.DEFAULT_PATH
+#: The backup encryption key. TODO(config): a [backup] key_file key; until then this path.
+BACKUP_KEY_FILE = Path("/etc/crm-appliance/backup-key")
+#: Secrets of a remote host, kept on the controller (a local install writes them in place).
+REMOTE_SECRETS_DIR = Path("/etc/crm-appliance/hosts")
+#: Folders that make up the package (setup.py's find_namespace_packages) and so the wheel.
+PACKAGE_DIRS = ("appliance", "installer", "sizing", "webapp", "playbooks")
+_SKIP_PARTS = {"__pycache__", "build", "dist"}
+_SKIP_SUFFIXES = (".pyc", ".pyo", ".pot")
+#: The services' names come from the one description in the services role.
+SERVICES_DEFAULTS = PLAYBOOK_DIR / "roles" / "services" / "defaults" / "main.yml"
+#: Keys the installer owns in appliance.toml, and why.
+INSTALLER_OWNED = {
+    ("web", "bind"): "set by the installer: gunicorn listens on 127.0.0.1 behind nginx",
+    ("web", "trusted_proxies"): "set by the installer: nginx is the one proxy in front",
+    ("web", "workers"): "set by the installer from the sizing plan",
+    ("web", "threads"): "set by the installer from the sizing plan",
+    ("database", "pool_size"): "set by the installer from the sizing plan",
+}
+SECTION_ORDER = ("appliance", "database", "web", "seats", "attachments")
+DEFAULT_PROFILE = "standard-50"
+RUNNER_TIMEOUT_SECONDS = 1800
+LOCK_FILE = Path("/run/lock/crm-appliance-install.lock")
+
+
+# ============================================================================= data
+
+
+@dataclass
+class Target:
+    """The one host the inventory names in group ``appliance``."""
+
+    name: str
+    inventory: Path
+    local: bool
+
+
+@dataclass
+class Release:
+    """The wheel built from the source tree; its version carries the source's hash."""
+
+    path: Path
+    version: str
+
+
+@dataclass
+class SecretFile:
+    label: str
+    dest: Path  # on the host
+    src: Path  # on the controller (the same file for a local install)
+    length: int
+
+
+@dataclass
+class InstallContext:
+    """Everything an install, check or uninstall needs; the steps fill in the rest."""
+
+    config_path: Path | None = None
+    inventory: Path | None = None
+    profile: str = DEFAULT_PROFILE
+    seats: int | None = None
+    accept_risks: tuple[str, ...] = ()
+    yes: bool = False
+    confirm: Callable[[str], bool] | None = None
+    boss_email: str = "boss@crm.local"
+    boss_name: str = "Boss"
+    new_boss_link: bool = False
+    #: Extra variables for the playbook, e.g. {"proxy_certificate_file": "/etc/ssl/crm.pem"}.
+    extra_vars: dict[str, Any] = field(default_factory=dict)
+    source_dir: Path = SOURCE_DIR
+    console: Any = None  # a rich Console; one on stdout by default
+    wheel_cache: Path | None = None
+    # -- filled in by the steps
+    settings: config_mod.Settings | None = None
+    config_source: str = ""
+    target: Target | None = None
+    plan: dict[str, Any] = field(default_factory=dict)
+    release: Release | None = None
+    secrets: list[SecretFile] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.console is None:
+            from rich.console import Console
+
+            self.console = Console(highlight=False)
+
+    def say(self, text: str) -> None:
+        self.console.print(text, highlight=False, markup=False)
+
+
+@dataclass
+class InstallResult:
+    host: str
+    public_url: str
+    version: str
+    changed: int
+    ok: int
+    elapsed_seconds: float
+    log_path: Path
+    boss: Any = None  # progress.BossSeat
+    changed_tasks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Drift:
+    task: str
+    host: str
+    path: str
+    diff: str
+
+
+@dataclass
+class DriftReport:
+    host: str
+    items: list[Drift]
+    elapsed_seconds: float
+    log_path: Path
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def drifted(self) -> bool:
+        return bool(self.items)
+
+
+@dataclass
+class UninstallResult:
+    host: str
+    changed_tasks: list[str]
+    kept: list[str]
+    elapsed_seconds: float
+    log_path: Path
+
+
+# ============================================================================= pre-flight: no changes
+
+
+def require_root(ctx: InstallContext) -> None:
+    if os.geteuid() != 0:
+        import getpass
+
+        raise DeployError(f"expected to run as root, found user {getpass.getuser()}: run it again with sudo")
+
+
+def load_settings(ctx: InstallContext) -> None:
+    """The configuration to install: --config, else the installed one, else defaults for this host."""
+    source = ctx.config_path
+    if source is None and INSTALLED_CONFIG.exists():
+        source = INSTALLED_CONFIG
+    if source is not None:
+        settings = config_mod.load(source)  # ConfigError: one line naming file, key, expected, found
+        ctx.config_source = str(source)
+    else:
+        settings = config_mod.from_mapping(
+            {"web": {"public_url": f"https://{_host_name()}"}, "seats": {"licensed": _profile_seats(ctx.profile)}},
+            source="<installer defaults>")
+        ctx.config_source = "<installer defaults>"
+        ctx.notes.append(f"no configuration at {INSTALLED_CONFIG}: installing the defaults "
+                         f"(public_url {settings.web.public_url}); see config.example.toml")
+    ctx.settings, notes = adopt_settings(settings)
+    ctx.notes.extend(notes)
+
+
+def adopt_settings(settings: config_mod.Settings) -> tuple[config_mod.Settings, list[str]]:
+    """The settings with what the installer owns: gunicorn on 127.0.0.1 behind nginx, HTTPS.
+
+    Returns the adjusted settings and one note per value changed.
+    """
+    notes: list[str] = []
+    web, db = settings.web, settings.database
+    where = settings.source
+    if db.host not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(f"{where}: [database] host: expected 127.0.0.1 (the appliance's own cluster), "
+                          f"found {db.host!r}")
+    host, _, port = web.bind.rpartition(":")
+    if not port.isdigit():
+        raise ConfigError(f'{where}: [web] bind: expected host:port such as "127.0.0.1:8000", found "{web.bind}"')
+    changes: dict[str, Any] = {}
+    if host != "127.0.0.1":
+        changes["bind"] = f"127.0.0.1:{port}"
+    if web.trusted_proxies != 1:
+        changes["trusted_proxies"] = 1
+    url = urlsplit(web.public_url)
+    if not url.hostname:
+        raise ConfigError(f'{where}: [web] public_url: expected a URL such as "https://crm.example.lan", '
+                          f'found "{web.public_url}"')
+    if url.scheme != "https" or url.port == int(port):
+        keep_port = url.port if url.port not in (None, 80, 443, int(port)) else None
+        netloc = url.hostname if keep_port is None else f"{url.hostname}:{keep_port}"
+        changes["public_url"] = f"https://{netloc}{url.path.rstrip('/')}"
+    for key, value in changes.items():
+        notes.append(f"[web] {key}: {getattr(web, key)!r} -> {value!r} (nginx serves HTTPS in front of gunicorn)")
+    if changes:
+        settings = dataclasses.replace(settings, web=dataclasses.replace(web, **changes))
+    return settings, notes
+
+
+def load_inventory(ctx: InstallContext) -> None:
+    """The one host in group ``appliance``; whether Ansible reaches it locally."""
+    path = Path(ctx.inventory) if ctx.inventory else DEFAULT_INVENTORY
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise DeployError(f"{path}: cannot read the inventory file: {exc.strerror}") from None
+    from ansible.inventory.manager import InventoryManager
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.vars.manager import VariableManager
+
+    loader = DataLoader()
+    inventory = InventoryManager(loader=loader, sources=[str(path)])
+    hosts = inventory.get_hosts("appliance")
+    if len(hosts) != 1:
+        found = ", ".join(h.name for h in hosts) or "none"
+        raise DeployError(f"{path}: expected exactly one host in group \"appliance\", found {found}; "
+                          f"see playbooks/inventory/local.yml for the layout")
+    host = hosts[0]
+    hostvars = VariableManager(loader=loader, inventory=inventory).get_vars(host=host)
+    connection = hostvars.get("ansible_connection")
+    local = connection == "local" or (connection is None and host.name in ("localhost", "127.0.0.1")
+                                      and "ansible_host" not in hostvars)
+    ctx.target = Target(name=host.name, inventory=path.resolve(), local=local)
+
+
+def check_reachable(ctx: InstallContext) -> None:
+    """A remote host must answer over ssh before anything is built or generated for it."""
+    if ctx.target.local:
+        return
+    run_playbook(ctx, "ping.yml", {}, kind="reach")
+
+
+def plan_host(ctx: InstallContext) -> None:
+    """Preflight against the profile (refusing on FAIL), then the sizing plan.
+
+    Uses ``sizing`` (host facts, profiles, preflight checks, plan). For a remote host the
+    facts of this controller say nothing, so the plan is made for the profile's nominal
+    hardware and the host's own checks are the playbook's (OS, root, ports).
+    """
+    settings = ctx.settings
+    try:
+        from sizing import check as sizing_check
+        from sizing import host as sizing_host
+        from sizing import plan as sizing_plan
+        from sizing import profiles as sizing_profiles
+    except ImportError as exc:  # TODO(sizing.plan): remove once sizing/ is merged
+        ctx.plan = stopgap_plan(settings, ctx.profile)
+        ctx.notes.append(f"sizing is not available ({exc}); used the installer's stop-gap plan")
+        return
+    profile = sizing_profiles.get(ctx.profile)  # SizingError: unknown profile
+    seats = ctx.seats if ctx.seats is not None else min(settings.seats.licensed, profile.max_seats)
+    if ctx.seats is None and settings.seats.licensed > profile.max_seats:
+        ctx.notes.append(f"planned for {seats} concurrent seats, the most profile {profile.name} carries, "
+                         f"of the {settings.seats.licensed} licensed")
+    if not profile.production:
+        ctx.notes.append(f"profile {profile.name}: {profile.summary}")
+    if ctx.target is not None and ctx.target.local:
+        facts = sizing_host.gather(settings.appliance.data_dir)
+        result = sizing_check.preflight(facts, profile, seats, ctx.accept_risks)
+        for verdict in result.verdicts:
+            if verdict.status in ("WARN", "ACCEPTED"):
+                ctx.notes.append(f"preflight {verdict.status} {verdict.check}: {verdict.remedy or verdict.found}")
+        if not result.ok:
+            first = result.failed[0]
+            others = ", ".join(v.check for v in result.failed[1:])
+            more = f" (also failing: {others})" if others else ""
+            raise DeployError(f"preflight failed for profile {profile.name}: {first.check}: {first.remedy}{more}; "
+                              f"nothing was changed. See crm-appliance preflight --profile {profile.name}, "
+                              f"or accept the risk with --accept-risk {first.check}")
+        plan = sizing_plan.plan_for(profile, seats, facts)
+    else:
+        plan = sizing_plan.make_plan(seats, sizing_plan.Resources.of_profile(profile))
+        ctx.notes.append(f"remote host: planned for profile {profile.name}'s nominal hardware")
+    ctx.notes.extend(f"plan: {w}" for w in plan.warnings)
+    ctx.plan = {
+        "postgresql": plan.postgresql_conf(),
+        "workers": plan.gunicorn_workers,
+        "threads": plan.gunicorn_threads,
+        "pool_size": plan.db_pool_size,
+        "nginx_workers": plan.nginx_worker_processes,
+        "seats": seats,
+    }
+    _apply_plan(ctx)
+
+
+def stopgap_plan(settings: config_mod.Settings, profile: str) -> dict[str, Any]:
+    """TODO(sizing.plan): only while sizing/ is missing. Simple shares of memory, nothing more."""
+    import psutil
+
+    mib = psutil.virtual_memory().total // 1024**2
+    workers, threads = settings.web.workers, settings.web.threads
+    connections = max(100, workers * threads + 4 + 10)
+    shared = min(max(mib // 4, 128), 8192)
+    return {
+        "postgresql": {"max_connections": str(connections), "shared_buffers": f"{shared}MB",
+                       "effective_cache_size": f"{min(max(mib // 2, 256), 32768)}MB",
+                       "work_mem": f"{min(max((mib - shared) // (connections * 3), 4), 64)}MB",
+                       "maintenance_work_mem": f"{min(max(mib // 16, 64), 1024)}MB"},
+        "workers": workers, "threads": threads, "pool_size": settings.database.pool_size,
+        "nginx_workers": "auto", "seats": settings.seats.licensed,
+    }
+
+
+def _apply_plan(ctx: InstallContext) -> None:
+    """Write the plan's gunicorn and pool numbers into the settings (installer-owned keys)."""
+    s = ctx.settings
+    web = dataclasses.replace(s.web, workers=ctx.plan["workers"], threads=ctx.plan["threads"])
+    database = dataclasses.replace(s.database, pool_size=ctx.plan["pool_size"])
+    for (section, key), new in ((("web", "workers"), web.workers), (("web", "threads"), web.threads),
+                                (("database", "pool_size"), database.pool_size)):
+        old = getattr(getattr(s, section), key)
+        if old != new:
+            ctx.notes.append(f"[{section}] {key}: {old} -> {new} (sizing plan)")
+    ctx.settings = dataclasses.replace(s, web=web, database=database)
+
+
+def confirm(ctx: InstallContext, question: str) -> None:
+    if ctx.yes:
+        return
+    if ctx.confirm is None:
+        raise DeployError(f"{question.rstrip('?')}: pass --yes to confirm; nothing was changed")
+    if not ctx.confirm(question):
+        raise DeployError("cancelled; nothing was changed")
+
+
+def confirm_install(ctx: InstallContext) -> None:
+    confirm(ctx, f"Install the CRM appliance on {ctx.target.name}: Debian's PostgreSQL, nginx and supervisor, "
+                 f"services on ports 80 and 443, profile {ctx.profile}?")
+
+
+# ============================================================================= the release wheel
+
+
+def source_files(source_dir: Path) -> list[Path]:
+    """setup.py and every file of the packages, as the wheel ships them."""
+    files = [source_dir / "setup.py"]
+    for folder in PACKAGE_DIRS:
+        for path in sorted((source_dir / folder).rglob("*")):
+            rel = path.relative_to(source_dir)
+            if (path.is_file() and not _SKIP_PARTS.intersection(rel.parts) and not path.name.endswith(_SKIP_SUFFIXES)
+                    and not any(p.endswith(".egg-info") for p in rel.parts)):
+                files.append(path)
+    return files
+
+
+def source_fingerprint(source_dir: Path) -> str:
+    """12 hex digits of SHA-256 over the package files' names and contents."""
+    digest = hashlib.sha256()
+    for path in source_files(source_dir):
+        digest.update(str(path.relative_to(source_dir)).encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def base_version(source_dir: Path) -> str:
+    match = re.search(r'^__version__\s*=\s*"([^"]+)"', (source_dir / "appliance" / "__init__.py").read_text(), re.M)
+    if not match:
+        raise DeployError(f"{source_dir}/appliance/__init__.py: expected __version__ = \"x.y.z\", found none")
+    return match.group(1).split("+")[0]
+
+
+def build_release(ctx: InstallContext) -> None:
+    """The wheel of this source tree, version ``x.y.z+src.<hash>``; built once, then cached.
+
+    The hash makes a re-install of the same source a no-op (the playbook finds that
+    version installed) and any change to the source a new version.
+    """
+    source = ctx.source_dir
+    if not (source / "setup.py").exists():
+        raise DeployError(f"{source}: expected the appliance's source tree (with setup.py), found none; "
+                          f"run install from the unpacked release")
+    version = f"{base_version(source)}+src.{source_fingerprint(source)}"
+    cache = ctx.wheel_cache or _cache_dir()
+    wheel = cache / f"crm_appliance-{version}-py3-none-any.whl"
+    if not wheel.exists():
+        ctx.say(f"Building the release wheel {wheel.name} ...")
+        _build_wheel(source, version, wheel)
+        for old in sorted(cache.glob("crm_appliance-*.whl"), key=lambda p: p.stat().st_mtime)[:-3]:
+            old.unlink(missing_ok=True)
+    ctx.release = Release(path=wheel, version=version)
+
+
+def _build_wheel(source: Path, version: str, wheel: Path) -> None:
+    wheel.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="crm-appliance-wheel-") as tmp:
+        tree, out = Path(tmp) / "src", Path(tmp) / "out"
+        for path in source_files(source):
+            dest = tree / path.relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)
+        init = tree / "appliance" / "__init__.py"
+        init.write_text(re.sub(r'^__version__\s*=\s*"[^"]*"', f'__version__ = "{version}"', init.read_text(),
+                               flags=re.M))
+        # --use-pep517: build in an isolated environment with setuptools and wheel from the index.
+        result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--use-pep517",
+                                 "--disable-pip-version-check", "--quiet", "--wheel-dir", str(out), str(tree)],
+                                capture_output=True, text=True, cwd=tmp)
+        built = list(out.glob("*.whl"))
+        if result.returncode != 0 or len(built) != 1:
+            last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel"]
+            raise DeployError(f"building the release wheel failed: {last[0]}; check that PyPI is reachable "
+                              f"(pip fetches setuptools to build)")
+        tmp_wheel = wheel.with_suffix(".tmp")
+        shutil.copy2(built[0], tmp_wheel)
+        os.replace(tmp_wheel, wheel)
+
+
+def _cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "crm-appliance" / "wheels"
+
+
+# ============================================================================= secrets
+
+
+def secret_files(settings: config_mod.Settings, target: Target) -> list[SecretFile]:
+    specs = (("database password", settings.database.password_file, 32),
+             ("session key", settings.web.secret_key_file, 48),
+             ("backup encryption key", BACKUP_KEY_FILE, 32))
+    out = []
+    for label, dest, length in specs:
+        src = dest if target.local else REMOTE_SECRETS_DIR / target.name / dest.name
+        out.append(SecretFile(label=label, dest=Path(dest), src=Path(src), length=length))
+    return out
+
+
+def ensure_secrets(ctx: InstallContext) -> None:
+    """Generate each missing secret once (mode 0600 from its first byte); keep existing ones."""
+    ctx.secrets = secret_files(ctx.settings, ctx.target)
+    for secret in ctx.secrets:
+        if secret.src.exists():
+            continue
+        secret.src.parent.mkdir(parents=True, exist_ok=True)
+        config_mod.write_secret(secret.src, secrets_mod.token_urlsafe(secret.length))
+        ctx.notes.append(f"generated the {secret.label} in {secret.src} (mode 0600)")
+
+
+def require_secrets(ctx: InstallContext) -> None:
+    """Check mode generates nothing: the secrets must be there already."""
+    ctx.secrets = secret_files(ctx.settings, ctx.target)
+    missing = [s for s in ctx.secrets if not s.src.exists()]
+    if missing:
+        raise DeployError(f"{missing[0].src}: the {missing[0].label} does not exist, so the appliance is not "
+                          f"installed; run install first")
+
+
+# ============================================================================= extra variables
+
+
+def toml_value(value: Any) -> str:
+    """A Python value from ``Settings`` as a TOML literal that ``appliance.config`` reads back."""
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def config_sections(settings: config_mod.Settings) -> list[dict[str, Any]]:
+    """Every section and key of the schema with its value and meaning, for appliance.toml.j2."""
+    schema = config_mod.schema_keys()
+    names = sorted(schema, key=lambda n: SECTION_ORDER.index(n) if n in SECTION_ORDER else len(SECTION_ORDER))
+    sections = []
+    for name in names:
+        values = getattr(settings, name)
+        keys = []
+        for key, spec in schema[name].items():
+            doc = spec.metadata.get("doc", "")
+            owned = INSTALLER_OWNED.get((name, key))
+            if owned:
+                doc = f"{doc.rstrip('.')}; {owned}." if doc else owned[0].upper() + owned[1:] + "."
+            keys.append({"name": key, "value": toml_value(getattr(values, key)), "doc": doc})
+        sections.append({"name": name, "keys": keys})
+    return sections
+
+
+def render_extra_vars(ctx: InstallContext) -> dict[str, Any]:
+    """The playbook's extra variables. No secret among them: they go on a command line."""
+    s = ctx.settings
+    web_port = int(s.web.bind.rpartition(":")[2])
+    url = urlsplit(s.web.public_url)
+    db_secret = next(x for x in ctx.secrets if x.label == "database password")
+    extra = {
+        "appliance_ports": [
+            {"port": 80, "owners": ["nginx"], "purpose": "HTTP for nginx"},
+            {"port": url.port or 443, "owners": ["nginx"], "purpose": "HTTPS for nginx"},
+            {"port": s.database.port, "owners": ["postgres"], "purpose": "PostgreSQL"},
+            {"port": web_port, "owners": ["crm-appliance", "gunicorn"], "purpose": "the CRM's gunicorn"},
+        ],
+        "appliance_db_name": s.database.name,
+        "appliance_db_user": s.database.user,
+        "appliance_db_password_source": str(db_secret.src),
+        "postgresql_port": s.database.port,
+        "postgresql_settings": dict(ctx.plan.get("postgresql") or {}),
+        "webapp_wheel_file": str(ctx.release.path) if ctx.release else "",
+        "webapp_package_version": ctx.release.version if ctx.release else "",
+        "webapp_config_file": str(INSTALLED_CONFIG),
+        "webapp_config_sections": config_sections(s),
+        "webapp_data_dir": str(s.appliance.data_dir),
+        "webapp_log_dir": str(s.appliance.log_dir),
+        "webapp_secret_files": [{"dest": str(x.dest), "src": str(x.src)} for x in ctx.secrets],
+        "webapp_boss_email": ctx.boss_email,
+        "webapp_boss_name": ctx.boss_name,
+        "webapp_boss_new_link": ctx.new_boss_link,
+        "services_web_port": web_port,
+        "proxy_server_name": url.hostname,
+        "proxy_https_port": url.port or 443,
+        "proxy_upstream": f"127.0.0.1:{web_port}",
+        "proxy_client_max_body_size_mb": s.attachments.max_upload_mb + 1,
+        "proxy_worker_processes": ctx.plan.get("nginx_workers", "auto"),
+    }
+    extra.update(ctx.extra_vars)
+    return extra
+
+
+# ============================================================================= the one Ansible wrapper
+
+
+@contextlib.contextmanager
+def _one_at_a_time():
+    """Two installs (or an install and an uninstall) at once would fight over the host."""
+    import fcntl
+
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DeployError(f"another crm-appliance install, check or uninstall is running (lock {LOCK_FILE}); "
+                              f"wait for it to finish") from None
+        yield
+
+
+def run_playbook(ctx: InstallContext, playbook: str, extra_vars: dict[str, Any], *, kind: str,
+                 check: bool = False):
+    """Run one playbook through ``ansible_runner.run``; return (record, log path) or raise DeployError.
+
+    The only caller of ansible-runner. Its private data dir is a temporary directory
+    (mode 0700, removed afterwards); ``suppress_env_files`` keeps it from writing the
+    extra variables into it; the virtual environment's ``bin`` comes first on PATH
+    because ansible-runner starts ``ansible-playbook`` from PATH.
+    """
+    import ansible_runner
+
+    from installer.progress import EventHandler, count_tasks, open_log
+
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "ansible-playbook").exists():
+        raise DeployError(f"expected ansible-playbook next to {sys.executable}, found none; "
+                          f"run: {bin_dir / 'pip'} install -e .")
+    log_dir = ctx.settings.appliance.log_dir if ctx.settings else Path("/var/log/crm-appliance")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    log_path = log_dir / f"{kind}-{stamp}.log"
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
+        "ANSIBLE_CONFIG": str(PLAYBOOK_DIR / "ansible.cfg"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_RETRY_FILES_ENABLED": "0",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    total = count_tasks(PLAYBOOK_DIR / playbook)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_one_at_a_time())
+        log_file = stack.enter_context(open_log(log_path))
+        handler = stack.enter_context(EventHandler(total, ctx.console, log_file, check=check))
+        private_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="crm-appliance-ansible-"))
+        log_file.write(json.dumps({"event": "crm_appliance_start", "kind": kind, "playbook": playbook,
+                                   "check": check, "host": ctx.target.name if ctx.target else None,
+                                   "profile": ctx.profile, "accepted_risks": list(ctx.accept_risks),
+                                   "notes": ctx.notes, "extra_vars": extra_vars,
+                                   "created": dt.datetime.now(dt.timezone.utc).isoformat()}, default=str) + "\n")
+        runner = ansible_runner.run(
+            private_data_dir=private_dir,
+            project_dir=str(PLAYBOOK_DIR),
+            playbook=str(PLAYBOOK_DIR / playbook),
+            inventory=str(ctx.target.inventory),
+            extravars=extra_vars,
+            envvars=env,
+            cmdline="--check --diff" if check else None,
+            suppress_env_files=True,
+            quiet=True,
+            event_handler=handler,
+            timeout=RUNNER_TIMEOUT_SECONDS,
+        )
+        record = handler.record
+        log_file.write(json.dumps({"event": "crm_appliance_end", "status": runner.status, "rc": runner.rc,
+                                   "created": dt.datetime.now(dt.timezone.utc).isoformat()}) + "\n")
+    if runner.status != "successful" or runner.rc != 0 or record.failure is not None:
+        raise deploy_error(record, runner.status, runner.rc, log_path, kind)
+    return record, log_path
+
+
+# -- error mapping
+
+_HINTS: tuple[tuple[Callable[[Any], bool], str], ...] = (
+    (lambda f: f.status == "unreachable",
+     "check that the host is up and that ssh to it works without a prompt (ssh-copy-id; the inventory's "
+     "ansible_host and ansible_user)"),
+    (lambda f: f.action.endswith("crm_port_check"), "ss -ltnp on the host lists what listens where"),
+    (lambda f: f.action.endswith("apt"),
+     "check that the Debian mirrors are reachable (apt-get update) and that no other apt or dpkg runs"),
+    (lambda f: f.action.endswith("pip"),
+     "check that PyPI is reachable from the host: the virtual environment downloads the CRM's dependencies"),
+    (lambda f: "answers through nginx" in f.task,
+     "the CRM did not answer: see /var/log/crm-appliance/crm-appliance-web.log and /var/log/nginx/error.log "
+     "on the host"),
+    (lambda f: f.role == "proxy", "see /var/log/nginx/error.log and run nginx -t on the host"),
+    (lambda f: f.role == "postgresql", "see /var/log/postgresql/ on the host"),
+    (lambda f: f.role in ("services", "webapp"),
+     "see /var/log/crm-appliance/crm-appliance-web.log and supervisord.log on the host"),
+)
+
+
+def hint_for(failure) -> str:
+    for matches, hint in _HINTS:
+        if matches(failure):
+            return hint
+    return "fix the cause and run install again: it picks up where it stopped"
+
+
+def deploy_error(record, status: str, rc: int | None, log_path: Path, kind: str = "install") -> DeployError:
+    """One line: what failed, where, the message, a hint and the log."""
+    failure = record.failure
+    if failure is not None:
+        hint = hint_for(failure)
+        if failure.status == "unreachable":
+            what = f"{failure.host} is unreachable"
+        else:
+            what = f"{kind} failed at task {failure.task!r} on {failure.host}"
+        message = f"{what}: {failure.message or 'no message'}; hint: {hint}; full log: {log_path}"
+        return DeployError(message, task=failure.title, host=failure.host, detail=failure.message, hint=hint,
+                           log_path=log_path)
+    if status == "timeout":
+        detail = f"Ansible did not finish within {RUNNER_TIMEOUT_SECONDS} s"
+    else:
+        detail = record.errors[-1] if record.errors else f"ansible-playbook ended with status {status}, rc {rc}"
+    return DeployError(f"{kind} failed: {detail}; full log: {log_path}", detail=detail, log_path=log_path)
+
+
+# ============================================================================= the operations
+
+
+def install(ctx: InstallContext) -> InstallResult:
+    """Install or update the appliance; safe to run again (a second run changes nothing)."""
+    started = time.monotonic()
+    for step in (require_root, load_settings, load_inventory, check_reachable, plan_host, confirm_install,
+                 build_release, ensure_secrets):
+        step(ctx)
+    record, log_path = run_playbook(ctx, "site.yml", render_extra_vars(ctx), kind="install")
+    return InstallResult(
+        host=ctx.target.name, public_url=ctx.settings.web.public_url, version=ctx.release.version,
+        changed=record.total("changed"), ok=record.total("ok"), elapsed_seconds=time.monotonic() - started,
+        log_path=log_path, boss=record.boss, changed_tasks=[r.title for r in record.changed], notes=ctx.notes)
+
+
+def check(ctx: InstallContext) -> DriftReport:
+    """Run the install in check and diff mode: what differs from the intended state (R-3)."""
+    started = time.monotonic()
+    for step in (require_root, load_settings, load_inventory, check_reachable, plan_host, build_release,
+                 require_secrets):
+        step(ctx)
+    record, log_path = run_playbook(ctx, "site.yml", render_extra_vars(ctx), kind="check", check=True)
+    items = [Drift(task=r.title, host=r.host, path=r.path, diff=r.diff) for r in record.changed]
+    return DriftReport(host=ctx.target.name, items=items, elapsed_seconds=time.monotonic() - started,
+                       log_path=log_path, notes=ctx.notes)
+
+
+def uninstall(ctx: InstallContext) -> UninstallResult:
+    """Stop everything the installer started and remove its program files; keep the data."""
+    started = time.monotonic()
+    require_root(ctx)
+    try:
+        load_settings(ctx)
+    except ConfigError as exc:  # a broken config must not block the uninstall
+        ctx.notes.append(f"{exc}; using the default paths")
+        ctx.settings = None
+    load_inventory(ctx)
+    check_reachable(ctx)
+    confirm(ctx, f"Uninstall the CRM appliance from {ctx.target.name} (services stopped, program removed; "
+                 f"the database, the data and /etc/crm-appliance stay)?")
+    data_dir = ctx.settings.appliance.data_dir if ctx.settings else Path("/var/lib/crm-appliance")
+    log_dir = ctx.settings.appliance.log_dir if ctx.settings else Path("/var/log/crm-appliance")
+    extra = {"webapp_data_dir": str(data_dir), "webapp_log_dir": str(log_dir), **ctx.extra_vars}
+    record, log_path = run_playbook(ctx, "uninstall.yml", extra, kind="uninstall")
+    kept = ["the PostgreSQL cluster's data (database and role)", str(data_dir), str(log_dir),
+            f"{INSTALLED_CONFIG.parent} (configuration, secrets, TLS certificate)", "the crm system user",
+            "Debian's packages (postgresql, nginx, supervisor)"]
+    return UninstallResult(host=ctx.target.name, changed_tasks=[r.title for r in record.changed], kept=kept,
+                           elapsed_seconds=time.monotonic() - started, log_path=log_path)
+
+
+def status(ctx: InstallContext) -> dict[str, Any]:
+    """What runs on this host and how it answers; read-only, local host only."""
+    try:
+        settings = config_mod.load(ctx.config_path or INSTALLED_CONFIG)
+        config_error = None
+    except ApplianceError as exc:
+        settings, config_error = None, str(exc)
+    prefix = Path("/opt/crm-appliance/venv")
+    services = []
+    manager = "systemd" if Path("/run/systemd/system").exists() else "supervisord"
+    for service in _services_list():
+        if not service.get("enabled", True):
+            services.append({"name": service["name"], "state": "disabled", "note": service.get("note", "")})
+            continue
+        services.append({"name": service["name"], "state": _service_state(service["name"], manager)})
+    https_port = urlsplit(settings.web.public_url).port or 443 if settings else 443
+    out: dict[str, Any] = {
+        "host": _host_name(),
+        "version": _installed_version(prefix),
+        "service_manager": manager,
+        "services": services,
+        "nginx": "running" if _pid_alive(Path("/run/nginx.pid")) else "stopped",
+        "postgresql": _postgresql_state(settings),
+        "health": _health(f"https://127.0.0.1:{https_port}/auth/login"),
+        "schema": _schema(prefix),
+        "config": str(ctx.config_path or INSTALLED_CONFIG),
+        "config_error": config_error,
+        "accepted_risks": _accepted_risks(settings),  # TODO(sizing): also show them in the preflight table
+        "disk": _disk(settings),
+        "last_install_log": _last_log(settings, "install"),
+    }
+    return out
+
+
+# ============================================================================= small helpers
+
+
+def _host_name() -> str:
+    name = socket.getfqdn() or socket.gethostname()
+    return name if name and name != "localhost.localdomain" else "localhost"
+
+
+def _profile_seats(profile: str) -> int:
+    try:
+        from sizing import profiles
+
+        return profiles.get(profile).max_seats
+    except ImportError:  # TODO(sizing.profiles)
+        return 50
+
+
+def _services_list() -> list[dict[str, Any]]:
+    import yaml
+
+    return yaml.safe_load(SERVICES_DEFAULTS.read_text())["services_list"]
+
+
+def _service_state(name: str, manager: str) -> str:
+    if manager == "systemd":
+        cmd = ["systemctl", "is-active", name]
+    else:
+        cmd = ["supervisorctl", "--configuration", "/etc/crm-appliance/supervisord.conf", "status", name]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd="/").stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if manager == "systemd":
+        return out[0] if out else "unknown"
+    return out[1].lower() if len(out) > 1 and out[0] == name else "stopped"
+
+
+def _pid_alive(pidfile: Path) -> bool:
+    try:
+        os.kill(int(pidfile.read_text().strip()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _postgresql_state(settings) -> str:
+    port = settings.database.port if settings else 5432
+    try:
+        result = subprocess.run(["pg_lsclusters", "--no-header"], capture_output=True, text=True, timeout=10, cwd="/")
+    except OSError:
+        return "not installed"
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[2] == str(port):
+            return f"{parts[0]}/{parts[1]} {parts[3]}"
+    return "no cluster on port %s" % port
+
+
+def _health(url: str) -> dict[str, Any]:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # our own self-signed certificate, on 127.0.0.1
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(url, timeout=5, context=context) as resp:
+            code = resp.status
+    except urllib.error.HTTPError as exc:
+        code = exc.code
+    except (OSError, urllib.error.URLError) as exc:
+        return {"url": url, "ok": False, "error": str(getattr(exc, "reason", exc))}
+    return {"url": url, "ok": code == 200, "status": code, "ms": round((time.monotonic() - started) * 1000)}
+
+
+def _installed_version(prefix: Path) -> str | None:
+    found = glob.glob(str(prefix / "lib" / "python3*" / "site-packages" / "crm_appliance-*.dist-info"))
+    return Path(found[0]).name[len("crm_appliance-"):-len(".dist-info")] if found else None
+
+
+def _schema(prefix: Path) -> dict[str, Any]:
+    exe = prefix / "bin" / "crm-appliance"
+    if not exe.exists():
+        return {"error": "not installed"}
+    result = subprocess.run([str(exe), "--config", str(INSTALLED_CONFIG), "db", "status", "--json"],
+                            capture_output=True, text=True, timeout=60, cwd="/")
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["unknown"])[-1]}
+    rows = json.loads(result.stdout)
+    return {"applied": [r["name"] for r in rows if r["applied"]],
+            "pending": [r["name"] for r in rows if not r["applied"]]}
+
+
+def _disk(settings) -> dict[str, Any]:
+    data_dir = settings.appliance.data_dir if settings else Path("/var/lib/crm-appliance")
+    if not data_dir.exists():
+        return {"data_dir": str(data_dir), "error": "missing"}
+    usage = shutil.disk_usage(data_dir)
+    used = sum(p.stat().st_size for p in data_dir.rglob("*") if p.is_file() and not p.is_symlink())
+    # TODO(sizing.plan): compare with the plan's disk budget once install records the plan.
+    return {"data_dir": str(data_dir), "data_bytes": used, "disk_total_bytes": usage.total,
+            "disk_free_bytes": usage.free}
+
+
+def _last_log(settings, kind: str) -> str | None:
+    log_dir = settings.appliance.log_dir if settings else Path("/var/log/crm-appliance")
+    logs = sorted(log_dir.glob(f"{kind}-*.log"))
+    return str(logs[-1]) if logs else None
+
+
+def _accepted_risks(settings) -> list[str]:
+    """The accepted risks of the last successful install, from its log."""
+    path = _last_log(settings, "install")
+    if not path:
+        return []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = json.loads(handle.readline() or "{}")
+    except (OSError, ValueError):
+        return []
+    return list(first.get("accepted_risks") or [])

@@ -1,0 +1,362 @@
+"""The installer for real, on this machine: install, use the CRM through nginx, re-run, drift, uninstall.
+
+The steps run in order and share one state (the host). Through nginx over HTTPS
+(the self-signed certificate is not verified; 127.0.0.1 only): the login page loads,
+the printed one-time link sets a password, the seat logs in and creates a contact.
+A second install changes nothing; hand edits show as drift; uninstall stops
+everything and keeps the data, which a new install finds again. Bad input (a
+broken config, an unreachable host, a port held by another program) fails in one
+line and leaves an install that can be re-run to completion.
+
+The installer adopts what it finds: on a fresh host install creates the boss seat
+and prints its link; where a boss has set a password already (a developer machine
+after the quick start) it prints none, and the test uses a seat of its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import http.client
+import http.cookiejar
+import io
+import json
+import os
+import re
+import socket
+import ssl
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from appliance.errors import ConfigError, DeployError
+from installer import deploy, progress
+
+pytestmark = pytest.mark.e2e
+
+BASE = "https://127.0.0.1"
+VENV = Path("/opt/crm-appliance/venv")
+SITE = Path("/etc/nginx/sites-available/crm-appliance.conf")
+CONFIG = Path("/etc/crm-appliance/appliance.toml")
+QUICKSTART_PIDFILE = Path("/run/crm-appliance/web.pid")
+E2E_SEAT = "e2e-install@crm.local"
+PASSWORD = "e2e install password 7"
+
+
+class Output(io.StringIO):
+    """The installer's console output, echoed to the test's stdout (pytest -s shows it live)."""
+
+    def write(self, text):
+        print(text, end="")
+        return super().write(text)
+
+
+def _ctx(**kwargs) -> deploy.InstallContext:
+    return deploy.InstallContext(profile="eval", yes=True, console=Console(file=Output(), width=160), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def state():
+    """What the steps pass on; at the end the appliance is left installed and running."""
+    shared: dict = {"contact": f"E2E-{uuid.uuid4().hex[:8]}"}
+    yield shared
+    if deploy.status(_ctx())["health"].get("ok") is not True:
+        deploy.install(_ctx())
+
+
+# ----------------------------------------------------------------------------- an HTTPS client
+
+
+class _FromAddress(urllib.request.HTTPSHandler):
+    """HTTPS from a chosen loopback address, so nginx sees a client that is not itself."""
+
+    def __init__(self, context, source: str):
+        super().__init__(context=context)
+        self.source = source
+
+    def https_open(self, req):
+        return self.do_open(functools.partial(http.client.HTTPSConnection, source_address=(self.source, 0)), req,
+                            context=self._context)
+
+
+class Browser:
+    """urllib with a cookie jar; CSRF tokens and the Referer Flask-WTF wants over HTTPS."""
+
+    def __init__(self, source: str = "127.0.0.2"):
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # the appliance's self-signed certificate, on 127.0.0.1
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(_FromAddress(context, source),
+                                                  urllib.request.HTTPCookieProcessor(self.jar))
+
+    def get(self, url: str):
+        return self._open(urllib.request.Request(url))
+
+    def post(self, url: str, fields: dict):
+        data = urllib.parse.urlencode(fields).encode()
+        return self._open(urllib.request.Request(url, data=data, headers={"Referer": url}))
+
+    def _open(self, request):
+        try:
+            with self.opener.open(request, timeout=30) as resp:
+                return resp.status, resp.geturl(), resp.read().decode(), resp.headers
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.geturl(), exc.read().decode(), exc.headers
+
+    def submit(self, url: str, values: dict):
+        """GET the form at ``url``, fill ``values`` over its fields, POST it back."""
+        status, _, page, _ = self.get(url)
+        assert status == 200, f"GET {url}: {status}"
+        fields = form_fields(page)
+        assert "csrf_token" in fields, f"no CSRF token in the form at {url}"
+        fields.update(values)
+        return self.post(url, fields)
+
+
+class _FormParser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.fields: dict[str, str] = {}
+        self._select = None
+        self._first_option = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "input" and a.get("name") and a.get("type") not in ("submit", "checkbox", "radio"):
+            self.fields[a["name"]] = a.get("value") or ""
+        elif tag == "select" and a.get("name"):
+            self._select, self._first_option = a["name"], None
+        elif tag == "option" and self._select:
+            if self._first_option is None:
+                self._first_option = a.get("value") or ""
+                self.fields.setdefault(self._select, self._first_option)
+            if "selected" in a:
+                self.fields[self._select] = a.get("value") or ""
+
+    def handle_endtag(self, tag):
+        if tag == "select":
+            self._select = None
+
+
+def form_fields(page: str) -> dict[str, str]:
+    parser = _FormParser()
+    parser.feed(page)
+    return parser.fields
+
+
+def local(url: str) -> str:
+    """The printed link, with its host replaced by 127.0.0.1 (the test talks to nginx here)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(("https", "127.0.0.1", parts.path, parts.query, ""))
+
+
+def login(browser: Browser, email: str, password: str) -> str:
+    status, where, page, _ = browser.submit(f"{BASE}/auth/login", {"email": email, "password": password})
+    assert status == 200 and "/auth/login" not in where, f"login as {email} failed: {status} {where}"
+    return page
+
+
+def e2e_seat_link() -> str:
+    """A one-time link for the test's own seat (an agent), made with the deployed appliance."""
+    code = (
+        "from appliance import config, seats\n"
+        "from appliance.db import open_database\n"
+        "from webapp.models import User\n"
+        f"s = config.load('{CONFIG}')\n"
+        "db = open_database(s)\n"
+        "with db.connection_context():\n"
+        f"    u = User.get_or_none(User.email == '{E2E_SEAT}')\n"
+        f"    print(seats.add_seat(s, '{E2E_SEAT}', 'E2E Install', 'agent').link if u is None\n"
+        "          else seats.issue_link(s, u)[0])\n"
+    )
+    out = subprocess.run([str(VENV / "bin" / "python"), "-c", code], capture_output=True, text=True, check=True,
+                         cwd="/")
+    return out.stdout.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+def test_1_install_brings_up_the_whole_appliance(state):
+    quickstart_ran = QUICKSTART_PIDFILE.exists()  # crm-appliance quickstart's gunicorn, to take over
+    result = deploy.install(_ctx())
+    state["first"] = result
+    assert result.host == "localhost" and result.public_url.startswith("https://")
+    assert re.fullmatch(r"\d+\.\d+\.\d+\+src\.[0-9a-f]{12}", result.version)
+    assert result.log_path.exists() and result.log_path.stat().st_mode & 0o777 == 0o600
+    assert result.boss is not None and result.boss.state in ("created", "reissued", "kept", "pending")
+    if result.boss.state in ("created", "reissued"):
+        assert result.boss.link and "/auth/set-password/" in result.boss.link
+        assert result.boss.link not in result.log_path.read_text()  # console only, never the log
+    else:
+        assert result.boss.link is None  # an adopted boss with a password gets no new link
+
+    status = deploy.status(_ctx())
+    assert status["health"]["ok"] is True, status["health"]
+    web, scheduler = status["services"]
+    assert web["state"] in ("running", "active") and scheduler["state"] == "disabled"  # supervisord / systemd
+    assert status["nginx"] == "running" and status["postgresql"].endswith("online")
+    assert status["version"] == result.version and status["schema"]["pending"] == []
+
+    # Secrets: generated once, owner-only.
+    for name in ("db-password", "secret-key", "backup-key"):
+        path = Path("/etc/crm-appliance") / name
+        assert path.stat().st_mode & 0o777 == 0o600 and path.owner() == "crm"
+    if quickstart_ran:
+        assert "services : Ensure the quick start's web server, which ran outside any supervisor, is stopped." \
+            in result.changed_tasks
+    assert not QUICKSTART_PIDFILE.exists()
+    # gunicorn listens on 127.0.0.1 only; nginx in front.
+    listeners = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout
+    assert "127.0.0.1:8000" in listeners and "0.0.0.0:8000" not in listeners
+
+
+def test_2_through_nginx_a_seat_sets_its_password_logs_in_and_creates_a_contact(state):
+    browser = Browser()
+    status, _, page, headers = browser.get(f"{BASE}/auth/login")
+    assert status == 200 and 'name="csrf_token"' in page
+    assert headers["Strict-Transport-Security"].startswith("max-age=")
+    assert headers.get_all("X-Frame-Options") == ["DENY"]  # one copy, from nginx
+
+    # HTTP answers with a redirect to HTTPS and nothing else.
+    no_redirect = urllib.request.build_opener(type("NoRedirect", (urllib.request.HTTPRedirectHandler,),
+                                                   {"redirect_request": lambda *a, **k: None}))
+    with pytest.raises(urllib.error.HTTPError) as redirect:
+        no_redirect.open("http://127.0.0.1/contacts/?q=x", timeout=10)
+    assert redirect.value.code == 301
+    assert redirect.value.headers["Location"] == "https://127.0.0.1/contacts/?q=x"
+
+    boss = state["first"].boss
+    if boss.link:
+        email, link = boss.email, boss.link
+    else:
+        email, link = E2E_SEAT, e2e_seat_link()
+    state["email"] = email
+    status, where, page, _ = browser.submit(local(link), {"password": PASSWORD, "confirm": PASSWORD})
+    assert status == 200 and "/auth/login" in where, f"set-password: {status} {where}"
+
+    page = login(browser, email, PASSWORD)
+    status, where, page, _ = browser.submit(f"{BASE}/contacts/new",
+                                            {"first_name": "Wei", "last_name": state["contact"],
+                                             "email": "wei@example.cn", "phone": "+86 21 5555 0100"})
+    assert status == 200 and re.search(r"/contacts/\d+$", where), f"new contact: {status} {where}"
+    assert html.escape(state["contact"]) in page
+    state["contact_url"] = where.replace(urllib.parse.urlsplit(where).netloc, "127.0.0.1")
+
+    # The app sees the client's address (127.0.0.2) through nginx (trusted_proxies = 1), not nginx's.
+    logins = subprocess.run(
+        ["runuser", "-u", "postgres", "--", "psql", "-XAtd", "crm", "-c",
+         f"SELECT ip FROM login_log WHERE email = '{email}' ORDER BY id DESC LIMIT 1"],
+        capture_output=True, text=True, cwd="/").stdout.strip()
+    assert logins == "127.0.0.2"
+
+
+def test_3_a_second_install_changes_nothing(state):
+    result = deploy.install(_ctx())
+    assert result.changed == 0, result.changed_tasks
+    assert result.version == state["first"].version
+    assert result.boss.link is None
+
+
+def test_4_check_finds_no_drift_then_names_hand_edits(state):
+    clean = deploy.check(_ctx())
+    assert not clean.drifted, [d.task for d in clean.items]
+
+    SITE.write_text(SITE.read_text().replace("client_max_body_size 26m;", "client_max_body_size 500m;"))
+    CONFIG.write_text(CONFIG.read_text().replace("trusted_proxies = 1", "trusted_proxies = 0"))
+    report = deploy.check(_ctx())
+    paths = {d.path: d for d in report.items}
+    assert report.drifted and set(paths) == {str(SITE), str(CONFIG)}, [(d.task, d.path) for d in report.items]
+    assert "-    client_max_body_size 500m;" in paths[str(SITE)].diff
+    assert "+    client_max_body_size 26m;" in paths[str(SITE)].diff
+    assert "-trusted_proxies = 0" in paths[str(CONFIG)].diff and "+trusted_proxies = 1" in paths[str(CONFIG)].diff
+    # Check mode changed nothing.
+    assert "client_max_body_size 500m;" in SITE.read_text()
+
+
+def test_5_uninstall_stops_everything_and_keeps_the_data(state):
+    result = deploy.uninstall(_ctx())
+    assert result.changed_tasks
+    status = deploy.status(_ctx())
+    assert status["health"]["ok"] is False
+    assert status["nginx"] == "stopped" and status["postgresql"].endswith("down")
+    assert status["services"][0]["state"] not in ("running", "active") and status["version"] is None
+    for port in (80, 443, 8000, 5432):
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"
+    assert Path("/var/lib/postgresql/15/main/PG_VERSION").exists()
+    assert Path("/var/lib/crm-appliance").is_dir() and (Path("/etc/crm-appliance") / "db-password").exists()
+    assert not SITE.exists() and not Path("/opt/crm-appliance").exists()
+
+
+def test_6_bad_input_fails_in_one_line_and_changes_nothing(state, tmp_path):
+    bad = tmp_path / "appliance.toml"
+    bad.write_text('[web]\npublic_url = "https://crm.corp.lan"\nworkers = "four"\n[seats]\nlicensed = 5\n')
+    with pytest.raises(ConfigError) as err:
+        deploy.install(_ctx(config_path=bad))
+    assert str(err.value) == (f'{bad}: [web] workers: expected an integer from 1 to 256, found "four" (a string)')
+
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text("[appliance]\ncrm.nosuchhost.invalid ansible_user=root\n")
+    with pytest.raises(DeployError) as err:
+        deploy.install(_ctx(inventory=inventory))
+    assert str(err.value).startswith("crm.nosuchhost.invalid is unreachable: ")
+    assert "hint: check that the host is up and that ssh" in str(err.value) and "\n" not in str(err.value)
+    assert not (deploy.REMOTE_SECRETS_DIR / "crm.nosuchhost.invalid").exists()
+
+
+def test_7_a_port_held_by_another_program_stops_the_install_in_one_line(state):
+    server = socket.socket()  # this test's own process holds port 443
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", 443))
+    server.listen()
+    try:
+        with pytest.raises(DeployError) as err:  # caught by the sizing preflight, before Ansible
+            deploy.install(_ctx())
+        assert "port-443" in str(err.value) and "nothing was changed" in str(err.value)
+        with pytest.raises(DeployError) as err:  # risk accepted: the playbook's own check, before any change
+            deploy.install(_ctx(accept_risks=("port-443",)))
+        message = str(err.value)
+        assert message.startswith("install failed at task \"Check that the appliance's ports are free")
+        assert f"port 443 (HTTPS for nginx) is held by pytest (pid {os.getpid()})" in message
+        assert "\n" not in message
+    finally:
+        server.close()
+    assert not Path("/opt/crm-appliance").exists()  # nothing half-installed
+
+
+def test_8_a_new_install_finds_the_data_again(state):
+    result = deploy.install(_ctx())
+    assert result.changed > 0 and result.version == state["first"].version
+    assert result.boss.link is None  # the boss (or the test's seat) kept its password
+    assert "client_max_body_size 26m;" in SITE.read_text()  # the drifted files are back
+    assert "trusted_proxies = 1" in CONFIG.read_text()
+
+    browser = Browser()
+    login(browser, state["email"], PASSWORD)
+    status, _, page, _ = browser.get(f"{BASE}/contacts/?q={urllib.parse.quote(state['contact'])}")
+    assert status == 200 and html.escape(state["contact"]) in page
+    status, _, page, _ = browser.get(state["contact_url"])
+    assert status == 200 and "wei@example.cn" in page
+
+    again = deploy.install(_ctx())
+    assert again.changed == 0, again.changed_tasks
+    print(json.dumps({"first_install_s": round(state["first"].elapsed_seconds, 1),
+                      "reinstall_s": round(result.elapsed_seconds, 1), "rerun_s": round(again.elapsed_seconds, 1)}))
+
+
+def test_9_status_reports_the_running_appliance(state):
+    status = deploy.status(_ctx())
+    assert status["health"]["ok"] is True and status["health"]["status"] == 200
+    assert status["service_manager"] == "supervisord"
+    assert status["disk"]["data_dir"] == "/var/lib/crm-appliance" and status["disk"]["disk_free_bytes"] > 0
+    assert status["last_install_log"] and Path(status["last_install_log"]).name.startswith("install-")
+    progress.print_status(Console(file=io.StringIO()), status)  # renders without error

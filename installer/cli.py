@@ -394,15 +394,18 @@ def install(ctx: Context, config, inventory, profile_name, seats, accepted, chec
 
 @main.command()
 @_inventory_option
+@click.option("--purge-data", is_flag=True,
+              help="Also destroy the data: the database, the data directory, the configuration and secrets.")
 @click.option("--yes", is_flag=True, help="Do not ask before changing the host.")
 @pass_ctx
 @handle_errors
-def uninstall(ctx: Context, inventory, yes) -> None:
-    """Stop the services and remove the program; the database, data and /etc/crm-appliance stay."""
+def uninstall(ctx: Context, inventory, purge_data, yes) -> None:
+    """Stop the services and remove the program; the database, data and /etc/crm-appliance stay
+    unless --purge-data."""
     from installer import deploy, progress
 
     ictx = _install_context(ctx, None, inventory, yes=yes)
-    progress.print_uninstall(ictx.console, deploy.uninstall(ictx))
+    progress.print_uninstall(ictx.console, deploy.uninstall(ictx, purge_data=purge_data))
 
 
 @main.command()

@@ -761,8 +761,10 @@ def check(ctx: InstallContext) -> DriftReport:
                        log_path=log_path, notes=ctx.notes)
 
 
-def uninstall(ctx: InstallContext) -> UninstallResult:
-    """Stop everything the installer started and remove its program files; keep the data."""
+def uninstall(ctx: InstallContext, purge_data: bool = False) -> UninstallResult:
+    """Stop everything the installer started and remove its program files; keep the data
+    unless ``purge_data``, which also drops the database and removes the data, the
+    configuration with the secrets and the service user (the logs stay)."""
     started = time.monotonic()
     require_root(ctx)
     try:
@@ -772,15 +774,24 @@ def uninstall(ctx: InstallContext) -> UninstallResult:
         ctx.settings = None
     load_inventory(ctx)
     check_reachable(ctx)
-    confirm(ctx, f"Uninstall the CRM appliance from {ctx.target.name} (services stopped, program removed; "
-                 f"the database, the data and /etc/crm-appliance stay)?")
     data_dir = ctx.settings.appliance.data_dir if ctx.settings else Path("/var/lib/crm-appliance")
     log_dir = ctx.settings.appliance.log_dir if ctx.settings else Path("/var/log/crm-appliance")
-    extra = {"webapp_data_dir": str(data_dir), "webapp_log_dir": str(log_dir), **ctx.extra_vars}
+    if purge_data:
+        confirm(ctx, f"Uninstall the CRM appliance from {ctx.target.name} AND DESTROY ITS DATA: the database, "
+                     f"{data_dir} and {INSTALLED_CONFIG.parent} (configuration and secrets)? This cannot be undone.")
+    else:
+        confirm(ctx, f"Uninstall the CRM appliance from {ctx.target.name} (services stopped, program removed; "
+                     f"the database, the data and {INSTALLED_CONFIG.parent} stay)?")
+    extra = {"webapp_data_dir": str(data_dir), "webapp_log_dir": str(log_dir), "appliance_purge_data": purge_data,
+             **ctx.extra_vars}
+    if ctx.settings:
+        extra.update(appliance_db_name=ctx.settings.database.name, appliance_db_user=ctx.settings.database.user,
+                     postgresql_port=ctx.settings.database.port)
     record, log_path = run_playbook(ctx, "uninstall.yml", extra, kind="uninstall")
-    kept = ["the PostgreSQL cluster's data (database and role)", str(data_dir), str(log_dir),
-            f"{INSTALLED_CONFIG.parent} (configuration, secrets, TLS certificate)", "the crm system user",
-            "Debian's packages (postgresql, nginx, supervisor)"]
+    kept = [str(log_dir), "Debian's packages (postgresql, nginx, supervisor)"]
+    if not purge_data:
+        kept[:0] = ["the PostgreSQL cluster's data (database and role)", str(data_dir),
+                    f"{INSTALLED_CONFIG.parent} (configuration, secrets, TLS certificate)", "the crm system user"]
     return UninstallResult(host=ctx.target.name, changed_tasks=[r.title for r in record.changed], kept=kept,
                            elapsed_seconds=time.monotonic() - started, log_path=log_path)
 

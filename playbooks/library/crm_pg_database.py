@@ -16,9 +16,13 @@ options:
     required: true
     type: str
   owner:
-    description: Role that owns the database.
-    required: true
+    description: Role that owns the database (required with C(state=present)).
     type: str
+  state:
+    description: C(present), or C(absent) to drop the database, closing its connections.
+    type: str
+    choices: [present, absent]
+    default: present
   port:
     description: Port of the cluster (selects the cluster on Debian).
     type: int
@@ -51,16 +55,24 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             name=dict(type="str", required=True),
-            owner=dict(type="str", required=True),
+            owner=dict(type="str"),
             port=dict(type="int", default=5432),
+            state=dict(type="str", default="present", choices=["present", "absent"]),
         ),
+        required_if=[("state", "present", ["owner"])],
         supports_check_mode=True,
     )
     name, owner, port = module.params["name"], module.params["owner"], module.params["port"]
     check_identifier(module, name, "database")
-    check_identifier(module, owner, "owner")
     rows = psql(module, "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s;"
                 % quote_literal(name), port)
+    if module.params["state"] == "absent":
+        if not rows:
+            module.exit_json(changed=False, action="none")
+        if not module.check_mode:
+            psql(module, "DROP DATABASE %s WITH (FORCE);" % quote_ident(name), port)
+        module.exit_json(changed=True, action="dropped")
+    check_identifier(module, owner, "owner")
     if rows and rows[0] == owner:
         module.exit_json(changed=False, action="none")
     if rows:

@@ -65,7 +65,7 @@ def _ctx(**kwargs) -> deploy.InstallContext:
 
 @pytest.fixture(scope="module")
 def state():
-    """What the steps pass on; at the end the appliance is left installed and running."""
+    """What the steps pass on; the last step purges the appliance, data included."""
     shared: dict = {"contact": f"E2E-{uuid.uuid4().hex[:8]}"}
     yield shared
     if deploy.status(_ctx())["health"].get("ok") is not True:
@@ -362,3 +362,24 @@ def test_9_status_reports_the_running_appliance(state):
     assert status["disk"]["data_dir"] == "/var/lib/crm-appliance" and status["disk"]["disk_free_bytes"] > 0
     assert status["last_install_log"] and Path(status["last_install_log"]).name.startswith("install-")
     progress.print_status(Console(file=io.StringIO()), status)  # renders without error
+
+
+def test_10_uninstall_with_purge_data_destroys_the_data_and_keeps_the_logs(state):
+    result = deploy.uninstall(_ctx(), purge_data=True)
+    assert "/var/log/crm-appliance" in result.kept and not any("database" in k for k in result.kept)
+    for path in ("/etc/crm-appliance", "/var/lib/crm-appliance", "/opt/crm-appliance"):
+        assert not Path(path).exists(), path
+    assert Path("/var/log/crm-appliance").is_dir()
+    users = subprocess.run(["getent", "passwd", "crm"], capture_output=True, text=True)
+    assert users.returncode == 2, "the service user is gone"
+    subprocess.run(["pg_ctlcluster", "15", "main", "start"], check=False, capture_output=True)
+    try:
+        found = subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-XAtc",
+                                "SELECT count(*) FROM pg_database WHERE datname = 'crm'"],
+                               capture_output=True, text=True, check=True, cwd="/").stdout.strip()
+        roles = subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-XAtc",
+                                "SELECT count(*) FROM pg_roles WHERE rolname = 'crm'"],
+                               capture_output=True, text=True, check=True, cwd="/").stdout.strip()
+    finally:
+        subprocess.run(["pg_ctlcluster", "15", "main", "stop"], check=False, capture_output=True)
+    assert (found, roles) == ("0", "0")

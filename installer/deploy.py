@@ -325,16 +325,12 @@ def plan_host(ctx: InstallContext) -> None:
     facts of this controller say nothing, so the plan is made for the profile's nominal
     hardware and the host's own checks are the playbook's (OS, root, ports).
     """
+    from sizing import check as sizing_check
+    from sizing import host as sizing_host
+    from sizing import plan as sizing_plan
+    from sizing import profiles as sizing_profiles
+
     settings = ctx.settings
-    try:
-        from sizing import check as sizing_check
-        from sizing import host as sizing_host
-        from sizing import plan as sizing_plan
-        from sizing import profiles as sizing_profiles
-    except ImportError as exc:  # TODO(sizing.plan): remove once sizing/ is merged
-        ctx.plan = stopgap_plan(settings, ctx.profile)
-        ctx.notes.append(f"sizing is not available ({exc}); used the installer's stop-gap plan")
-        return
     profile = sizing_profiles.get(ctx.profile)  # SizingError: unknown profile
     seats = ctx.seats if ctx.seats is not None else min(settings.seats.licensed, profile.max_seats)
     if ctx.seats is None and settings.seats.licensed > profile.max_seats:
@@ -367,26 +363,10 @@ def plan_host(ctx: InstallContext) -> None:
         "pool_size": plan.db_pool_size,
         "nginx_workers": plan.nginx_worker_processes,
         "seats": seats,
+        # What the data may take in the plan's first year, for status to compare against.
+        "disk_budget_bytes": plan.disk.data_bytes,
     }
     _apply_plan(ctx)
-
-
-def stopgap_plan(settings: config_mod.Settings, profile: str) -> dict[str, Any]:
-    """TODO(sizing.plan): only while sizing/ is missing. Simple shares of memory, nothing more."""
-    import psutil
-
-    mib = psutil.virtual_memory().total // 1024**2
-    workers, threads = settings.web.workers, settings.web.threads
-    connections = max(100, workers * threads + 4 + 10)
-    shared = min(max(mib // 4, 128), 8192)
-    return {
-        "postgresql": {"max_connections": str(connections), "shared_buffers": f"{shared}MB",
-                       "effective_cache_size": f"{min(max(mib // 2, 256), 32768)}MB",
-                       "work_mem": f"{min(max((mib - shared) // (connections * 3), 4), 64)}MB",
-                       "maintenance_work_mem": f"{min(max(mib // 16, 64), 1024)}MB"},
-        "workers": workers, "threads": threads, "pool_size": settings.database.pool_size,
-        "nginx_workers": "auto", "seats": settings.seats.licensed,
-    }
 
 
 def _apply_plan(ctx: InstallContext) -> None:
@@ -663,6 +643,7 @@ def run_playbook(ctx: InstallContext, playbook: str, extra_vars: dict[str, Any],
         log_file.write(json.dumps({"event": "crm_appliance_start", "kind": kind, "playbook": playbook,
                                    "check": check, "host": ctx.target.name if ctx.target else None,
                                    "profile": ctx.profile, "accepted_risks": list(ctx.accept_risks),
+                                   "plan": ctx.plan,
                                    "notes": ctx.notes, "extra_vars": extra_vars,
                                    "created": dt.datetime.now(dt.timezone.utc).isoformat()}, default=str) + "\n")
         runner = ansible_runner.run(
@@ -823,7 +804,7 @@ def status(ctx: InstallContext) -> dict[str, Any]:
         "schema": _schema(prefix),
         "config": str(ctx.config_path or INSTALLED_CONFIG),
         "config_error": config_error,
-        "accepted_risks": _accepted_risks(settings),  # TODO(sizing): also show them in the preflight table
+        "accepted_risks": _accepted_risks(settings),
         "disk": _disk(settings),
         "last_install_log": _last_log(settings, "install"),
     }
@@ -839,12 +820,9 @@ def _host_name() -> str:
 
 
 def _profile_seats(profile: str) -> int:
-    try:
-        from sizing import profiles
+    from sizing import profiles
 
-        return profiles.get(profile).max_seats
-    except ImportError:  # TODO(sizing.profiles)
-        return 50
+    return profiles.get(profile).max_seats
 
 
 def _services_list() -> list[dict[str, Any]]:
@@ -922,14 +900,19 @@ def _schema(prefix: Path) -> dict[str, Any]:
 
 
 def _disk(settings) -> dict[str, Any]:
+    """Use of the data directory's disk, against the disk budget of the last install's plan."""
     data_dir = settings.appliance.data_dir if settings else Path("/var/lib/crm-appliance")
     if not data_dir.exists():
         return {"data_dir": str(data_dir), "error": "missing"}
     usage = shutil.disk_usage(data_dir)
     used = sum(p.stat().st_size for p in data_dir.rglob("*") if p.is_file() and not p.is_symlink())
-    # TODO(sizing.plan): compare with the plan's disk budget once install records the plan.
-    return {"data_dir": str(data_dir), "data_bytes": used, "disk_total_bytes": usage.total,
+    disk = {"data_dir": str(data_dir), "data_bytes": used, "disk_total_bytes": usage.total,
             "disk_free_bytes": usage.free}
+    budget = (_last_install_start(settings).get("plan") or {}).get("disk_budget_bytes")
+    if budget:
+        disk.update(plan_budget_bytes=budget, plan_budget_used=round(used / budget, 4),
+                    free_covers_budget=usage.free >= budget - used)
+    return disk
 
 
 def _last_log(settings, kind: str) -> str | None:
@@ -938,14 +921,18 @@ def _last_log(settings, kind: str) -> str | None:
     return str(logs[-1]) if logs else None
 
 
-def _accepted_risks(settings) -> list[str]:
-    """The accepted risks of the last successful install, from its log."""
+def _last_install_start(settings) -> dict[str, Any]:
+    """The first record of the last install log: profile, plan, accepted risks."""
     path = _last_log(settings, "install")
     if not path:
-        return []
+        return {}
     try:
         with open(path, encoding="utf-8") as handle:
-            first = json.loads(handle.readline() or "{}")
+            return json.loads(handle.readline() or "{}")
     except (OSError, ValueError):
-        return []
-    return list(first.get("accepted_risks") or [])
+        return {}
+
+
+def _accepted_risks(settings) -> list[str]:
+    """The accepted risks of the last install, from its log."""
+    return list(_last_install_start(settings).get("accepted_risks") or [])

@@ -393,5 +393,13 @@ def print_status(console: Console, status: dict) -> None:
     schema = status["schema"]
     level = schema.get("error") or f"{len(schema['applied'])} applied, {len(schema['pending'])} pending"
     console.print(f"  {'schema':<26} {level}", highlight=False, markup=False, soft_wrap=True)
+    disk = status.get("disk") or {}
+    if "data_bytes" in disk:
+        line = f"{disk['data_bytes'] / 1e9:.2f} GB in {disk['data_dir']}, {disk['disk_free_bytes'] / 1e9:.1f} GB free"
+        if disk.get("plan_budget_bytes"):
+            line += (f"; {disk['plan_budget_used']:.1%} of the plan's year-one budget of "
+                     f"{disk['plan_budget_bytes'] / 1e9:.1f} GB"
+                     + ("" if disk["free_covers_budget"] else " (the free space no longer covers the rest)"))
+        console.print(f"  {'disk':<26} {line}", highlight=False, markup=False, soft_wrap=True)
     if status.get("accepted_risks"):
         console.print(f"  {'accepted risks':<26} {', '.join(status['accepted_risks'])}", highlight=False)

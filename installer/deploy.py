@@ -1,41 +1,8 @@
 """Deploy the CRM appliance with Ansible: install, check for drift, uninstall, status.
 
-Proposed Click commands for ``installer/cli.py`` (thin: parse, call one function here,
-render; ``handle_errors`` turns the ``ApplianceError`` into one line and exit 1)::
-
-    crm-appliance install [--config F] [--inventory F] [--profile P] [--seats N]
-                          [--accept-risk CHECK]... [--check] [--yes] [--new-boss-link]
-        --config F         configuration in the one schema [default: the group's --config,
-                           i.e. /etc/crm-appliance/appliance.toml when it exists, else defaults]
-        --inventory F      Ansible inventory naming one host in group "appliance"
-                           [default: playbooks/inventory/local.yml, this host]
-        --profile P        sizing profile: eval, standard-50, ... [default: standard-50]
-        --seats N          concurrent seats to plan for [default: the licensed seats,
-                           at most the profile's]
-        --accept-risk C    accept a failing preflight check (repeatable); logged
-        --check            change nothing: report drift from the intended state (R-3);
-                           exit 0 when none, 3 when there is drift
-        --yes              do not ask before changing the host
-        --new-boss-link    issue a new one-time link for a boss who has no password yet
-
-        from installer import deploy, progress
-        ictx = deploy.InstallContext(config_path=Path(config) if config else ctx.config_path,
-                                     inventory=..., profile=..., seats=..., accept_risks=accept_risk,
-                                     yes=yes, confirm=lambda q: click.confirm(q, default=False),
-                                     new_boss_link=new_boss_link)
-        if check:
-            report = deploy.check(ictx)
-            progress.print_drift(ictx.console, report)
-            sys.exit(3 if report.drifted else 0)
-        progress.print_install(ictx.console, deploy.install(ictx))
-
-    crm-appliance uninstall [--inventory F] [--yes]
-        stops and removes the services and files the installer put there; the data stays
-        (the database, /var/lib/crm-appliance, /etc/crm-appliance with config and secrets).
-        progress.print_uninstall(ictx.console, deploy.uninstall(ictx))
-
-    crm-appliance status [--json]
-        click.echo(json.dumps(deploy.status(ictx), indent=2)) or progress.print_status(...)
+The Click commands in ``installer/cli.py`` (``install [--check]``, ``uninstall``,
+``status``) are thin wrappers over :func:`install`, :func:`check`, :func:`uninstall` and
+:func:`status`; ``docs/install.md`` documents their options.
 
 Design (see docs/install.md):
 

@@ -416,7 +416,7 @@ def status(ctx: Context, as_json: bool) -> None:
     """What runs on this host and how it answers (read-only)."""
     from installer import deploy, progress
 
-    ictx = _install_context(ctx, None, None)
+    ictx = _install_context(ctx, str(ctx.config_path), None)
     result = deploy.status(ictx)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))

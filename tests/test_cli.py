@@ -83,3 +83,19 @@ def test_unreachable_database_is_one_clear_line(tmp_path, settings):
 def test_usage_error_exits_2():
     result = CliRunner().invoke(main, ["seats", "add", "--email"])
     assert result.exit_code == 2
+
+
+def test_install_usage_errors_exit_2_before_touching_the_host():
+    for args in (["install", "--profile", "huge"], ["install", "--accept-risk", "luck"], ["install", "--seats", "0"],
+                 ["uninstall", "--purge"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+
+
+def test_status_json_is_read_only_and_complete(tmp_path):
+    result = CliRunner().invoke(main, ["--config", str(tmp_path / "absent.toml"), "status", "--json"])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    for key in ("services", "nginx", "postgresql", "health", "schema", "accepted_risks", "disk"):
+        assert key in status, key
+    assert "absent.toml" in status["config_error"]

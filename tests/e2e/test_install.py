@@ -65,7 +65,8 @@ def _ctx(**kwargs) -> deploy.InstallContext:
 
 @pytest.fixture(scope="module")
 def state():
-    """What the steps pass on; the last step purges the appliance, data included."""
+    """What the steps pass on. The last step purges the appliance, data included; then the
+    host gets a fresh install, so it is left running."""
     shared: dict = {"contact": f"E2E-{uuid.uuid4().hex[:8]}"}
     yield shared
     if deploy.status(_ctx())["health"].get("ok") is not True:

@@ -40,6 +40,9 @@ setup(
         "ansible-runner>=2.4,<3",
         "apscheduler>=3.10,<4",
         "rich>=13,<15",
+        # Runs the services where systemd is not PID 1 (containers, CI): from the appliance's
+        # own virtual environment, so no system package or system-wide daemon is involved.
+        "supervisor>=4.2,<5",
     ],
     extras_require={
         "test": [

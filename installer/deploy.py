@@ -802,7 +802,8 @@ def _service_state(name: str, manager: str) -> str:
     if manager == "systemd":
         cmd = ["systemctl", "is-active", name]
     else:
-        cmd = ["supervisorctl", "--configuration", "/etc/crm-appliance/supervisord.conf", "status", name]
+        cmd = ["/opt/crm-appliance/venv/bin/supervisorctl", "--configuration", "/etc/crm-appliance/supervisord.conf",
+               "status", name]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd="/").stdout.split()
     except (OSError, subprocess.TimeoutExpired):

@@ -360,6 +360,9 @@ def test_9_status_reports_the_running_appliance(state):
     status = deploy.status(_ctx())
     assert status["health"]["ok"] is True and status["health"]["status"] == 200
     assert status["service_manager"] == "supervisord"
+    pid = int(Path("/run/crm-appliance/supervisord.pid").read_text())
+    assert "/opt/crm-appliance/venv/bin/supervisord" in " ".join(psutil.Process(pid).cmdline()), \
+        "supervisord runs from the appliance's virtual environment, not a system package"
     assert status["disk"]["data_dir"] == "/var/lib/crm-appliance" and status["disk"]["disk_free_bytes"] > 0
     assert status["disk"]["plan_budget_bytes"] > 0 and 0 <= status["disk"]["plan_budget_used"] < 1
     assert status["last_install_log"] and Path(status["last_install_log"]).name.startswith("install-")

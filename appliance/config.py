@@ -103,12 +103,22 @@ class AttachmentsSection:
 
 
 @dataclass(frozen=True)
+class ProxySection:
+    certificate_file: Path | None = _key(
+        None, doc="PEM certificate (with its chain) nginx serves; none = a self-signed one made at install.")
+    key_file: Path | None = _key(None, doc="The certificate's private key (readable by root only).")
+    hsts_max_age: int = _key(31_536_000, minimum=0, maximum=63_072_000,
+                             doc="Seconds browsers keep to HTTPS (Strict-Transport-Security); 0 turns it off.")
+
+
+@dataclass(frozen=True)
 class Settings:
     web: WebSection
     seats: SeatsSection
     appliance: ApplianceSection = field(default_factory=ApplianceSection)
     database: DatabaseSection = field(default_factory=DatabaseSection)
     attachments: AttachmentsSection = field(default_factory=AttachmentsSection)
+    proxy: ProxySection = field(default_factory=ProxySection)
     source: str = "<defaults>"
 
 
@@ -161,6 +171,11 @@ def from_mapping(data: dict, source: str = "<mapping>") -> Settings:
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [{name}]: expected a table, found {_describe(table)}")
         sections[name] = _build_section(cls, name, table, source)
+    proxy = sections["proxy"]
+    if (proxy.certificate_file is None) != (proxy.key_file is None):
+        given, missing = ("certificate_file", "key_file") if proxy.key_file is None else ("key_file", "certificate_file")
+        raise ConfigError(f"{source}: [proxy] {missing}: required with {given}, but missing; "
+                          f"expected both files, or neither for a self-signed certificate")
     return Settings(source=source, **sections)
 
 

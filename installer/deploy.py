@@ -72,7 +72,7 @@ INSTALLER_OWNED = {
     ("web", "threads"): "set by the installer from the sizing plan",
     ("database", "pool_size"): "set by the installer from the sizing plan",
 }
-SECTION_ORDER = ("appliance", "database", "web", "seats", "attachments")
+SECTION_ORDER = ("appliance", "database", "web", "seats", "attachments", "proxy")
 DEFAULT_PROFILE = "standard-50"
 RUNNER_TIMEOUT_SECONDS = 1800
 LOCK_FILE = Path("/run/lock/crm-appliance-install.lock")
@@ -120,7 +120,7 @@ class InstallContext:
     boss_email: str = "boss@crm.local"
     boss_name: str = "Boss"
     new_boss_link: bool = False
-    #: Extra variables for the playbook, e.g. {"proxy_certificate_file": "/etc/ssl/crm.pem"}.
+    #: Extra variables for the playbook, overriding any it sets (tests and special cases).
     extra_vars: dict[str, Any] = field(default_factory=dict)
     source_dir: Path = SOURCE_DIR
     console: Any = None  # a rich Console; one on stdout by default
@@ -549,6 +549,9 @@ def render_extra_vars(ctx: InstallContext) -> dict[str, Any]:
         "proxy_upstream": f"127.0.0.1:{web_port}",
         "proxy_client_max_body_size_mb": s.attachments.max_upload_mb + 1,
         "proxy_worker_processes": ctx.plan.get("nginx_workers", "auto"),
+        "proxy_certificate_file": str(s.proxy.certificate_file or ""),
+        "proxy_key_file": str(s.proxy.key_file or ""),
+        "proxy_hsts_max_age": s.proxy.hsts_max_age,
     }
     extra.update(ctx.extra_vars)
     return extra

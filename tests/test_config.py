@@ -104,3 +104,12 @@ def test_app_refuses_to_start_without_a_proper_secret_key(tmp_path):
                                     "seats": {"licensed": 1}})
     with pytest.raises(ConfigError, match="at least 32 characters"):
         create_app(settings, database=object())
+
+
+@pytest.mark.parametrize("given,missing", [("certificate_file", "key_file"), ("key_file", "certificate_file")])
+def test_proxy_certificate_and_key_go_together(tmp_path, given, missing):
+    with pytest.raises(ConfigError, match=rf"\[proxy\] {missing}: required with {given}, but missing"):
+        config.load(_write(tmp_path, MINIMAL + f'[proxy]\n{given} = "/etc/ssl/crm.pem"\n'))
+    both = config.load(_write(tmp_path, MINIMAL + '[proxy]\ncertificate_file = "/etc/ssl/crm.pem"\n'
+                                                  'key_file = "/etc/ssl/crm.key"\n'))
+    assert str(both.proxy.certificate_file) == "/etc/ssl/crm.pem" and both.proxy.hsts_max_age == 31_536_000

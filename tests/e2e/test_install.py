@@ -369,6 +369,28 @@ def test_9_status_reports_the_running_appliance(state):
     progress.print_status(Console(file=io.StringIO()), status)  # renders without error
 
 
+def test_9b_the_customers_certificate_from_the_config_is_served(state, tmp_path):
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    cert, key = tmp_path / "customer.crt", tmp_path / "customer.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=crm.customer.test", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    key.chmod(0o600)
+    text = CONFIG.read_text()
+    assert 'certificate_file = "none"' in text and 'key_file = "none"' in text
+    CONFIG.write_text(text.replace('certificate_file = "none"', f'certificate_file = "{cert}"')
+                          .replace('key_file = "none"', f'key_file = "{key}"'))
+    try:
+        result = deploy.install(_ctx())
+        assert result.changed > 0
+        served = x509.load_pem_x509_certificate(ssl.get_server_certificate(("127.0.0.1", 443)).encode())
+        assert served.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "crm.customer.test"
+        assert deploy.install(_ctx()).changed == 0
+    finally:
+        CONFIG.write_text(text)  # back to the self-signed certificate for the steps after this one
+
+
 def test_10_uninstall_with_purge_data_destroys_the_data_and_keeps_the_logs(state):
     result = deploy.uninstall(_ctx(), purge_data=True)
     assert "/var/log/crm-appliance" in result.kept and not any("database" in k for k in result.kept)

@@ -75,6 +75,11 @@ def migrate(db: peewee.Database) -> list[str]:
     return applied
 
 
+def pending_migrations(db: peewee.Database) -> list[str]:
+    """Names of the migration files not yet applied, in order."""
+    return [name for name, applied in migration_status(db) if not applied]
+
+
 def migration_status(db: peewee.Database) -> list[tuple[str, bool]]:
     """(name, applied?) for every migration file, in order."""
     runner = Runner(db, str(MIGRATIONS_DIR), table_name="schema_migration")

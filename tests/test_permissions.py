@@ -208,7 +208,8 @@ COVERED = {
     "/admin/seats/<int:user_id>/link": "admin", "/admin/seats/<int:user_id>/suspend": "admin",
     "/admin/seats/<int:user_id>/reactivate": "admin",
 }
-PUBLIC = {"/auth/login", "/auth/logout", "/auth/locale", "/auth/set-password/<token>", "/static/<path:filename>"}
+PUBLIC = {"/auth/login", "/auth/logout", "/auth/locale", "/auth/set-password/<token>", "/static/<path:filename>",
+          "/healthz", "/readyz"}
 
 
 def test_every_route_is_covered_by_these_tests(app):

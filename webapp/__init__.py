@@ -28,7 +28,7 @@ def create_app(settings: Settings, database=None) -> Flask:
     """
     from appliance.db import open_database
     from webapp import models
-    from webapp import (accounts, activities, admin, auth, contacts, dashboard, leads, notes,
+    from webapp import (accounts, activities, admin, auth, contacts, dashboard, health, leads, notes,
                         opportunities, search, tickets)
     from webapp.i18n import select_locale, template_helpers
 
@@ -62,7 +62,9 @@ def create_app(settings: Settings, database=None) -> Flask:
 
     @app.before_request
     def _connect():
-        db.connect(reuse_if_open=True)
+        # Health probes connect on their own, so that a database outage is their answer, not a 500.
+        if request.blueprint != "health":
+            db.connect(reuse_if_open=True)
 
     @app.teardown_request
     def _release(exc):
@@ -74,7 +76,7 @@ def create_app(settings: Settings, database=None) -> Flask:
     app.context_processor(template_helpers)
 
     for module in (auth, dashboard, accounts, contacts, leads, opportunities, tickets, activities,
-                   notes, search, admin):
+                   notes, search, admin, health):
         app.register_blueprint(module.bp)
     auth.init_app(app)
 

@@ -23,7 +23,7 @@ from webapp.models import LoginLog, Role, User, utcnow
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 
-PUBLIC_ENDPOINTS = {"auth.login", "auth.set_password", "auth.locale", "static"}
+PUBLIC_ENDPOINTS = {"auth.login", "auth.set_password", "auth.locale", "static", "health.healthz", "health.readyz"}
 
 
 class LoginForm(FlaskForm):

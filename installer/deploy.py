@@ -770,7 +770,7 @@ def status(ctx: InstallContext) -> dict[str, Any]:
         "services": services,
         "nginx": "running" if _pid_alive(Path("/run/nginx.pid")) else "stopped",
         "postgresql": _postgresql_state(settings),
-        "health": _health(f"https://127.0.0.1:{https_port}/auth/login"),
+        "health": _health(f"https://127.0.0.1:{https_port}/healthz"),
         "schema": _schema(prefix),
         "config": str(ctx.config_path or INSTALLED_CONFIG),
         "config_error": config_error,
@@ -844,12 +844,17 @@ def _health(url: str) -> dict[str, Any]:
     started = time.monotonic()
     try:
         with urllib.request.urlopen(url, timeout=5, context=context) as resp:
-            code = resp.status
+            code, body = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
-        code = exc.code
+        code, body = exc.code, exc.read()
     except (OSError, urllib.error.URLError) as exc:
         return {"url": url, "ok": False, "error": str(getattr(exc, "reason", exc))}
-    return {"url": url, "ok": code == 200, "status": code, "ms": round((time.monotonic() - started) * 1000)}
+    health = {"url": url, "ok": code == 200, "status": code, "ms": round((time.monotonic() - started) * 1000)}
+    try:  # /healthz says which part is unwell
+        health["checks"] = json.loads(body)["checks"]
+    except (ValueError, KeyError, TypeError):
+        pass
+    return health
 
 
 def _installed_version(prefix: Path) -> str | None:

@@ -374,7 +374,8 @@ def test_an_unreachable_host_names_ssh():
     ("webapp", "ansible.builtin.pip", "Ensure this release is installed in the virtual environment.", "PyPI"),
     ("postgresql", "crm_pg_user", "Ensure the login roles exist with their passwords.", "/var/log/postgresql/"),
     ("proxy", "ansible.builtin.command", "Check that the nginx configuration is valid.", "nginx -t"),
-    ("", "ansible.builtin.uri", "Check that the CRM answers through nginx over HTTPS.", "crm-appliance-web.log"),
+    ("", "ansible.builtin.uri", "Check that the CRM answers through nginx over HTTPS and reports itself healthy.",
+     "crm-appliance-web.log"),
     ("", "ansible.builtin.assert", "Check that the host runs Debian 12 or later.", "run install again"),
 ])
 def test_a_failed_task_names_task_message_and_hint(role, action, task, hint):

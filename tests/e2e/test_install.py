@@ -359,6 +359,7 @@ def test_8_a_new_install_finds_the_data_again(state):
 def test_9_status_reports_the_running_appliance(state):
     status = deploy.status(_ctx())
     assert status["health"]["ok"] is True and status["health"]["status"] == 200
+    assert status["health"]["url"].endswith("/healthz") and status["health"]["checks"]["database"]["ok"] is True
     assert status["service_manager"] == "supervisord"
     pid = int(Path("/run/crm-appliance/supervisord.pid").read_text())
     assert "/opt/crm-appliance/venv/bin/supervisord" in " ".join(psutil.Process(pid).cmdline()), \

@@ -2,10 +2,9 @@
 
 from flask_babel import lazy_gettext as _l
 
-from webapp import permissions
 from webapp.crud import Column, Filter, Module, make_blueprint
 from webapp.forms import ActivityForm
-from webapp.models import ACTIVITY_KINDS, ACTIVITY_STATUSES, RECORD_MODELS, Activity
+from webapp.models import ACTIVITY_KINDS, ACTIVITY_STATUSES, Activity
 
 module = Module(
     entity="activity", model=Activity, form=ActivityForm, url_prefix="/activities",
@@ -20,10 +19,3 @@ module = Module(
 )
 bp = make_blueprint(module)
 
-
-def parent_of(user, activity: Activity):
-    """The record the activity hangs on, if the seat may see it."""
-    model = RECORD_MODELS.get(activity.parent_type or "")
-    if model is None or not activity.parent_id:
-        return None
-    return permissions.visible(user, model).where(model.id == activity.parent_id).first()

@@ -91,7 +91,7 @@ def update(actor: User, record: OwnedRecord, values: dict) -> dict:
         raise permissions.PermissionDenied(f"{actor.email} may not edit {record.entity} {record.id}")
     before = snapshot(record)
     for name, value in values.items():
-        setattr(record, name, value.id if isinstance(value, OwnedRecord) and name == "owner" else value)
+        setattr(record, name, value)
     if "owner" in values:
         record.team = _owner_team(record.owner_id)
     after = snapshot(record)

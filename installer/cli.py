@@ -362,15 +362,23 @@ _inventory_option = click.option("--inventory", type=click.Path(dir_okay=False, 
                                  help="Ansible inventory naming one host in group 'appliance' [default: this host].")
 
 
+_install_config_option = click.option(
+    "--config", "config", type=click.Path(dir_okay=False, exists=True), default=None,
+    help="Configuration to install [default: the group's --config when it exists, else defaults].")
+_plan_seats_option = click.option(
+    "--seats", type=click.IntRange(min=1), default=None,
+    help="Concurrent seats to plan for [default: the licensed seats, at most the profile's].")
+_accept_risk_option = click.option(
+    "--accept-risk", "accepted", multiple=True, metavar="CHECK", type=click.Choice(CHECK_IDS),
+    help="Accept a failing preflight check (repeatable); it is logged and shown by status.")
+
+
 @main.command()
-@click.option("--config", "config", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Configuration to install [default: the group's --config when it exists, else defaults].")
+@_install_config_option
 @_inventory_option
 @_profile_option
-@click.option("--seats", type=click.IntRange(min=1), default=None,
-              help="Concurrent seats to plan for [default: the licensed seats, at most the profile's].")
-@click.option("--accept-risk", "accepted", multiple=True, metavar="CHECK", type=click.Choice(CHECK_IDS),
-              help="Accept a failing preflight check (repeatable); it is logged and shown by status.")
+@_plan_seats_option
+@_accept_risk_option
 @click.option("--check", "check_only", is_flag=True,
               help="Change nothing: report what differs from the installed state (drift). Exit 3 on drift.")
 @click.option("--yes", is_flag=True, help="Do not ask before changing the host.")
@@ -390,6 +398,25 @@ def install(ctx: Context, config, inventory, profile_name, seats, accepted, chec
             sys.exit(3)
         return
     progress.print_install(ictx.console, deploy.install(ictx))
+
+
+@main.command()
+@_install_config_option
+@_inventory_option
+@_profile_option
+@_plan_seats_option
+@_accept_risk_option
+@click.option("--yes", is_flag=True, help="Do not ask before upgrading.")
+@pass_ctx
+@handle_errors
+def upgrade(ctx: Context, config, inventory, profile_name, seats, accepted, yes) -> None:
+    """Switch the installed appliance to this release: maintenance page, migrate, health gate,
+    and roll back to the previous release if anything fails."""
+    from installer import deploy, progress
+
+    ictx = _install_context(ctx, config, inventory, profile=profile_name, seats=seats,
+                            accept_risks=tuple(accepted), yes=yes)
+    progress.print_install(ictx.console, deploy.upgrade(ictx))
 
 
 @main.command()

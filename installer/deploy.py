@@ -1,8 +1,8 @@
-"""Deploy the CRM appliance with Ansible: install, check for drift, uninstall, status.
+"""Deploy the CRM appliance with Ansible: install, upgrade, check for drift, uninstall, status.
 
-The Click commands in ``installer/cli.py`` (``install [--check]``, ``uninstall``,
-``status``) are thin wrappers over :func:`install`, :func:`check`, :func:`uninstall` and
-:func:`status`; ``docs/install.md`` documents their options.
+The Click commands in ``installer/cli.py`` (``install [--check]``, ``upgrade``,
+``uninstall``, ``status``) are thin wrappers over :func:`install`, :func:`upgrade`,
+:func:`check`, :func:`uninstall` and :func:`status`; ``docs/install.md`` documents them.
 
 Design (see docs/install.md):
 
@@ -16,6 +16,10 @@ Design (see docs/install.md):
 - ansible-runner puts extra variables on ``ansible-playbook``'s command line when
   ``suppress_env_files=True``: they therefore never hold a secret. The database
   password reaches Ansible through a file lookup inside the playbook.
+- Each release is a virtual environment of its own under ``/opt/crm-appliance/releases``
+  and ``/opt/crm-appliance/current`` links the running one. Installing a release other
+  than the current one is an upgrade; the webapp role's ``switch.yml`` guards it
+  (maintenance page, database snapshot, health gate, rollback).
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ DEFAULT_INVENTORY = PLAYBOOK_DIR / "inventory" / "local.yml"
 INSTALLED_CONFIG = config_mod.DEFAULT_PATH
 #: The backup encryption key. TODO(config): a [backup] key_file key; until then this path.
 BACKUP_KEY_FILE = Path("/etc/crm-appliance/backup-key")
+#: The installed program (the webapp role's layout): one virtual environment per release,
+#: ``current`` links the running one; the maintenance flag exists while a release switches.
+PREFIX = Path("/opt/crm-appliance")
+CURRENT_RELEASE = PREFIX / "current"
+MAINTENANCE_FLAG = PREFIX / "maintenance"
 #: Secrets of a remote host, kept on the controller (a local install writes them in place).
 REMOTE_SECRETS_DIR = Path("/etc/crm-appliance/hosts")
 #: Folders that make up the package (setup.py's find_namespace_packages) and so the wheel.
@@ -132,6 +141,8 @@ class InstallContext:
     plan: dict[str, Any] = field(default_factory=dict)
     release: Release | None = None
     secrets: list[SecretFile] = field(default_factory=list)
+    #: The release running before this run (local host only; None: not installed or remote).
+    previous_version: str | None = None
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -156,6 +167,8 @@ class InstallResult:
     boss: Any = None  # progress.BossSeat
     changed_tasks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: The release that ran before (None on a first install or a remote host).
+    previous_version: str | None = None
 
 
 @dataclass
@@ -363,6 +376,41 @@ def confirm_install(ctx: InstallContext) -> None:
                  f"services on ports 80 and 443, profile {ctx.profile}?")
 
 
+def installed_release(current: Path = CURRENT_RELEASE) -> str | None:
+    """The version of the release ``current`` links to on this host, or None."""
+    try:
+        return Path(os.readlink(current)).name
+    except OSError:
+        return None
+
+
+def find_running_release(ctx: InstallContext) -> None:
+    """Note the release running on this host; installing another one is an upgrade."""
+    if ctx.target.local:
+        ctx.previous_version = installed_release()
+
+
+def require_installed(ctx: InstallContext) -> None:
+    """An upgrade needs an installed appliance to upgrade."""
+    find_running_release(ctx)
+    if ctx.target.local and ctx.previous_version is None:
+        raise DeployError(f"no release is installed on {ctx.target.name} ({CURRENT_RELEASE} is missing): "
+                          f"run crm-appliance install first; nothing was changed")
+
+
+def confirm_upgrade(ctx: InstallContext) -> None:
+    previous = ctx.previous_version or "the running release"
+    confirm(ctx, f"Upgrade the CRM appliance on {ctx.target.name} from {previous} to {ctx.release.version}? "
+                 f"Seat users see a maintenance page while the release switches (usually under a minute); "
+                 f"if the new release fails, the previous one comes back with the database as it was.")
+
+
+def note_upgrade(ctx: InstallContext) -> None:
+    if ctx.previous_version and ctx.previous_version != ctx.release.version:
+        ctx.notes.append(f"upgraded from {ctx.previous_version}: the maintenance page showed while the release "
+                         f"switched; a database snapshot was the rollback point")
+
+
 # ============================================================================= the release wheel
 
 
@@ -488,8 +536,8 @@ def toml_value(value: Any) -> str:
         return '"none"'
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
     if isinstance(value, dt.date):
         return value.isoformat()
     if isinstance(value, (str, Path)):
@@ -543,6 +591,7 @@ def render_extra_vars(ctx: InstallContext) -> dict[str, Any]:
         "webapp_boss_email": ctx.boss_email,
         "webapp_boss_name": ctx.boss_name,
         "webapp_boss_new_link": ctx.new_boss_link,
+        "webapp_bind": f"127.0.0.1:{web_port}",
         "services_web_port": web_port,
         "proxy_server_name": url.hostname,
         "proxy_https_port": url.port or 443,
@@ -671,10 +720,12 @@ def deploy_error(record, status: str, rc: int | None, log_path: Path, kind: str 
     if failure is not None:
         hint = hint_for(failure)
         if failure.status == "unreachable":
-            what = f"{failure.host} is unreachable"
+            message = f"{failure.host} is unreachable: {failure.message or 'no message'}"
+        elif record.rollback:  # a release switch failed; the rescue says what it put back
+            message = f"{failure.host}: {record.rollback}"
         else:
-            what = f"{kind} failed at task {failure.task!r} on {failure.host}"
-        message = f"{what}: {failure.message or 'no message'}; hint: {hint}; full log: {log_path}"
+            message = f"{kind} failed at task {failure.task!r} on {failure.host}: {failure.message or 'no message'}"
+        message = f"{message}; hint: {hint}; full log: {log_path}"
         return DeployError(message, task=failure.title, host=failure.host, detail=failure.message, hint=hint,
                            log_path=log_path)
     if status == "timeout":
@@ -688,16 +739,53 @@ def deploy_error(record, status: str, rc: int | None, log_path: Path, kind: str 
 
 
 def install(ctx: InstallContext) -> InstallResult:
-    """Install or update the appliance; safe to run again (a second run changes nothing)."""
+    """Install or update the appliance; safe to run again (a second run changes nothing).
+
+    When another release runs already, this is an upgrade, guarded as :func:`upgrade` is.
+    """
     started = time.monotonic()
-    for step in (require_root, load_settings, load_inventory, check_reachable, plan_host, confirm_install,
-                 build_release, ensure_secrets):
+    for step in (require_root, load_settings, load_inventory, check_reachable, find_running_release, plan_host,
+                 confirm_install, build_release, ensure_secrets):
         step(ctx)
-    record, log_path = run_playbook(ctx, "site.yml", render_extra_vars(ctx), kind="install")
+    return _deploy(ctx, started, kind="install")
+
+
+def upgrade(ctx: InstallContext) -> InstallResult:
+    """Switch the installed appliance to the release of this source tree.
+
+    The new release is built beside the running one, which keeps serving meanwhile. Then
+    the playbook shows the maintenance page, stops the services, snapshots the database,
+    migrates, switches ``current``, starts the services and waits for /healthz; on any
+    failure it puts the previous release, its configuration and the database back. The
+    maintenance page is off at the end either way.
+
+    The database snapshot inside the cluster is the rollback point. Taking a full,
+    encrypted backup first belongs here once the backup subsystem exists.
+    """
+    started = time.monotonic()
+    for step in (require_root, load_settings, load_inventory, check_reachable, require_installed, plan_host,
+                 build_release):
+        step(ctx)
+    if ctx.previous_version == ctx.release.version:
+        ctx.notes.append(f"{ctx.release.version} is the release running already: nothing to upgrade "
+                         f"(crm-appliance install applies configuration changes)")
+        return InstallResult(host=ctx.target.name, public_url=ctx.settings.web.public_url,
+                             version=ctx.release.version, changed=0, ok=0,
+                             elapsed_seconds=time.monotonic() - started, log_path=Path(os.devnull),
+                             notes=ctx.notes, previous_version=ctx.previous_version)
+    for step in (confirm_upgrade, ensure_secrets):
+        step(ctx)
+    return _deploy(ctx, started, kind="upgrade")
+
+
+def _deploy(ctx: InstallContext, started: float, kind: str) -> InstallResult:
+    record, log_path = run_playbook(ctx, "site.yml", render_extra_vars(ctx), kind=kind)
+    note_upgrade(ctx)
     return InstallResult(
         host=ctx.target.name, public_url=ctx.settings.web.public_url, version=ctx.release.version,
         changed=record.total("changed"), ok=record.total("ok"), elapsed_seconds=time.monotonic() - started,
-        log_path=log_path, boss=record.boss, changed_tasks=[r.title for r in record.changed], notes=ctx.notes)
+        log_path=log_path, boss=record.boss, changed_tasks=[r.title for r in record.changed], notes=ctx.notes,
+        previous_version=ctx.previous_version)
 
 
 def check(ctx: InstallContext) -> DriftReport:
@@ -754,7 +842,7 @@ def status(ctx: InstallContext) -> dict[str, Any]:
         config_error = None
     except ApplianceError as exc:
         settings, config_error = None, str(exc)
-    prefix = Path("/opt/crm-appliance/venv")
+    prefix = CURRENT_RELEASE
     services = []
     manager = "systemd" if Path("/run/systemd/system").exists() else "supervisord"
     for service in _services_list():
@@ -766,6 +854,8 @@ def status(ctx: InstallContext) -> dict[str, Any]:
     out: dict[str, Any] = {
         "host": _host_name(),
         "version": _installed_version(prefix),
+        "releases": sorted(p.name for p in (PREFIX / "releases").glob("*") if p.is_dir()),
+        "maintenance": _maintenance(),
         "service_manager": manager,
         "services": services,
         "nginx": "running" if _pid_alive(Path("/run/nginx.pid")) else "stopped",
@@ -805,7 +895,7 @@ def _service_state(name: str, manager: str) -> str:
     if manager == "systemd":
         cmd = ["systemctl", "is-active", name]
     else:
-        cmd = ["/opt/crm-appliance/venv/bin/supervisorctl", "--configuration", "/etc/crm-appliance/supervisord.conf",
+        cmd = [str(CURRENT_RELEASE / "bin" / "supervisorctl"), "--configuration", "/etc/crm-appliance/supervisord.conf",
                "status", name]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd="/").stdout.split()
@@ -855,6 +945,16 @@ def _health(url: str) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError):
         pass
     return health
+
+
+def _maintenance() -> dict[str, Any] | None:
+    """The maintenance flag's content while a release switch runs (or an interrupted one left it)."""
+    try:
+        return json.loads(MAINTENANCE_FLAG.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"reason": "unknown"}
 
 
 def _installed_version(prefix: Path) -> str | None:

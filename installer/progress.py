@@ -30,6 +30,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 #: Name of the webapp task whose JSON output carries the boss seat's link.
 BOSS_TASK = "Ensure the first boss seat exists, with a one-time link while it has no password."
 REDACTED = "<one-time link: shown on the console only>"
+#: Name of the webapp task that ends a failed release switch, saying what was rolled back.
+SWITCH_REPORT_TASK = "Report the failed release switch."
 _ERROR_RE = re.compile(r"ERROR!|\[ERROR\]:")
 _LINK_RE = re.compile(r"https?://[^\s\"']+/auth/set-password/[A-Za-z0-9_\-]+")
 
@@ -116,7 +118,8 @@ class RunRecord:
     tasks_started: int = 0
     results: list[TaskResult] = field(default_factory=list)
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
-    failure: TaskResult | None = None
+    failure: TaskResult | None = None  # the first failed task: the cause
+    rollback: str | None = None  # what a failed release switch put back
     boss: BossSeat | None = None
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # Ansible's own errors (syntax, inventory, ...)
@@ -216,6 +219,8 @@ class EventHandler:
             self.record.boss = _boss_from(res)
             keep = self.record.boss is None or not self.record.boss.link
         self.record.results.append(result)
+        if status == "failed" and result.task == SWITCH_REPORT_TASK:
+            self.record.rollback = result.message
         if status in ("failed", "unreachable") and self.record.failure is None:
             self.record.failure = result
         self._show(result, status)
@@ -339,9 +344,13 @@ def _escape(text: str) -> str:
 def print_install(console: Console, result) -> None:
     """What ``crm-appliance install`` prints at the end: totals, notes, the URL and the boss's link."""
     console.print()
-    verb = "Installed" if result.changed else "Nothing to change:"
-    console.print(f"{verb} crm-appliance {result.version} on {result.host} "
-                  f"({result.changed} changed, {result.ok} ok, {result.elapsed_seconds:.0f} s).", highlight=False)
+    if result.previous_version and result.previous_version != result.version:
+        console.print(f"Upgraded crm-appliance from {result.previous_version} to {result.version} on {result.host} "
+                      f"({result.changed} changed, {result.ok} ok, {result.elapsed_seconds:.0f} s).", highlight=False)
+    else:
+        verb = "Installed" if result.changed else "Nothing to change:"
+        console.print(f"{verb} crm-appliance {result.version} on {result.host} "
+                      f"({result.changed} changed, {result.ok} ok, {result.elapsed_seconds:.0f} s).", highlight=False)
     for note in result.notes:
         console.print(f"  note: {note}", highlight=False, markup=False, soft_wrap=True)
     console.print(f"Install log: {result.log_path}", highlight=False)
@@ -385,6 +394,12 @@ def print_status(console: Console, status: dict) -> None:
                   highlight=False)
     for service in status["services"]:
         console.print(f"  {service['name']:<26} {service['state']}", highlight=False, markup=False, soft_wrap=True)
+    maintenance = status.get("maintenance")
+    if maintenance:
+        console.print(f"  {'maintenance page':<26} ON since {maintenance.get('since', '?')} "
+                      f"({maintenance.get('reason', '?')} {maintenance.get('from', '')} -> {maintenance.get('to', '')}); "
+                      f"an interrupted upgrade? run crm-appliance upgrade again", highlight=False, markup=False,
+                      soft_wrap=True)
     console.print(f"  {'nginx':<26} {status['nginx']}", highlight=False)
     console.print(f"  {'postgresql':<26} {status['postgresql']}", highlight=False)
     health = status["health"]

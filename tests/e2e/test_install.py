@@ -1,4 +1,5 @@
-"""The installer for real, on this machine: install, use the CRM through nginx, re-run, drift, uninstall.
+"""The installer for real, on this machine: install, use the CRM through nginx, re-run, drift,
+upgrade and roll back, uninstall.
 
 The steps run in order and share one state (the host). Through nginx over HTTPS
 (the self-signed certificate is not verified; 127.0.0.1 only): the login page loads,
@@ -25,7 +26,10 @@ import os
 import re
 import socket
 import ssl
+import shutil
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -43,7 +47,7 @@ from installer import deploy, progress
 pytestmark = pytest.mark.e2e
 
 BASE = "https://127.0.0.1"
-VENV = Path("/opt/crm-appliance/venv")
+VENV = deploy.CURRENT_RELEASE
 SITE = Path("/etc/nginx/sites-available/crm-appliance.conf")
 CONFIG = Path("/etc/crm-appliance/appliance.toml")
 QUICKSTART_PIDFILE = Path("/run/crm-appliance/web.pid")
@@ -314,6 +318,11 @@ def test_6_bad_input_fails_in_one_line_and_changes_nothing(state, tmp_path):
     assert "hint: check that the host is up and that ssh" in str(err.value) and "\n" not in str(err.value)
     assert not (deploy.REMOTE_SECRETS_DIR / "crm.nosuchhost.invalid").exists()
 
+    with pytest.raises(DeployError) as err:  # uninstalled: nothing to upgrade
+        deploy.upgrade(_ctx())
+    assert str(err.value) == ("no release is installed on localhost (/opt/crm-appliance/current is missing): "
+                              "run crm-appliance install first; nothing was changed")
+
 
 def test_7_a_port_held_by_another_program_stops_the_install_in_one_line(state):
     server = socket.socket()  # this test's own process holds port 443
@@ -362,7 +371,7 @@ def test_9_status_reports_the_running_appliance(state):
     assert status["health"]["url"].endswith("/healthz") and status["health"]["checks"]["database"]["ok"] is True
     assert status["service_manager"] == "supervisord"
     pid = int(Path("/run/crm-appliance/supervisord.pid").read_text())
-    assert "/opt/crm-appliance/venv/bin/supervisord" in " ".join(psutil.Process(pid).cmdline()), \
+    assert "/opt/crm-appliance/current/bin/supervisord" in " ".join(psutil.Process(pid).cmdline()), \
         "supervisord runs from the appliance's virtual environment, not a system package"
     assert status["disk"]["data_dir"] == "/var/lib/crm-appliance" and status["disk"]["disk_free_bytes"] > 0
     assert status["disk"]["plan_budget_bytes"] > 0 and 0 <= status["disk"]["plan_budget_used"] < 1
@@ -390,6 +399,106 @@ def test_9b_the_customers_certificate_from_the_config_is_served(state, tmp_path)
         assert deploy.install(_ctx()).changed == 0
     finally:
         CONFIG.write_text(text)  # back to the self-signed certificate for the steps after this one
+
+
+def release_tree(tmp_path: Path, name: str, migration: str, broken_health: bool = False) -> Path:
+    """A copy of this source tree with one more migration (and, if asked, a /healthz that fails):
+    another release, as a customer would receive it."""
+    tree = tmp_path / name
+    for path in deploy.source_files(deploy.SOURCE_DIR):
+        dest = tree / path.relative_to(deploy.SOURCE_DIR)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest)
+    table = migration.split("_", 1)[1]
+    (tree / "webapp" / "migrations" / f"{migration}.py").write_text(
+        f'def up(migrator, db):\n    db.execute_sql(\'CREATE TABLE "{table}" ("id" SERIAL PRIMARY KEY)\')\n')
+    if broken_health:
+        health = tree / "webapp" / "health.py"
+        text = health.read_text()
+        assert 'checks = {"web": {"ok": True},' in text
+        health.write_text(text.replace('checks = {"web": {"ok": True},', 'checks = {"web": {"ok": False},'))
+    return tree
+
+
+class Watcher(threading.Thread):
+    """Asks nginx for the login page every 0.2 s while an upgrade runs; keeps (status, maintenance page?)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.seen: list[tuple[int, bool]] = []
+        self.done = threading.Event()
+
+    def run(self):
+        browser = Browser()
+        while not self.done.is_set():
+            status, _, page, _ = browser.get(f"{BASE}/auth/login")
+            self.seen.append((status, "CRM 正在更新" in page and "The CRM is being updated" in page))
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.join(timeout=40)
+
+
+def psql(sql: str) -> str:
+    return subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-XAtd", "crm", "-c", sql],
+                          capture_output=True, text=True, check=True, cwd="/").stdout.strip()
+
+
+def test_9c_upgrade_switches_the_release_and_a_failing_release_rolls_back(state, tmp_path):
+    running = deploy.installed_release()
+    assert running == state["first"].version
+    migrations = psql("SELECT string_agg(name, ',' ORDER BY name) FROM schema_migration")
+
+    # A good release: built beside the running one, migrated, switched, behind the maintenance page.
+    with Watcher() as watcher:
+        result = deploy.upgrade(_ctx(source_dir=release_tree(tmp_path, "next", "0900_upgrade_probe")))
+    assert result.previous_version == running and result.version != running
+    assert deploy.installed_release() == result.version
+    assert (deploy.PREFIX / "releases" / running).is_dir(), "the previous release stays, for a manual way back"
+    assert psql("SELECT count(*) FROM schema_migration WHERE name = '0900_upgrade_probe'") == "1"
+    assert (503, True) in watcher.seen, "seat users saw the maintenance page during the switch"
+    assert watcher.seen[-1] == (200, False) and not deploy.MAINTENANCE_FLAG.exists()
+    assert psql("SELECT count(*) FROM pg_database WHERE datname LIKE '%before_upgrade'") == "0"
+    browser = Browser()
+    login(browser, state["email"], PASSWORD)
+    status, _, page, _ = browser.get(state["contact_url"])
+    assert status == 200 and "wei@example.cn" in page
+    good = result.version
+
+    # A release whose /healthz fails after its migration ran: everything goes back.
+    with Watcher() as watcher, pytest.raises(DeployError) as err:
+        deploy.upgrade(_ctx(source_dir=release_tree(tmp_path, "broken", "0901_broken_release", broken_health=True)))
+    message = str(err.value)
+    assert message.startswith(f"localhost: the upgrade from {good} to ") and "\n" not in message
+    assert "failed at Check that the new release answers /healthz with 200: Status code was 503" in message
+    assert (f"rolled back: {good} is current again, the database is as it was before the upgrade "
+            f"and answers /healthz") in message
+    assert deploy.installed_release() == good
+    assert psql("SELECT count(*) FROM schema_migration WHERE name = '0901_broken_release'") == "0"
+    assert psql("SELECT to_regclass('broken_release') IS NULL") == "t"
+    assert psql("SELECT count(*) FROM pg_database WHERE datname LIKE '%before_upgrade'") == "0"
+    assert not deploy.MAINTENANCE_FLAG.exists(), "a failed upgrade never leaves the maintenance page on"
+    assert (503, True) in watcher.seen and watcher.seen[-1] == (200, False)
+    status = deploy.status(_ctx())
+    assert status["health"]["ok"] is True and status["version"] == good and status["maintenance"] is None
+    browser = Browser()
+    login(browser, state["email"], PASSWORD)
+    status, _, page, _ = browser.get(state["contact_url"])
+    assert status == 200 and "wei@example.cn" in page
+
+    # The same release again is nothing to do; then back to this source tree, as the steps after expect.
+    same = deploy.upgrade(_ctx(source_dir=tmp_path / "next"))
+    assert same.changed == 0 and same.version == good and "nothing to upgrade" in " ".join(same.notes)
+    back = deploy.upgrade(_ctx())
+    assert back.previous_version == good and deploy.installed_release() == state["first"].version
+    # Migrations only go forward: the good release's table stays, and this release runs on it.
+    assert psql("SELECT string_agg(name, ',' ORDER BY name) FROM schema_migration") == migrations + ",0900_upgrade_probe"
+    assert deploy.status(_ctx())["health"]["ok"] is True
 
 
 def test_10_uninstall_with_purge_data_destroys_the_data_and_keeps_the_logs(state):

@@ -520,3 +520,74 @@ def test_10_uninstall_with_purge_data_destroys_the_data_and_keeps_the_logs(state
     finally:
         subprocess.run(["pg_ctlcluster", "15", "main", "stop"], check=False, capture_output=True)
     assert (found, roles) == ("0", "0")
+
+
+# ----------------------------------------------------------------------------- another host, over ssh
+
+
+@pytest.fixture
+def ssh_host(tmp_path):
+    """This machine as a "remote" host: Debian's sshd on a free 127.0.0.1 port, root by key only.
+
+    The inventory names it ``remote-crm`` with ``ansible_host: 127.0.0.1``: Ansible goes
+    through ssh exactly as it would to another server.
+    """
+    sshd = Path("/usr/sbin/sshd")
+    assert sshd.exists(), "scripts/test.sh installs openssh-server"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / name)], check=True)
+    authorized = tmp_path / "authorized_keys"
+    authorized.write_text((tmp_path / "client_key.pub").read_text())
+    authorized.chmod(0o600)
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+    server = subprocess.Popen(
+        [str(sshd), "-D", "-e", "-f", "/dev/null", "-p", str(port), "-h", str(tmp_path / "host_key"),
+         "-o", "ListenAddress=127.0.0.1", "-o", "PermitRootLogin=prohibit-password",
+         "-o", "PasswordAuthentication=no", "-o", f"AuthorizedKeysFile={authorized}", "-o", "StrictModes=no",
+         "-o", f"PidFile={tmp_path / 'sshd.pid'}", "-o", "Subsystem=sftp /usr/lib/openssh/sftp-server"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "sshd.log", "w"))
+    for _ in range(50):
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    inventory = tmp_path / "remote.yml"
+    inventory.write_text(json.dumps({"appliance": {"hosts": {"remote-crm": {
+        "ansible_host": "127.0.0.1", "ansible_port": port, "ansible_user": "root",
+        "ansible_ssh_private_key_file": str(tmp_path / "client_key"),
+        "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+        "ansible_python_interpreter": "/usr/bin/python3"}}}}))
+    try:
+        yield inventory
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        shutil.rmtree(deploy.REMOTE_SECRETS_DIR / "remote-crm", ignore_errors=True)
+
+
+def test_11_an_install_over_ssh_works_the_same_way(state, ssh_host):
+    """After the purge the host is bare: install it again, this time as a remote host over ssh."""
+    assert not Path("/opt/crm-appliance").exists() and not CONFIG.exists()
+    result = deploy.install(_ctx(inventory=ssh_host))
+    assert result.host == "remote-crm" and result.changed > 0
+    assert any("remote host: planned for profile eval" in note for note in result.notes)
+    # The secrets were made on the controller, kept for that host, and copied over once.
+    for name in ("db-password", "secret-key", "backup-key"):
+        kept, placed = deploy.REMOTE_SECRETS_DIR / "remote-crm" / name, Path("/etc/crm-appliance") / name
+        assert kept.stat().st_mode & 0o777 == 0o600 and placed.stat().st_mode & 0o777 == 0o600
+        assert kept.read_bytes() == placed.read_bytes() and placed.owner() == "crm"
+    assert result.boss is not None and result.boss.link and "/auth/set-password/" in result.boss.link
+
+    browser = Browser()
+    status, where, _, _ = browser.submit(local(result.boss.link), {"password": PASSWORD, "confirm": PASSWORD})
+    assert status == 200 and "/auth/login" in where
+    login(browser, result.boss.email, PASSWORD)
+    status, _, page, _ = browser.get(f"{BASE}/contacts/")
+    assert status == 200 and "csrf_token" in page
+
+    again = deploy.install(_ctx(inventory=ssh_host))
+    assert again.changed == 0, again.changed_tasks
+    assert deploy.status(_ctx())["health"]["ok"] is True

@@ -112,6 +112,36 @@ class ProxySection:
 
 
 @dataclass(frozen=True)
+class MonitorSection:
+    probe_interval_seconds: int = _key(30, minimum=5, maximum=3600, doc="How often the scheduler probes /healthz.")
+    probe_timeout_seconds: int = _key(5, minimum=1, maximum=60, doc="A probe not answered in time counts as failed.")
+    probe_url: str | None = _key(
+        None, doc="URL probed; none = /healthz through nginx on 127.0.0.1, port and host from [web] public_url.")
+    outage_min_minutes: int = _key(5, minimum=0, maximum=1440, doc="Shorter outages do not count (R-22).")
+    sla_target_percent: float = _key(99.9, minimum=90, maximum=100, doc="Monthly availability promised (R-22).")
+    banner_hours: int = _key(24, minimum=0, maximum=24 * 14,
+                             doc="Hours before a maintenance window that seat users see its banner.")
+
+
+@dataclass(frozen=True)
+class BackupSection:
+    dir: Path = _key(Path("/var/lib/crm-appliance/backups"), doc="One directory per backup, each with its manifest.")
+    wal_archive_dir: Path = _key(Path("/var/lib/crm-appliance/wal-archive"),
+                                 doc="Encrypted WAL written by PostgreSQL's archive_command (as postgres).")
+    key_file: Path = _key(Path("/etc/crm-appliance/backup-key"), doc="File (mode 0600) with the encryption key.")
+    wal_key_file: Path = _key(Path("/var/lib/postgresql/crm-appliance-backup-key"),
+                              doc="The postgres user's own copy of the key (mode 0600), for archive/restore_command.")
+    db_user: str = _key("crm_backup", doc="Role with REPLICATION and pg_read_all_data that takes the backups.")
+    db_password_file: Path = _key(Path("/etc/crm-appliance/backup-db-password"),
+                                  doc="File (mode 0600) holding that role's password.")
+    compression: str = _key("zstd", choices=("zstd", "lz4", "gzip", "none"), doc="Base backup compression.")
+    retention_days: int = _key(7, minimum=1, maximum=3650, doc="Days kept; the newest verified backup stays regardless.")
+    archive_timeout_seconds: int = _key(60, minimum=10, maximum=60,
+                                        doc="PostgreSQL's archive_timeout: at most this much of writes can be lost.")
+    cluster: str = _key("15/main", doc="Debian PostgreSQL cluster (version/name) that restore stops, swaps and starts.")
+
+
+@dataclass(frozen=True)
 class Settings:
     web: WebSection
     seats: SeatsSection
@@ -119,6 +149,8 @@ class Settings:
     database: DatabaseSection = field(default_factory=DatabaseSection)
     attachments: AttachmentsSection = field(default_factory=AttachmentsSection)
     proxy: ProxySection = field(default_factory=ProxySection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
+    backup: BackupSection = field(default_factory=BackupSection)
     source: str = "<defaults>"
 
 
@@ -221,6 +253,12 @@ def _convert(value, declared, f: dataclasses.Field, where: str):
         if (meta["min"] is not None and value < meta["min"]) or (meta["max"] is not None and value > meta["max"]):
             raise bad
         return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # TOML allows nan
+            raise bad
+        if (meta["min"] is not None and value < meta["min"]) or (meta["max"] is not None and value > meta["max"]):
+            raise bad
+        return float(value)
     if hint in (str, Path):
         if not isinstance(value, str) or not value.strip():
             raise bad
@@ -258,6 +296,10 @@ def _expected(hint, f: dataclasses.Field) -> str:
             text += f" from {meta['min']} to {meta['max']}"
         elif meta["min"] is not None:
             text += f" of at least {meta['min']}"
+    elif hint is float:
+        text = "a number"
+        if meta["min"] is not None and meta["max"] is not None:
+            text += f" from {meta['min']} to {meta['max']}"
     elif hint is bool:
         text = "true or false"
     elif hint is dt.date:

@@ -451,5 +451,11 @@ def status(ctx: Context, as_json: bool) -> None:
         progress.print_status(ictx.console, result)
 
 
+# Commands of their own modules: the SLA ledger and maintenance windows.
+from installer.monitor_commands import register as _register_monitor_commands  # noqa: E402
+
+_register_monitor_commands(main)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -56,7 +56,7 @@ update() {
         po="$TRANSLATIONS/$locale/LC_MESSAGES/$DOMAIN.po"
         if [[ -f "$po" ]]; then
             cp -p "$po" "$TMP_POT.old"
-            "$PYBABEL" update -i "$TMP_POT" -d "$TRANSLATIONS" -D "$DOMAIN" -l "$locale" --previous --ignore-obsolete
+            "$PYBABEL" update -w 120 -i "$TMP_POT" -d "$TRANSLATIONS" -D "$DOMAIN" -l "$locale" --previous --ignore-obsolete
             # Keep the file untouched when only the template's creation date moved (no churn in git).
             if diff -q <(grep -v '^"POT-Creation-Date: ' "$TMP_POT.old") <(grep -v '^"POT-Creation-Date: ' "$po") \
                     >/dev/null; then

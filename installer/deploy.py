@@ -867,6 +867,7 @@ def status(ctx: InstallContext) -> dict[str, Any]:
         "accepted_risks": _accepted_risks(settings),
         "disk": _disk(settings),
         "last_install_log": _last_log(settings, "install"),
+        "availability": _availability(settings),
     }
     return out
 
@@ -945,6 +946,21 @@ def _health(url: str) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError):
         pass
     return health
+
+
+def _availability(settings) -> dict[str, Any] | None:
+    """This month's figures from the SLA ledger (crm-appliance sla has the whole report)."""
+    if settings is None:
+        return None
+    from appliance import monitor
+
+    try:
+        report = monitor.report_for_month(settings).to_dict()
+    except ApplianceError as exc:
+        return {"error": str(exc)}
+    keys = ("month", "probes", "availability_percent", "counted_downtime_minutes", "budget_minutes",
+            "budget_left_minutes", "unknown_minutes", "verdict")
+    return {key: report[key] for key in keys}
 
 
 def _maintenance() -> dict[str, Any] | None:

@@ -416,5 +416,16 @@ def print_status(console: Console, status: dict) -> None:
                      f"{disk['plan_budget_bytes'] / 1e9:.1f} GB"
                      + ("" if disk["free_covers_budget"] else " (the free space no longer covers the rest)"))
         console.print(f"  {'disk':<26} {line}", highlight=False, markup=False, soft_wrap=True)
+    sla = status.get("availability")
+    if sla and "error" in sla:
+        console.print(f"  {'availability':<26} {sla['error']}", highlight=False, markup=False, soft_wrap=True)
+    elif sla and sla["probes"]:
+        console.print(f"  {'availability':<26} {sla['month']}: {sla['availability_percent']:.3f}% "
+                      f"({sla['counted_downtime_minutes']:.1f} of {sla['budget_minutes']:.1f} budget minutes down, "
+                      f"{sla['unknown_minutes']:.0f} min unknown; {sla['verdict']}); crm-appliance sla for more",
+                      highlight=False, markup=False, soft_wrap=True)
+    elif sla:
+        console.print(f"  {'availability':<26} no probes recorded in {sla['month']} yet (the scheduler probes "
+                      f"/healthz)", highlight=False, markup=False, soft_wrap=True)
     if status.get("accepted_risks"):
         console.print(f"  {'accepted risks':<26} {', '.join(status['accepted_risks'])}", highlight=False)

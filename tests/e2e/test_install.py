@@ -376,6 +376,8 @@ def test_9_status_reports_the_running_appliance(state):
     assert status["disk"]["data_dir"] == "/var/lib/crm-appliance" and status["disk"]["disk_free_bytes"] > 0
     assert status["disk"]["plan_budget_bytes"] > 0 and 0 <= status["disk"]["plan_budget_used"] < 1
     assert status["last_install_log"] and Path(status["last_install_log"]).name.startswith("install-")
+    assert status["maintenance"] is None and status["releases"] == [status["version"]]
+    assert status["availability"]["month"] and "error" not in status["availability"]
     progress.print_status(Console(file=io.StringIO()), status)  # renders without error
 
 

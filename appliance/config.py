@@ -30,9 +30,12 @@ ENV_VAR = "CRM_APPLIANCE_CONFIG"
 _REQUIRED = dataclasses.MISSING
 
 
-def _key(default=_REQUIRED, *, minimum=None, maximum=None, choices=None, doc=""):
-    """Declare one key: its default (none means required), limits and one-line meaning."""
-    meta = {"min": minimum, "max": maximum, "choices": choices, "doc": doc}
+def _key(default=_REQUIRED, *, minimum=None, maximum=None, choices=None, cron=False, doc=""):
+    """Declare one key: its default (none means required), limits and one-line meaning.
+
+    ``cron``: the value is a five-field cron expression (minute hour day month weekday).
+    """
+    meta = {"min": minimum, "max": maximum, "choices": choices, "cron": cron, "doc": doc}
     if default is _REQUIRED:
         return field(metadata=meta)
     return field(default=default, metadata=meta)
@@ -142,6 +145,21 @@ class BackupSection:
 
 
 @dataclass(frozen=True)
+class ScheduleSection:
+    """When the scheduler runs each job (appliance/scheduler.py): one key per job, "none" turns it off.
+
+    Times are in [web] timezone. The uptime probe is not here: it runs every
+    [monitor] probe_interval_seconds, the number the SLA arithmetic also reads.
+    """
+
+    base_backup: str | None = _key("30 1 * * *", cron=True, doc="Physical base backup (pg_basebackup), daily.")
+    logical_dump: str | None = _key("30 2 * * *", cron=True, doc="Logical dump (pg_dump -Fd), readable by stock tools.")
+    prune: str | None = _key("0 5 * * *", cron=True, doc="Delete backups and archived WAL past [backup] retention_days.")
+    wal_check: str | None = _key("*/5 * * * *", cron=True, doc="Check that WAL archiving keeps up.")
+    restore_drill: str | None = _key("0 4 * * 6", cron=True, doc="Restore the latest backup into a scratch cluster and check it.")
+
+
+@dataclass(frozen=True)
 class Settings:
     web: WebSection
     seats: SeatsSection
@@ -151,6 +169,7 @@ class Settings:
     proxy: ProxySection = field(default_factory=ProxySection)
     monitor: MonitorSection = field(default_factory=MonitorSection)
     backup: BackupSection = field(default_factory=BackupSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
     source: str = "<defaults>"
 
 
@@ -266,6 +285,10 @@ def _convert(value, declared, f: dataclasses.Field, where: str):
             raise bad
         if f.name == "timezone" and not _is_zone(value):
             raise ConfigError(f'{where}: expected an IANA time zone such as "Asia/Shanghai", found {_describe(value)}')
+        if meta["cron"]:
+            problem = _cron_problem(value)
+            if problem:
+                raise ConfigError(f"{where}: expected {_expected(declared, f)}, found {_describe(value)}: {problem}")
         return Path(value) if hint is Path else value
     if hint is dt.date:
         if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
@@ -277,6 +300,66 @@ def _convert(value, declared, f: dataclasses.Field, where: str):
                 raise bad from None
         raise bad
     raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug in the schema
+
+
+_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _cron_weekdays(field: str) -> str:
+    """A standard cron weekday field (0 or 7 = Sunday, names too, ranges, lists, steps) as
+    the explicit list of day names APScheduler reads the same way."""
+    days: set[int] = set()
+    for part in field.lower().split(","):
+        base, _, step = part.partition("/")
+        if base == "*":
+            first, last = 0, 6
+        else:
+            ends = base.split("-")
+            if len(ends) > 2 or not all(ends):
+                raise ValueError(f"weekday {part!r}: expected a day, a range such as 1-5, or *")
+            numbers = []
+            for end in ends:
+                if end in _WEEKDAYS:
+                    numbers.append(_WEEKDAYS.index(end))
+                elif end.isdigit() and int(end) <= 7:
+                    numbers.append(int(end))
+                else:
+                    raise ValueError(f"weekday {end!r}: expected 0-7 (0 and 7 are Sunday) or sun-sat")
+            first, last = numbers[0], numbers[-1]
+            if len(numbers) == 1 and step:
+                last = 7
+        if step and (not step.isdigit() or int(step) == 0):
+            raise ValueError(f"weekday {part!r}: expected a step of 1 or more after /")
+        if first > last:
+            raise ValueError(f"weekday {part!r}: the range runs backwards")
+        days.update(day % 7 for day in range(first, last + 1, int(step or 1)))
+    return ",".join(_WEEKDAYS[day] for day in sorted(days))
+
+
+def cron_trigger(expression: str, timezone: str = "UTC"):
+    """An APScheduler ``CronTrigger`` for a standard five-field cron expression.
+
+    APScheduler 3 numbers weekdays from Monday = 0, cron from Sunday = 0 (and 7): a
+    customer's "0 4 * * 6" means Saturday, so the weekday field is spelled out as names.
+    Raises ValueError for a bad expression.
+    """
+    from apscheduler.triggers.cron import CronTrigger
+
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(f"{len(fields)} fields instead of 5")
+    minute, hour, day, month, weekday = fields
+    return CronTrigger(minute=minute, hour=hour, day=day, month=month,
+                       day_of_week=None if weekday == "*" else _cron_weekdays(weekday), timezone=timezone)
+
+
+def _cron_problem(expression: str) -> str | None:
+    """Why ``expression`` is not a five-field cron expression, or None."""
+    try:
+        cron_trigger(expression)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _is_zone(name: str) -> bool:
@@ -306,6 +389,8 @@ def _expected(hint, f: dataclasses.Field) -> str:
         text = "a date like 2027-12-31"
     elif hint is Path:
         text = "a file or directory path"
+    elif meta["cron"]:
+        text = 'a cron expression such as "30 1 * * *" (minute hour day month weekday)'
     elif meta["choices"]:
         text = "one of " + ", ".join(f'"{c}"' for c in meta["choices"])
     else:

@@ -20,8 +20,8 @@ MIGRATIONS_DIR = Path(models.__file__).resolve().parent / "migrations"
 _MIGRATION_LOCK = 0x43524D01
 
 
-def open_database(settings: Settings) -> PooledPostgresqlExtDatabase:
-    """Create the pool and bind the models to it. Connections are opened lazily."""
+def open_database(settings: Settings, bind: bool = True) -> PooledPostgresqlExtDatabase:
+    """Create the pool and (unless ``bind`` is false) bind the models to it. Connections are opened lazily."""
     cfg = settings.database
     db = PooledPostgresqlExtDatabase(
         cfg.name,
@@ -36,7 +36,8 @@ def open_database(settings: Settings) -> PooledPostgresqlExtDatabase:
         register_hstore=False,
         application_name="crm-appliance",
     )
-    models.database.initialize(db)
+    if bind:
+        models.database.initialize(db)
     return db
 
 

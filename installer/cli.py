@@ -19,6 +19,7 @@ import click
 import appliance
 from appliance import config as config_mod
 from appliance.errors import ApplianceError, SizingError
+from appliance.scheduler import CRON_JOBS
 from sizing import profiles as sizing_profiles
 from sizing.check import CHECK_IDS
 
@@ -449,6 +450,57 @@ def status(ctx: Context, as_json: bool) -> None:
         click.echo(json.dumps(result, indent=2, default=str))
     else:
         progress.print_status(ictx.console, result)
+
+
+# ----------------------------------------------------------------------------- scheduler
+
+
+@main.group(invoke_without_command=True)
+@pass_ctx
+@click.pass_context
+@handle_errors
+def scheduler(click_ctx: click.Context, ctx: Context) -> None:
+    """Run the scheduler daemon in the foreground (the installer runs it as a service).
+
+    It runs the jobs of the [schedule] config section and the uptime probe; SIGHUP reloads
+    the configuration, SIGTERM stops it after the running jobs."""
+    if click_ctx.invoked_subcommand is not None:
+        return
+    from appliance import scheduler as scheduler_mod
+
+    logging.getLogger().setLevel(logging.INFO)
+    scheduler_mod.run(lambda: config_mod.load(ctx.config_path))
+
+
+@scheduler.command("run")
+@click.argument("job", type=click.Choice(sorted(CRON_JOBS)))
+@pass_ctx
+@handle_errors
+def scheduler_run(ctx: Context, job: str) -> None:
+    """Run one job now, recorded in the job history like a scheduled run; exit 1 if it fails."""
+    from appliance import scheduler as scheduler_mod
+
+    result = scheduler_mod.run_job(ctx.settings, job)
+    click.echo(f"{result.job}: {result.outcome} in {result.seconds:.1f} s: {result.message}")
+    if result.outcome != "ok":
+        sys.exit(1)
+
+
+@scheduler.command("history")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=30, show_default=True, help="Runs to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_ctx
+@handle_errors
+def scheduler_history(ctx: Context, limit: int, as_json: bool) -> None:
+    """The latest job runs, newest first."""
+    from appliance import scheduler as scheduler_mod
+
+    rows = scheduler_mod.history(ctx.settings, limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['started_at']}  {row['job']:<14} {row['outcome']:<8} {row['message']}")
 
 
 # Commands of their own modules: the SLA ledger and maintenance windows.

@@ -1,4 +1,5 @@
-"""Administration for the boss: seats, roles, the audit log and the login log (R-6, R-7, R-10).
+"""Administration for the boss: seats, roles, the audit and login logs (R-6, R-7, R-10), and the
+notices the appliance leaves (a failed scheduler job) with the scheduler's job history.
 
 Every page here answers 404 to a seat without administration rights, as if it
 did not exist.
@@ -21,7 +22,7 @@ from appliance import seats
 from appliance.errors import SeatError
 from webapp import audit, permissions
 from webapp.crud import escape_like
-from webapp.models import AuditLog, LoginLog, Role, Team, User, database
+from webapp.models import AuditLog, JobRun, LoginLog, Notice, Role, Team, User, database, utcnow
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -189,3 +190,36 @@ def login_log():
     if args.get("outcome") in ("ok", "failed"):
         query = query.where(LoginLog.success == (args["outcome"] == "ok"))
     return render_template("admin/logins.html", **_log_page(query, LoginLog))
+
+
+@bp.app_context_processor
+def _open_notices():
+    """How many notices wait for the boss, for the navigation (one indexed count, admins only)."""
+    user = g.get("user")
+    if user is None or not user.role.is_admin:
+        return {}
+    return {"open_notices": Notice.select().where(Notice.acknowledged_at.is_null()).count()}
+
+
+@bp.route("/notices")
+def notices():
+    """Open notices first, then the last acknowledged ones; and the scheduler's latest job runs."""
+    open_rows = list(Notice.select().where(Notice.acknowledged_at.is_null()).order_by(Notice.created_at.desc()))
+    done = list(Notice.select().where(Notice.acknowledged_at.is_null(False))
+                .order_by(Notice.acknowledged_at.desc()).limit(20))
+    jobs = list(JobRun.select().order_by(JobRun.started_at.desc(), JobRun.id.desc()).limit(30))
+    return render_template("admin/notices.html", open_rows=open_rows, done=done, jobs=jobs)
+
+
+@bp.route("/notices/<int:notice_id>/acknowledge", methods=["POST"])
+def acknowledge(notice_id: int):
+    if not permissions.valid_id(notice_id):
+        abort(404)
+    notice = Notice.get_or_none(Notice.id == notice_id)
+    if notice is None:
+        abort(404)
+    if notice.acknowledged_at is None:
+        notice.acknowledged_at, notice.acknowledged_by = utcnow(), g.user
+        notice.save()
+        flash(_("Notice acknowledged."), "success")
+    return redirect(url_for("admin.notices"))

@@ -14,13 +14,14 @@ import time
 
 from flask import Blueprint, current_app, jsonify
 
+from appliance.scheduler import HEARTBEAT_FILE
+
 bp = Blueprint("health", __name__)
 
 # Below either bound the disk check fails: writes (attachments, WAL, backups) would soon stop.
 MIN_FREE_BYTES = 1024**3
 MIN_FREE_FRACTION = 0.05
-# The scheduler touches this file in the data directory on every beat.
-HEARTBEAT_FILE = "scheduler.heartbeat"
+# The scheduler touches its heartbeat file (appliance.scheduler.HEARTBEAT_FILE) every 30 s.
 HEARTBEAT_STALE_SECONDS = 300
 
 

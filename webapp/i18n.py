@@ -60,6 +60,8 @@ LOGIN_REASONS = {
     "no password set": _l("No password set yet"), "wrong password, locked": _l("Wrong password; account locked"),
     "locked": _l("Account locked"), "suspended": _l("Seat suspended"),
 }
+NOTICE_LEVELS = {"info": _l("Information"), "warning": _l("Warning"), "error": _l("Error")}
+JOB_OUTCOMES = {"running": _l("Running"), "ok": _l("Succeeded"), "failed": _l("Failed")}
 
 
 def choice_label(value) -> str:
@@ -81,4 +83,6 @@ def template_helpers() -> dict:
         "role_name": lambda name: ROLE_NAMES.get(name, name),
         "permission_action": lambda name: PERMISSION_ACTIONS.get(name, name),
         "login_reason": lambda reason: LOGIN_REASONS.get(reason, reason),
+        "notice_level": lambda level: NOTICE_LEVELS.get(level, level),
+        "job_outcome": lambda outcome: JOB_OUTCOMES.get(outcome, outcome),
     }

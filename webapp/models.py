@@ -301,3 +301,29 @@ RECORD_MODELS: dict[str, type[OwnedRecord]] = {
 ALL_MODELS = (Team, Role, User, SetPasswordToken, Account, Contact, Lead, Opportunity,
               Ticket, Activity, Note, AuditLog, LoginLog)
 
+
+
+class JobRun(BaseModel):
+    """One run of a scheduler job (appliance/scheduler.py): when, and how it ended."""
+
+    id = BigAutoField()
+    job = CharField(max_length=50)
+    started_at = DateTimeField()
+    finished_at = DateTimeField(null=True)
+    outcome = CharField(max_length=10)  # running, ok, failed
+    message = TextField(default="")
+
+    class Meta:
+        table_name = "job_run"
+
+
+class Notice(BaseModel):
+    """Something the boss should know (a failed job, a quota crossing), until acknowledged."""
+
+    id = AutoField()
+    created_at = DateTimeField(default=utcnow)
+    level = CharField(max_length=10)  # info, warning, error
+    source = CharField(max_length=50)
+    message = TextField()
+    acknowledged_at = DateTimeField(null=True)
+    acknowledged_by = ForeignKeyField(User, null=True, on_delete="SET NULL")

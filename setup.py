@@ -39,6 +39,10 @@ setup(
         "ansible-core>=2.17,<2.20",
         "ansible-runner>=2.4,<3",
         "apscheduler>=3.10,<4",
+        # AES-256-GCM, HKDF and X25519 from a well-audited library rather than our own: the
+        # encrypted backups (appliance/encryption.py) and the diagnostics bundle sealed to the
+        # vendor's key (appliance/diagnostics.py).
+        "cryptography>=42,<52",
         "rich>=13,<15",
         # Runs the services where systemd is not PID 1 (containers, CI): from the appliance's
         # own virtual environment, so no system package or system-wide daemon is involved.

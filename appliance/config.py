@@ -160,6 +160,15 @@ class ScheduleSection:
 
 
 @dataclass(frozen=True)
+class DiagnosticsSection:
+    """The support bundle customer IT sends to the vendor (appliance/diagnostics.py, docs/diagnostics.md)."""
+
+    vendor_public_key_file: Path | None = _key(
+        None, doc="The vendor's X25519 public key (PEM) the bundle is encrypted to; none = not encrypted.")
+    log_lines: int = _key(2000, minimum=10, maximum=100_000, doc="Last lines of each log that go into the bundle.")
+
+
+@dataclass(frozen=True)
 class Settings:
     web: WebSection
     seats: SeatsSection
@@ -170,6 +179,7 @@ class Settings:
     monitor: MonitorSection = field(default_factory=MonitorSection)
     backup: BackupSection = field(default_factory=BackupSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    diagnostics: DiagnosticsSection = field(default_factory=DiagnosticsSection)
     source: str = "<defaults>"
 
 

@@ -508,6 +508,11 @@ from installer.monitor_commands import register as _register_monitor_commands  #
 
 _register_monitor_commands(main)
 
+# The diagnostics bundle for vendor support.
+from installer.diagnostics_commands import register as _register_diagnostics_commands  # noqa: E402
+
+_register_diagnostics_commands(main)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

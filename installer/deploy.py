@@ -81,7 +81,8 @@ INSTALLER_OWNED = {
     ("web", "threads"): "set by the installer from the sizing plan",
     ("database", "pool_size"): "set by the installer from the sizing plan",
 }
-SECTION_ORDER = ("appliance", "database", "web", "seats", "attachments", "proxy", "monitor", "backup", "schedule")
+SECTION_ORDER = ("appliance", "database", "web", "seats", "attachments", "proxy", "monitor", "backup", "schedule",
+                 "diagnostics")
 DEFAULT_PROFILE = "standard-50"
 RUNNER_TIMEOUT_SECONDS = 1800
 LOCK_FILE = Path("/run/lock/crm-appliance-install.lock")

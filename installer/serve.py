@@ -51,7 +51,7 @@ class CrmServer(BaseApplication):
             "accesslog": "-",
             "errorlog": "-",
             # No query strings in the access log: search text is customer data.
-            "access_log_format": '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms',
+            "access_log_format": '%(t)s %(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms',
             "logger_class": "installer.serve.RedactingLogger",
             "proc_name": "crm-appliance-web",
         }

@@ -40,3 +40,22 @@ class DeployError(ApplianceError):
         self.detail = detail
         self.hint = hint
         self.log_path = log_path
+
+
+class BackupError(ApplianceError):
+    """A backup cannot be taken, found, listed, verified, decrypted or pruned.
+
+    Raised by ``appliance.backup`` for a missing key, too little free space, a failed
+    ``pg_basebackup``/``pg_dump``, an unknown backup id, or another run holding the lock.
+    """
+
+
+class BackupIntegrityError(BackupError):
+    """A stored backup or WAL file is not what was written: a checksum differs, a file is
+    missing, extra, truncated or altered, the manifest was changed, or the key is not the
+    one the file was encrypted with. Nothing may be restored from it."""
+
+
+class RestoreError(ApplianceError):
+    """A restore cannot start (incompatible backup, target outside the recoverable window,
+    no backup) or failed part-way; in the latter case the previous data is back in place."""

@@ -24,6 +24,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _quote(value: str) -> str:
+    """A postgresql.conf string literal (quotes inside are doubled)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 def _pg_bin() -> Path:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
     if not found:
@@ -59,13 +64,16 @@ class Cluster:
         if self.as_root:
             subprocess.run(["pg_dropcluster", "--stop", self.version, self.name],
                            capture_output=True, cwd="/")
+            # pg_dropcluster leaves conf.d behind when it held our test.conf.
+            shutil.rmtree(Path("/etc/postgresql") / self.version / self.name, ignore_errors=True)
         else:
             subprocess.run([str(_pg_bin() / "pg_ctl"), "-D", str(self.base / "data"), "-m", "immediate",
                             "stop"], capture_output=True)
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def start_cluster() -> Cluster:
+def start_cluster(extra_settings: dict[str, str] | None = None) -> Cluster:
+    """Start a cluster; ``extra_settings`` (e.g. archive_mode) override the test defaults."""
     port = free_port()
     bindir = _pg_bin()
     version = bindir.parent.name
@@ -79,6 +87,7 @@ def start_cluster() -> Cluster:
         "fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
         "max_connections": "200", "shared_buffers": "128MB",
     }
+    settings.update(extra_settings or {})
     as_root = os.geteuid() == 0
     if as_root:
         name = f"crmtest{port}"
@@ -94,7 +103,7 @@ def start_cluster() -> Cluster:
         subprocess.run(cmd, check=True, capture_output=True, cwd="/")
         # Debian's postgresql.conf includes conf.d/, read after the main file.
         conf = Path("/etc/postgresql") / version / name / "conf.d" / "test.conf"
-        conf.write_text("".join(f"{k} = '{v}'\n" for k, v in settings.items()))
+        conf.write_text("".join(f"{k} = {_quote(v)}\n" for k, v in settings.items()))
         subprocess.run(["pg_ctlcluster", version, name, "start"], check=True, capture_output=True, cwd="/")
     else:
         name = "local"
@@ -105,7 +114,7 @@ def start_cluster() -> Cluster:
         with open(data / "postgresql.conf", "a") as conf:
             conf.write(f"port = {port}\n")
             for key, value in settings.items():
-                conf.write(f"{key} = '{value}'\n")
+                conf.write(f"{key} = {_quote(value)}\n")
         subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "start"],
                        check=True, capture_output=True)
     return Cluster(port=port, socket_dir=socket_dir, version=version, name=name, base=base,

@@ -195,9 +195,13 @@ def run_job(settings: Settings, name: str, func: Callable[[Settings], str] | Non
             message = str(func(settings) or "done")
             outcome = "ok"
         except Exception as exc:  # a job that raises must not stop the scheduler
-            message = str(exc) if isinstance(exc, ApplianceError) else f"{type(exc).__name__}: {exc}"
             outcome = "failed"
-            log.error("job %s failed: %s\n%s", name, message, traceback.format_exc())
+            if isinstance(exc, ApplianceError):  # an expected failure: its message says it all
+                message = str(exc)
+                log.error("job %s failed: %s", name, message)
+            else:
+                message = f"{type(exc).__name__}: {exc}"
+                log.error("job %s failed: %s\n%s", name, message, traceback.format_exc())
         message = message[:MESSAGE_LIMIT]
         seconds = time.monotonic() - clock
 

@@ -407,16 +407,18 @@ def install(ctx: Context, config, inventory, profile_name, seats, accepted, chec
 @_profile_option
 @_plan_seats_option
 @_accept_risk_option
+@click.option("--no-backup", "skip_backup", is_flag=True,
+              help="Do not take a base backup with the running release first (it is taken by default).")
 @click.option("--yes", is_flag=True, help="Do not ask before upgrading.")
 @pass_ctx
 @handle_errors
-def upgrade(ctx: Context, config, inventory, profile_name, seats, accepted, yes) -> None:
-    """Switch the installed appliance to this release: maintenance page, migrate, health gate,
-    and roll back to the previous release if anything fails."""
+def upgrade(ctx: Context, config, inventory, profile_name, seats, accepted, skip_backup, yes) -> None:
+    """Back up, then switch the installed appliance to this release: maintenance page, migrate,
+    health gate, and roll back to the previous release if anything fails."""
     from installer import deploy, progress
 
     ictx = _install_context(ctx, config, inventory, profile=profile_name, seats=seats,
-                            accept_risks=tuple(accepted), yes=yes)
+                            accept_risks=tuple(accepted), yes=yes, skip_backup=skip_backup)
     progress.print_install(ictx.console, deploy.upgrade(ictx))
 
 
@@ -507,6 +509,12 @@ def scheduler_history(ctx: Context, limit: int, as_json: bool) -> None:
 from installer.monitor_commands import register as _register_monitor_commands  # noqa: E402
 
 _register_monitor_commands(main)
+
+# Backups and restores, and the WAL commands PostgreSQL runs.
+from installer.backup_commands import COMMANDS as _BACKUP_COMMANDS  # noqa: E402
+
+for _command in _BACKUP_COMMANDS:
+    main.add_command(_command)
 
 # The diagnostics bundle for vendor support.
 from installer.diagnostics_commands import register as _register_diagnostics_commands  # noqa: E402

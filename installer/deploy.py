@@ -58,13 +58,13 @@ PLAYBOOK_DIR = SOURCE_DIR / "playbooks"
 DEFAULT_INVENTORY = PLAYBOOK_DIR / "inventory" / "local.yml"
 #: Where the rendered configuration goes on the host; the services read it.
 INSTALLED_CONFIG = config_mod.DEFAULT_PATH
-#: The backup encryption key. TODO(config): a [backup] key_file key; until then this path.
-BACKUP_KEY_FILE = Path("/etc/crm-appliance/backup-key")
 #: The installed program (the webapp role's layout): one virtual environment per release,
 #: ``current`` links the running one; the maintenance flag exists while a release switches.
 PREFIX = Path("/opt/crm-appliance")
 CURRENT_RELEASE = PREFIX / "current"
 MAINTENANCE_FLAG = PREFIX / "maintenance"
+#: The system user the services run as (the webapp role's webapp_user).
+SERVICE_USER = "crm"
 #: Secrets of a remote host, kept on the controller (a local install writes them in place).
 REMOTE_SECRETS_DIR = Path("/etc/crm-appliance/hosts")
 #: Folders that make up the package (setup.py's find_namespace_packages) and so the wheel.
@@ -130,6 +130,8 @@ class InstallContext:
     boss_email: str = "boss@crm.local"
     boss_name: str = "Boss"
     new_boss_link: bool = False
+    #: upgrade: skip the base backup taken before the release changes.
+    skip_backup: bool = False
     #: Extra variables for the playbook, overriding any it sets (tests and special cases).
     extra_vars: dict[str, Any] = field(default_factory=dict)
     source_dir: Path = SOURCE_DIR
@@ -500,7 +502,8 @@ def _cache_dir() -> Path:
 def secret_files(settings: config_mod.Settings, target: Target) -> list[SecretFile]:
     specs = (("database password", settings.database.password_file, 32),
              ("session key", settings.web.secret_key_file, 48),
-             ("backup encryption key", BACKUP_KEY_FILE, 32))
+             ("backup encryption key", settings.backup.key_file, 32),
+             ("backup role's database password", settings.backup.db_password_file, 32))
     out = []
     for label, dest, length in specs:
         src = dest if target.local else REMOTE_SECRETS_DIR / target.name / dest.name
@@ -564,12 +567,26 @@ def config_sections(settings: config_mod.Settings) -> list[dict[str, Any]]:
     return sections
 
 
+def archiving_settings(settings: config_mod.Settings) -> dict[str, Any]:
+    """postgresql.conf settings for continuous WAL archiving into [backup] wal_archive_dir.
+
+    The archive command runs the current release's Python as postgres; at most
+    ``archive_timeout`` seconds of writes wait for their segment to be archived.
+    """
+    from appliance import backup
+
+    python = str(CURRENT_RELEASE / "bin" / "python")
+    return {"archive_mode": "on", "archive_timeout": settings.backup.archive_timeout_seconds,
+            "archive_command": backup.archive_command_line(settings, python=python)}
+
+
 def render_extra_vars(ctx: InstallContext) -> dict[str, Any]:
     """The playbook's extra variables. No secret among them: they go on a command line."""
     s = ctx.settings
     web_port = int(s.web.bind.rpartition(":")[2])
     url = urlsplit(s.web.public_url)
     db_secret = next(x for x in ctx.secrets if x.label == "database password")
+    backup_secret = next(x for x in ctx.secrets if x.label == "backup role's database password")
     extra = {
         "appliance_ports": [
             {"port": 80, "owners": ["nginx"], "purpose": "HTTP for nginx"},
@@ -581,12 +598,18 @@ def render_extra_vars(ctx: InstallContext) -> dict[str, Any]:
         "appliance_db_user": s.database.user,
         "appliance_db_password_source": str(db_secret.src),
         "postgresql_port": s.database.port,
-        "postgresql_settings": dict(ctx.plan.get("postgresql") or {}),
+        "appliance_backup_db_user": s.backup.db_user,
+        "appliance_backup_db_password_source": str(backup_secret.src),
+        "postgresql_settings": {**(ctx.plan.get("postgresql") or {}), **archiving_settings(s)},
         "webapp_wheel_file": str(ctx.release.path) if ctx.release else "",
         "webapp_package_version": ctx.release.version if ctx.release else "",
         "webapp_config_file": str(INSTALLED_CONFIG),
         "webapp_config_sections": config_sections(s),
         "webapp_data_dir": str(s.appliance.data_dir),
+        "webapp_backup_dir": str(s.backup.dir),
+        "webapp_wal_archive_dir": str(s.backup.wal_archive_dir),
+        "webapp_backup_key_file": str(s.backup.key_file),
+        "webapp_wal_key_file": str(s.backup.wal_key_file),
         "webapp_log_dir": str(s.appliance.log_dir),
         "webapp_secret_files": [{"dest": str(x.dest), "src": str(x.src)} for x in ctx.secrets],
         "webapp_boss_email": ctx.boss_email,
@@ -760,8 +783,9 @@ def upgrade(ctx: InstallContext) -> InstallResult:
     failure it puts the previous release, its configuration and the database back. The
     maintenance page is off at the end either way.
 
-    The database snapshot inside the cluster is the rollback point. Taking a full,
-    encrypted backup first belongs here once the backup subsystem exists.
+    Before all that, the running release takes a base backup as the service user (unless
+    ``skip_backup``); a failed backup stops the upgrade before anything changed. The
+    database snapshot inside the switch is the quick way back; the backup the thorough one.
     """
     started = time.monotonic()
     for step in (require_root, load_settings, load_inventory, check_reachable, require_installed, plan_host,
@@ -774,7 +798,7 @@ def upgrade(ctx: InstallContext) -> InstallResult:
                              version=ctx.release.version, changed=0, ok=0,
                              elapsed_seconds=time.monotonic() - started, log_path=Path(os.devnull),
                              notes=ctx.notes, previous_version=ctx.previous_version)
-    for step in (confirm_upgrade, ensure_secrets):
+    for step in (confirm_upgrade, backup_before_upgrade, ensure_secrets):
         step(ctx)
     return _deploy(ctx, started, kind="upgrade")
 
@@ -871,6 +895,124 @@ def status(ctx: InstallContext) -> dict[str, Any]:
         "availability": _availability(settings),
     }
     return out
+
+
+# ============================================================================= the running appliance (local host)
+#
+# A restore (crm-appliance restore) and the backup before an upgrade act on the running
+# appliance, not on its installed state: they stop and start its services and raise the
+# maintenance page, as `gitlab-ctl stop` would, without going through Ansible.
+
+
+def installed() -> bool:
+    """Whether this host runs an installed appliance (a current release)."""
+    return installed_release() is not None
+
+
+def set_maintenance(on: bool, reason: str = "", **details: str) -> None:
+    """nginx shows the maintenance page while the flag file exists (the proxy role's site)."""
+    if not on:
+        MAINTENANCE_FLAG.unlink(missing_ok=True)
+        return
+    body = {"reason": reason, **details, "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    tmp = MAINTENANCE_FLAG.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body) + "\n")
+    tmp.chmod(0o644)
+    os.replace(tmp, MAINTENANCE_FLAG)
+
+
+def control_services(action: str) -> None:
+    """Stop or start the appliance's enabled services (web, scheduler) under their manager."""
+    if action not in ("stop", "start"):
+        raise ValueError(f"action: expected stop or start, found {action!r}")
+    names = [s["name"] for s in _services_list() if s.get("enabled", True)]
+    if Path("/run/systemd/system").exists():
+        cmd = ["systemctl", action, *names]
+    else:
+        cmd = [str(CURRENT_RELEASE / "bin" / "supervisorctl"), "--configuration", "/etc/crm-appliance/supervisord.conf",
+               action, *names]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")
+    out = (result.stdout + result.stderr).strip()
+    # supervisorctl's exit status is not reliable across versions: read its lines. Starting
+    # what runs, or stopping what is stopped, is what was asked for.
+    errors = [line for line in out.splitlines()
+              if "ERROR" in line and "already started" not in line and "not running" not in line]
+    if (result.returncode != 0 and Path("/run/systemd/system").exists()) or errors:
+        raise DeployError(f"could not {action} the services ({' '.join(names)}): {out or result.returncode}; "
+                          f"see /var/log/crm-appliance/supervisord.log")
+
+
+def wait_healthy(settings: config_mod.Settings, timeout: float = 60) -> dict[str, Any]:
+    """Wait until gunicorn's /healthz answers 200; raise DeployError with its last answer otherwise."""
+    url = f"http://{settings.web.bind}/healthz"
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = _health(url)
+        if answer.get("ok"):
+            return answer
+        if time.monotonic() > deadline:
+            raise DeployError(f"{url} did not answer 200 within {timeout:.0f} s: "
+                              f"{answer.get('checks') or answer.get('error') or answer.get('status')}")
+        time.sleep(1)
+
+
+def migrate_with_current_release(settings: config_mod.Settings) -> str:
+    """``crm-appliance db migrate`` with the running release (a restored database may be older)."""
+    result = subprocess.run([str(CURRENT_RELEASE / "bin" / "crm-appliance"), "--config", settings.source, "db",
+                             "migrate"], capture_output=True, text=True, timeout=1800, cwd="/")
+    if result.returncode != 0:
+        raise DeployError(f"migrating the restored database failed: {(result.stderr or result.stdout).strip()}")
+    return result.stdout.strip()
+
+
+def restore_hooks(settings: config_mod.Settings, say: Callable[[str], None] = lambda text: None):
+    """What a restore does around the swap on an installed appliance: maintenance page on and
+    services stopped before it; after the restored cluster starts, migrate, start the services
+    and pass the health gate (a failure there rolls the restore back); after a rollback, the
+    services start on the previous data. The caller turns the maintenance page off at the end."""
+    from appliance.restore import RestoreHooks
+
+    def before_swap():
+        set_maintenance(True, "restore")
+        say("maintenance page on; stopping the web app and the scheduler")
+        control_services("stop")
+
+    def after_start():
+        say(migrate_with_current_release(settings))
+        control_services("start")
+        wait_healthy(settings)
+        say("the web app answers /healthz")
+
+    def after_rollback():
+        control_services("start")
+
+    return RestoreHooks(before_swap=before_swap, after_start=after_start, after_rollback=after_rollback)
+
+
+def backup_before_upgrade(ctx: InstallContext) -> None:
+    """A base backup with the running release, as the service user, before the release changes.
+
+    Releases before the backup subsystem have no ``backup`` command: then the note says so and
+    the database snapshot inside the switch remains the only rollback point.
+    """
+    if not ctx.target.local or ctx.skip_backup:
+        if ctx.skip_backup:
+            ctx.notes.append("no backup before the upgrade (--no-backup)")
+        return
+    exe = CURRENT_RELEASE / "bin" / "crm-appliance"
+    probe = subprocess.run([str(exe), "backup", "--help"], capture_output=True, text=True, cwd="/")
+    if probe.returncode != 0:
+        ctx.notes.append(f"no backup before the upgrade: release {ctx.previous_version} has no backup command")
+        return
+    ctx.say("Taking a base backup with the running release before the upgrade ...")
+    result = subprocess.run(["runuser", "-u", SERVICE_USER, "--", str(exe), "--config", str(INSTALLED_CONFIG), "backup",
+                             "--json"], capture_output=True, text=True, cwd="/", timeout=6 * 3600)
+    if result.returncode != 0:
+        last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no message"]
+        raise DeployError(f"the backup before the upgrade failed: {last[0]}; nothing was changed. Fix it, or "
+                          f"upgrade without it: crm-appliance upgrade --no-backup")
+    info = json.loads(result.stdout)
+    ctx.notes.append(f"backup {info.get('id')} taken before the upgrade")
 
 
 # ============================================================================= small helpers

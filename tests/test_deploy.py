@@ -117,6 +117,8 @@ def test_a_perpetual_licence_is_written_as_none():
 def _context(tmp_path) -> deploy.InstallContext:
     settings, _ = deploy.adopt_settings(_settings(database={"password_file": str(tmp_path / "db-password")},
                                                   web={"secret_key_file": str(tmp_path / "secret-key")},
+                                                  backup={"key_file": str(tmp_path / "backup-key"),
+                                                          "db_password_file": str(tmp_path / "backup-db-password")},
                                                   attachments={"max_upload_mb": 40}))
     ctx = deploy.InstallContext(console=Console(file=io.StringIO()), profile="eval")
     ctx.settings = settings
@@ -127,12 +129,11 @@ def _context(tmp_path) -> deploy.InstallContext:
     return ctx
 
 
-def test_extra_vars_carry_no_secret(tmp_path, monkeypatch):
-    monkeypatch.setattr(deploy, "BACKUP_KEY_FILE", tmp_path / "backup-key")
+def test_extra_vars_carry_no_secret(tmp_path):
     ctx = _context(tmp_path)
     deploy.ensure_secrets(ctx)
     values = [p.read_text().strip() for p in tmp_path.iterdir()]
-    assert len(values) == 3 and all(len(v) >= 40 for v in values)
+    assert len(values) == 4 and all(len(v) >= 40 for v in values)
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in tmp_path.iterdir())
     text = json.dumps(deploy.render_extra_vars(ctx))
     assert not any(v in text for v in values)
@@ -149,7 +150,15 @@ def test_extra_vars_follow_the_settings_and_the_plan(tmp_path):
     assert extra["proxy_upstream"] == "127.0.0.1:8000"
     assert extra["proxy_client_max_body_size_mb"] == 41
     assert extra["proxy_worker_processes"] == 2
-    assert extra["postgresql_settings"] == {"shared_buffers": "1024MB", "max_connections": "24"}
+    settings = extra["postgresql_settings"]
+    assert {k: settings[k] for k in ("shared_buffers", "max_connections")} == {"shared_buffers": "1024MB",
+                                                                              "max_connections": "24"}
+    # Continuous WAL archiving: the current release's Python as postgres, its own copy of the key.
+    assert settings["archive_mode"] == "on" and settings["archive_timeout"] == 60
+    assert settings["archive_command"] == (
+        "/opt/crm-appliance/current/bin/python -m installer.backup_commands wal-push "
+        "--archive-dir /var/lib/crm-appliance/wal-archive --key-file /var/lib/postgresql/crm-appliance-backup-key %p %f")
+    assert extra["appliance_backup_db_password_source"] == str(tmp_path / "backup-db-password")
     assert extra["webapp_package_version"] == "0.1.0+src.abc"
     assert extra["appliance_db_password_source"] == str(tmp_path / "db-password")
     assert [p["port"] for p in extra["appliance_ports"]] == [80, 443, 5432, 8000]
@@ -166,7 +175,7 @@ def test_a_remote_host_gets_its_secrets_from_a_folder_on_the_controller(tmp_path
     target = deploy.Target(name="crm.corp.lan", inventory=Path("hosts.ini"), local=False)
     files = deploy.secret_files(ctx.settings, target)
     assert [f.src for f in files] == [deploy.REMOTE_SECRETS_DIR / "crm.corp.lan" / n
-                                      for n in ("db-password", "secret-key", "backup-key")]
+                                      for n in ("db-password", "secret-key", "backup-key", "backup-db-password")]
     assert files[0].dest == tmp_path / "db-password"
 
 

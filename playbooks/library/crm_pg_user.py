@@ -24,6 +24,15 @@ options:
     description: Port of the cluster (selects the cluster on Debian).
     type: int
     default: 5432
+  replication:
+    description: The role may open replication connections (pg_basebackup). Set or cleared to match.
+    type: bool
+    default: false
+  member_of:
+    description: Roles this role is granted (e.g. pg_read_all_data); missing grants are added, others kept.
+    type: list
+    elements: str
+    default: []
   state:
     description: C(present) or C(absent).
     type: str
@@ -61,6 +70,8 @@ def main():
             name=dict(type="str", required=True),
             password=dict(type="str", no_log=True),
             port=dict(type="int", default=5432),
+            replication=dict(type="bool", default=False),
+            member_of=dict(type="list", elements="str", default=[]),
             state=dict(type="str", default="present", choices=["present", "absent"]),
         ),
         supports_check_mode=True,
@@ -78,14 +89,29 @@ def main():
     password = module.params["password"]
     if not password:
         module.fail_json(msg="role %s: a password is required with state=present" % name)
-    if exists and password_matches(rows[0] if rows else "", password, name):
-        module.exit_json(changed=False, action="none")
-    action = "password set" if exists else "created"
-    if not module.check_mode:
-        verb = "ALTER" if exists else "CREATE"
-        psql(module, "%s ROLE %s WITH LOGIN PASSWORD %s;"
-             % (verb, quote_ident(name), quote_literal(scram_verifier(password))), port)
-    module.exit_json(changed=True, action=action)
+    actions = []
+    if not (exists and password_matches(rows[0] if rows else "", password, name)):
+        actions.append("password set" if exists else "created")
+        if not module.check_mode:
+            verb = "ALTER" if exists else "CREATE"
+            psql(module, "%s ROLE %s WITH LOGIN PASSWORD %s;"
+                 % (verb, quote_ident(name), quote_literal(scram_verifier(password))), port)
+    replication = module.params["replication"]
+    current = psql(module, "SELECT rolreplication FROM pg_roles WHERE rolname = %s;" % quote_literal(name), port)
+    if (current[:1] == ["t"]) != replication:
+        actions.append("replication %s" % ("granted" if replication else "revoked"))
+        if not module.check_mode:
+            psql(module, "ALTER ROLE %s WITH %sREPLICATION;" % (quote_ident(name), "" if replication else "NO"), port)
+    granted = set(psql(module, "SELECT b.rolname FROM pg_auth_members m JOIN pg_roles b ON b.oid = m.roleid "
+                               "JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = %s;" % quote_literal(name),
+                       port))
+    for group in module.params["member_of"]:
+        check_identifier(module, group, "member_of role")
+        if group not in granted:
+            actions.append("granted %s" % group)
+            if not module.check_mode:
+                psql(module, "GRANT %s TO %s;" % (quote_ident(group), quote_ident(name)), port)
+    module.exit_json(changed=bool(actions), action=", ".join(actions) or "none")
 
 
 def _exists(module, name, port):

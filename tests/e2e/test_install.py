@@ -208,12 +208,12 @@ def test_1_install_brings_up_the_whole_appliance(state):
     status = deploy.status(_ctx())
     assert status["health"]["ok"] is True, status["health"]
     web, scheduler = status["services"]
-    assert web["state"] in ("running", "active") and scheduler["state"] == "disabled"  # supervisord / systemd
+    assert web["state"] in ("running", "active") and scheduler["state"] in ("running", "active")
     assert status["nginx"] == "running" and status["postgresql"].endswith("online")
     assert status["version"] == result.version and status["schema"]["pending"] == []
 
     # Secrets: generated once, owner-only.
-    for name in ("db-password", "secret-key", "backup-key"):
+    for name in ("db-password", "secret-key", "backup-key", "backup-db-password"):
         path = Path("/etc/crm-appliance") / name
         assert path.stat().st_mode & 0o777 == 0o600 and path.owner() == "crm"
     if quickstart_ran:
@@ -460,6 +460,7 @@ def test_9c_upgrade_switches_the_release_and_a_failing_release_rolls_back(state,
     with Watcher() as watcher:
         result = deploy.upgrade(_ctx(source_dir=release_tree(tmp_path, "next", "0900_upgrade_probe")))
     assert result.previous_version == running and result.version != running
+    assert any(n.startswith("backup ") and n.endswith(" taken before the upgrade") for n in result.notes), result.notes
     assert deploy.installed_release() == result.version
     assert (deploy.PREFIX / "releases" / running).is_dir(), "the previous release stays, for a manual way back"
     assert psql("SELECT count(*) FROM schema_migration WHERE name = '0900_upgrade_probe'") == "1"
@@ -502,6 +503,68 @@ def test_9c_upgrade_switches_the_release_and_a_failing_release_rolls_back(state,
     applied = set(psql("SELECT string_agg(name, ',' ORDER BY name) FROM schema_migration").split(","))
     assert applied == set(migrations.split(",")) | {"0900_upgrade_probe"}
     assert deploy.status(_ctx())["health"]["ok"] is True
+
+
+def crm(*args: str, user: str | None = None) -> subprocess.CompletedProcess:
+    """The installed release's crm-appliance, as root or (like the scheduler) as another user."""
+    cmd = [str(VENV / "bin" / "crm-appliance"), *args]
+    return subprocess.run((["runuser", "-u", user, "--"] if user else []) + cmd, capture_output=True, text=True,
+                          cwd="/", timeout=900)
+
+
+def test_9d_backups_run_as_the_scheduler_and_a_point_in_time_restore_brings_back_the_past(state):
+    # WAL archiving runs: PostgreSQL's archive_command as postgres, with its own copy of the key.
+    wal_check = crm("scheduler", "run", "wal_check", user="crm")
+    assert wal_check.returncode == 0 and "WAL archiving works" in wal_check.stdout, wal_check.stdout + wal_check.stderr
+    key_copy = Path("/var/lib/postgresql/crm-appliance-backup-key")
+    assert key_copy.owner() == "postgres" and key_copy.stat().st_mode & 0o777 == 0o600
+    assert key_copy.read_bytes() == Path("/etc/crm-appliance/backup-key").read_bytes()
+
+    # The scheduler's jobs, as the scheduler's user: a base backup and a logical dump, verified.
+    for job in ("base_backup", "logical_dump"):
+        run = crm("scheduler", "run", job, user="crm")
+        assert run.returncode == 0 and ": ok in " in run.stdout, run.stdout + run.stderr
+    listed = json.loads(crm("backups", "--json", user="crm").stdout)
+    assert {b["kind"] for b in listed} >= {"base", "logical"}
+    verify = crm("backup", "verify", "latest", user="crm")
+    assert verify.returncode == 0 and "is intact" in verify.stdout, verify.stdout + verify.stderr
+
+    # A contact made after the target time: the restore to that time must not have it.
+    browser = Browser()
+    login(browser, state["email"], PASSWORD)
+    target = psql("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')")
+    time.sleep(1.5)
+    later = f"LATER-{uuid.uuid4().hex[:8]}"
+    status, where, _, _ = browser.submit(f"{BASE}/contacts/new", {"first_name": "Too", "last_name": later})
+    assert status == 200 and re.search(r"/contacts/\d+$", where)
+    subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-XAtc", "SELECT pg_switch_wal()"], check=True,
+                   capture_output=True, cwd="/")
+
+    with Watcher() as watcher:
+        restored = crm("restore", "latest", "--to", f"{target}+00:00", "--yes")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert "total (RTO)" in restored.stdout and "at most 72 h" in restored.stdout
+    assert (503, True) in watcher.seen and watcher.seen[-1] == (200, False)
+    assert not deploy.MAINTENANCE_FLAG.exists()
+    status = deploy.status(_ctx())
+    assert status["health"]["ok"] is True
+    assert [s["state"] for s in status["services"]] == ["running", "running"]
+    browser = Browser()
+    login(browser, state["email"], PASSWORD)
+    _, _, page, _ = browser.get(f"{BASE}/contacts/?q={later}")
+    assert later not in page, "the contact written after the target time is gone"
+    status, _, page, _ = browser.get(state["contact_url"])
+    assert status == 200 and "wei@example.cn" in page, "the contact from before is there"
+
+    for kept in Path("/var/lib/postgresql/15").glob("main.before-restore-*"):  # kept for the admin to remove
+        shutil.rmtree(kept)
+
+    # The weekly restore drill, as the scheduler runs it: a scratch copy checked against the manifest.
+    crm("scheduler", "run", "base_backup", user="crm")
+    subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-XAtc", "SELECT pg_switch_wal()"], check=True,
+                   capture_output=True, cwd="/")  # archive the restore point now, not within archive_timeout
+    drill = crm("scheduler", "run", "restore_drill", user="crm")
+    assert drill.returncode == 0 and "no corruption" in drill.stdout, drill.stdout + drill.stderr
 
 
 def test_10_uninstall_with_purge_data_destroys_the_data_and_keeps_the_logs(state):
@@ -578,7 +641,7 @@ def test_11_an_install_over_ssh_works_the_same_way(state, ssh_host):
     assert result.host == "remote-crm" and result.changed > 0
     assert any("remote host: planned for profile eval" in note for note in result.notes)
     # The secrets were made on the controller, kept for that host, and copied over once.
-    for name in ("db-password", "secret-key", "backup-key"):
+    for name in ("db-password", "secret-key", "backup-key", "backup-db-password"):
         kept, placed = deploy.REMOTE_SECRETS_DIR / "remote-crm" / name, Path("/etc/crm-appliance") / name
         assert kept.stat().st_mode & 0o777 == 0o600 and placed.stat().st_mode & 0o777 == 0o600
         assert kept.read_bytes() == placed.read_bytes() and placed.owner() == "crm"

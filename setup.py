@@ -53,6 +53,8 @@ setup(
             "pytest>=8,<10",
             "playwright>=1.45,<2",
             "babel>=2.14",
+            # A real SMTP server on 127.0.0.1 for the notice e-mail tests.
+            "aiosmtpd>=1.4,<2",
         ],
     },
     entry_points={"console_scripts": ["crm-appliance = installer.cli:main"]},

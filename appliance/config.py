@@ -169,6 +169,23 @@ class DiagnosticsSection:
 
 
 @dataclass(frozen=True)
+class SmtpSection:
+    """E-mail for notices (a failed backup, later quota warnings): to every active boss seat."""
+
+    host: str | None = _key(None, doc="Mail server; none = no e-mail (notices still show in the web UI).")
+    port: int = _key(587, minimum=1, maximum=65535)
+    security: str = _key("starttls", choices=("starttls", "tls", "none"),
+                         doc="starttls on port 587, tls on 465, none only on a trusted LAN relay.")
+    user: str | None = _key(None, doc="Login name; none = the server takes mail without a login.")
+    password_file: Path | None = _key(None, doc="File (mode 0600) with the login's password.")
+    from_address: str = _key("crm-appliance@localhost", doc="Sender address of the notices.")
+    timeout_seconds: int = _key(20, minimum=1, maximum=300)
+
+    def password(self) -> str | None:
+        return read_secret(self.password_file, "[smtp] password_file") if self.password_file else None
+
+
+@dataclass(frozen=True)
 class Settings:
     web: WebSection
     seats: SeatsSection
@@ -180,6 +197,7 @@ class Settings:
     backup: BackupSection = field(default_factory=BackupSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     diagnostics: DiagnosticsSection = field(default_factory=DiagnosticsSection)
+    smtp: SmtpSection = field(default_factory=SmtpSection)
     source: str = "<defaults>"
 
 

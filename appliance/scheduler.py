@@ -11,7 +11,7 @@ A job is a plain function ``job(settings) -> str`` returning a one-line summary,
 :data:`CRON_JOBS` under the name of its ``[schedule]`` key: adding one is that function
 and that key. :func:`run_job` records each run in the ``job_run`` table; a job that
 raises is recorded as failed and leaves a notice for the boss (``notice`` table, shown
-in the web UI), and the scheduler goes on.
+in the web UI, e-mailed when ``[smtp]`` names a host), and the scheduler goes on.
 
 Two jobs run on an interval instead and keep no history: the uptime probe (every
 ``[monitor] probe_interval_seconds``; its ledger is its history) and the heartbeat, a
@@ -178,7 +178,8 @@ def run_job(settings: Settings, name: str, func: Callable[[Settings], str] | Non
 
     ``db``: the daemon's pool; without it a small pool of its own is opened and closed.
     """
-    from webapp.models import JobRun, Notice
+    from appliance.notices import raise_notice
+    from webapp.models import JobRun
 
     func = func or CRON_JOBS[name]
     started = _utcnow()
@@ -210,7 +211,7 @@ def run_job(settings: Settings, name: str, func: Callable[[Settings], str] | Non
                 row.finished_at, row.outcome, row.message = _utcnow(), outcome, message
                 row.save()
             if outcome == "failed":
-                Notice.create(level="error", source=f"job:{name}", message=f"{name} failed: {message}")
+                raise_notice(settings, "error", f"job:{name}", f"{name} failed: {message}")
 
         _record(db, finish)
     log.info("job %s %s in %.1f s: %s", name, outcome, seconds, message)

@@ -82,7 +82,7 @@ INSTALLER_OWNED = {
     ("database", "pool_size"): "set by the installer from the sizing plan",
 }
 SECTION_ORDER = ("appliance", "database", "web", "seats", "attachments", "proxy", "monitor", "backup", "schedule",
-                 "diagnostics")
+                 "diagnostics", "smtp")
 DEFAULT_PROFILE = "standard-50"
 RUNNER_TIMEOUT_SECONDS = 1800
 LOCK_FILE = Path("/run/lock/crm-appliance-install.lock")
@@ -893,6 +893,7 @@ def status(ctx: InstallContext) -> dict[str, Any]:
         "disk": _disk(settings),
         "last_install_log": _last_log(settings, "install"),
         "availability": _availability(settings),
+        "last_backups": _last_backups(settings),
     }
     return out
 
@@ -1089,6 +1090,23 @@ def _health(url: str) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError):
         pass
     return health
+
+
+def _last_backups(settings) -> dict[str, Any] | None:
+    """The newest backup of each kind (crm-appliance backups lists them all)."""
+    if settings is None:
+        return None
+    from appliance import backup
+
+    try:
+        listed = backup.list_backups(settings)
+    except (ApplianceError, OSError) as exc:  # e.g. the backup directory is not readable by this user
+        return {"error": str(exc)}
+    newest: dict[str, Any] = {}
+    for info in sorted(listed, key=lambda b: b.started_at or dt.datetime.min.replace(tzinfo=dt.timezone.utc)):
+        newest[info.kind] = {"id": info.id, "state": info.state, "size_bytes": info.size_bytes,
+                             "started_at": info.started_at.isoformat() if info.started_at else None}
+    return newest
 
 
 def _availability(settings) -> dict[str, Any] | None:

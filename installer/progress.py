@@ -416,6 +416,16 @@ def print_status(console: Console, status: dict) -> None:
                      f"{disk['plan_budget_bytes'] / 1e9:.1f} GB"
                      + ("" if disk["free_covers_budget"] else " (the free space no longer covers the rest)"))
         console.print(f"  {'disk':<26} {line}", highlight=False, markup=False, soft_wrap=True)
+    backups = status.get("last_backups")
+    if backups and "error" in backups:
+        console.print(f"  {'last backups':<26} {backups['error']}", highlight=False, markup=False, soft_wrap=True)
+    elif backups:
+        line = "; ".join(f"{kind} {b['id']} ({b['state']}, {b['size_bytes'] / 1e6:.1f} MB)" for kind, b in
+                         sorted(backups.items()))
+        console.print(f"  {'last backups':<26} {line}", highlight=False, markup=False, soft_wrap=True)
+    elif backups is not None:
+        console.print(f"  {'last backups':<26} none yet (the scheduler takes them; crm-appliance backup takes one now)",
+                      highlight=False, markup=False, soft_wrap=True)
     sla = status.get("availability")
     if sla and "error" in sla:
         console.print(f"  {'availability':<26} {sla['error']}", highlight=False, markup=False, soft_wrap=True)

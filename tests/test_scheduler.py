@@ -241,3 +241,64 @@ def test_the_boss_sees_a_failed_job_as_a_notice_and_acknowledges_it(settings, db
     page = boss.get("/admin/notices").get_data(as_text=True)
     assert "No open notices." in page and 'class="badge"' not in page
     assert boss.post("/admin/notices/999999/acknowledge", token_from="/admin/notices").status_code == 404
+
+
+# ----------------------------------------------------------------------------- notice e-mail
+
+
+@pytest.fixture
+def smtp_server():
+    """A real SMTP server (aiosmtpd) on a free 127.0.0.1 port, keeping what it receives."""
+    from aiosmtpd.controller import Controller
+    from tests.pgcluster import free_port
+
+    class Keep:
+        def __init__(self):
+            self.messages = []
+
+        async def handle_DATA(self, server, session, envelope):
+            self.messages.append(envelope)
+            return "250 OK"
+
+    handler = Keep()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        yield controller, handler
+    finally:
+        controller.stop()
+
+
+def test_a_failed_job_is_mailed_to_every_active_boss_when_smtp_is_configured(settings, db, make_seat, smtp_server):
+    from appliance import seats
+    from webapp.models import Notice
+
+    controller, inbox = smtp_server
+    make_seat("boss@corp.cn", role="boss")
+    gone = make_seat("old.boss@corp.cn", role="boss")
+    seats.suspend(gone.user)
+    make_seat("agent@corp.cn", role="agent")
+    mailing = dataclasses.replace(settings, smtp=dataclasses.replace(
+        settings.smtp, host="127.0.0.1", port=controller.port, security="none", from_address="crm@corp.cn"))
+
+    result = scheduler.run_job(mailing, "base_backup", func=lambda s: (_ for _ in ()).throw(
+        ApplianceError("no space left for the backup")))
+    assert result.outcome == "failed" and Notice.select().count() == 1
+    assert len(inbox.messages) == 1
+    envelope = inbox.messages[0]
+    assert envelope.mail_from == "crm@corp.cn" and envelope.rcpt_tos == ["boss@corp.cn"]
+    import email
+    from email import policy
+
+    mail = email.message_from_bytes(envelope.content, policy=policy.default)
+    assert mail["Subject"] == "[CRM error] base_backup failed: no space left for the backup"
+    body = mail.get_content()
+    assert "base_backup failed: no space left for the backup" in body and "Source: job:base_backup" in body
+    assert "Administration -> Notices" in body
+
+    # No mail server answering: the notice is still recorded and the job's outcome stands.
+    from tests.pgcluster import free_port
+
+    nobody = dataclasses.replace(mailing, smtp=dataclasses.replace(mailing.smtp, port=free_port()))
+    again = scheduler.run_job(nobody, "prune", func=lambda s: (_ for _ in ()).throw(ApplianceError("disk gone")))
+    assert again.outcome == "failed" and Notice.select().count() == 2 and len(inbox.messages) == 1

@@ -565,6 +565,7 @@ def test_9d_backups_run_as_the_scheduler_and_a_point_in_time_restore_brings_back
                    capture_output=True, cwd="/")  # archive the restore point now, not within archive_timeout
     drill = crm("scheduler", "run", "restore_drill", user="crm")
     assert drill.returncode == 0 and "no corruption" in drill.stdout, drill.stdout + drill.stderr
+    assert deploy.status(_ctx())["last_backups"]["base"]["state"] == "verified"
 
 
 def test_10_uninstall_with_purge_data_destroys_the_data_and_keeps_the_logs(state):

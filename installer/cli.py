@@ -454,6 +454,32 @@ def status(ctx: Context, as_json: bool) -> None:
         progress.print_status(ictx.console, result)
 
 
+# ----------------------------------------------------------------------------- demo data
+
+
+@main.command("demo-data")
+@click.option("--seats", type=click.IntRange(1, 10_000), default=50, show_default=True, help="Demo seats to create.")
+@click.option("--years", type=click.FloatRange(0, 20, min_open=True), default=3, show_default=True,
+              help="Years of history the records spread over.")
+@click.option("--scale", type=click.FloatRange(0, 100, min_open=True), default=1, show_default=True,
+              help="Multiplies every count (1: 50k accounts, 200k contacts, ... for 50 seats and 3 years).")
+@click.option("--seed", type=int, default=1, show_default=True, help="Same seed, same data set.")
+@click.option("--password-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="File holding the password every demo seat gets (for load tests); default: no password.")
+@click.option("--force", is_flag=True, help="Add demo data even though the database holds records already.")
+@pass_ctx
+@handle_errors
+def demo_data(ctx: Context, seats, years, scale, seed, password_file, force) -> None:
+    """Fill the database with a realistic, deterministic demo data set (never for real data)."""
+    from appliance import demo_data as demo
+    from appliance.seats import hash_password
+
+    password_hash = hash_password(Path(password_file).read_text().strip()) if password_file else None
+    result = demo.generate(ctx.settings, seats=seats, years=years, scale=scale, seed=seed, force=force,
+                           password_hash=password_hash, progress=lambda what: click.echo(f"... {what}", err=True))
+    click.echo(str(result))
+
+
 # ----------------------------------------------------------------------------- scheduler
 
 

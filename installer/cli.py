@@ -384,14 +384,20 @@ _accept_risk_option = click.option(
               help="Change nothing: report what differs from the installed state (drift). Exit 3 on drift.")
 @click.option("--yes", is_flag=True, help="Do not ask before changing the host.")
 @click.option("--new-boss-link", is_flag=True, help="Issue a new one-time link for a boss who has no password yet.")
+@click.option("--no-backup", "skip_backup", is_flag=True,
+              help="When another release runs: do not take a base backup with it first (taken by default).")
 @pass_ctx
 @handle_errors
-def install(ctx: Context, config, inventory, profile_name, seats, accepted, check_only, yes, new_boss_link) -> None:
-    """Check the host, then deploy (or update) the appliance with Ansible. Safe to run again."""
+def install(ctx: Context, config, inventory, profile_name, seats, accepted, check_only, yes, new_boss_link,
+            skip_backup) -> None:
+    """Check the host, then deploy (or update) the appliance with Ansible. Safe to run again.
+
+    When another release runs, this is an upgrade: a backup first, then the guarded switch."""
     from installer import deploy, progress
 
     ictx = _install_context(ctx, config, inventory, profile=profile_name, seats=seats,
-                            accept_risks=tuple(accepted), yes=yes, new_boss_link=new_boss_link)
+                            accept_risks=tuple(accepted), yes=yes, new_boss_link=new_boss_link,
+                            skip_backup=skip_backup)
     if check_only:
         report = deploy.check(ictx)
         progress.print_drift(ictx.console, report)

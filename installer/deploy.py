@@ -765,13 +765,19 @@ def deploy_error(record, status: str, rc: int | None, log_path: Path, kind: str 
 def install(ctx: InstallContext) -> InstallResult:
     """Install or update the appliance; safe to run again (a second run changes nothing).
 
-    When another release runs already, this is an upgrade, guarded as :func:`upgrade` is.
+    When another release runs already, this is an upgrade, guarded as :func:`upgrade` is
+    (with the backup first).
     """
     started = time.monotonic()
     for step in (require_root, load_settings, load_inventory, check_reachable, find_running_release, plan_host,
-                 confirm_install, build_release, ensure_secrets):
+                 confirm_install, build_release, backup_if_upgrading, ensure_secrets):
         step(ctx)
     return _deploy(ctx, started, kind="install")
+
+
+def backup_if_upgrading(ctx: InstallContext) -> None:
+    if ctx.previous_version and ctx.previous_version != ctx.release.version:
+        backup_before_upgrade(ctx)
 
 
 def upgrade(ctx: InstallContext) -> InstallResult:

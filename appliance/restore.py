@@ -293,14 +293,13 @@ def check_compatible(manifest: dict, cluster_version: int) -> None:
     level = max([backup_mod._migration_index(n) for n in known] or [0])
     schema = manifest.get("schema") or {}
     unknown = sorted(set(schema.get("migrations") or []) - known)
-    if unknown or int(schema.get("level") or 0) > level:
+    # A backup made by this very release is fine even with a migration it does not know: it
+    # ran on that schema (a newer release migrated it, then was rolled back to this one).
+    if (unknown or int(schema.get("level") or 0) > level) and made_by != appliance.__version__:
         name = unknown[0] if unknown else f"level {schema.get('level')}"
-        # The release that made the backup may itself run on a schema a newer release migrated
-        # (after a rollback): then only a release that has the migration can restore it.
-        which = (f"crm-appliance {made_by} or later" if made_by != appliance.__version__
-                 else f"the release that added migration {name}")
         raise RestoreError(f"backup {manifest['id']} has schema migration {name}, which this crm-appliance "
-                           f"{appliance.__version__} does not know: install {which} to restore it")
+                           f"{appliance.__version__} does not know (the backup was made by {made_by}): install "
+                           f"the release that added migration {name} to restore it")
     major = int(manifest["postgresql"]["version_num"]) // 10000
     if major != cluster_version:
         raise RestoreError(f"backup {manifest['id']} is of PostgreSQL {major}, but the cluster is PostgreSQL "

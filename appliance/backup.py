@@ -768,19 +768,24 @@ def _copy_archived(src: Path, dest: Path, rel: str, key: BackupKey) -> dict:
             "plain_sha256": plain.hexdigest()}
 
 
+def dump_jobs() -> int:
+    """``pg_dump -j``: one job per core, at most 4."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def _logical_backup(settings: Settings, conn: _Connection, facts: dict, key: BackupKey, partial: Path,
                     backup_id: str, say: Progress) -> dict:
     bindir = pg_bin(facts["version_num"])
     # pg_dump -Fd can only write a directory: the plaintext stays inside the 0700 partial
     # directory and each file is removed as soon as it is encrypted.
     plain = partial / ".plain-dump"
-    jobs = str(max(1, min(4, os.cpu_count() or 1)))
+    jobs = str(dump_jobs())
     files = []
     with _tool_env(conn, partial) as env:
         say(f"pg_dump -Fd -j {jobs} of database {conn.dbname!r}")
         start_lsn = _current_lsn(conn)
         tool = _Tool([str(bindir / "pg_dump"), "-h", conn.host, "-p", str(conn.port), "-U", conn.user, "-w",
-                      "-d", conn.dbname, "-F", "d", "-j", jobs, "-Z", "1", "-f", str(plain)], env)
+                      "-d", conn.dbname, "-F", "d", "-j", jobs, "-Z", "1", "--no-sync", "-f", str(plain)], env)
         try:
             tool.finish()
         except BaseException:
@@ -856,7 +861,9 @@ class _AttachmentCapture:
     def _run(self) -> None:
         try:
             with _encrypted_output(self.dest, self.key) as writer:
-                with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                # "w", not the stream mode "w|": that one cuts every write into 10 kB pieces.
+                with tarfile.open(fileobj=writer, mode="w", format=tarfile.PAX_FORMAT,
+                                  copybufsize=encryption.CHUNK_SIZE) as tar:
                     while (rel := self._queue.get()) is not None:
                         self._add(tar, rel)
             self.entry = _file_entry(ATTACHMENTS_FILE, writer)

@@ -130,7 +130,7 @@ class EncryptingWriter:
         self.stored_sha256.update(data)
         self.stored_size += len(data)
 
-    def _seal(self, plain: bytes, final: bool) -> None:
+    def _seal(self, plain, final: bool) -> None:
         flag = b"\x01" if final else b"\x00"
         self._emit(self._aead.encrypt(_nonce(self._index, final), plain, self._header + flag))
         self._index += 1
@@ -140,30 +140,36 @@ class EncryptingWriter:
             raise self._error  # a failed write (disk full, say) fails every later one the same way
         if self._closed:
             raise ValueError("write to a closed EncryptingWriter")
-        data = bytes(data)
-        self.plain_sha256.update(data)
-        self.plain_size += len(data)
-        self._buf += data
-        size = self._chunk_size
-        # Hold back a full chunk until more data shows it is not the last one.
-        if len(self._buf) > size:
-            cut = ((len(self._buf) - 1) // size) * size
-            try:
-                with memoryview(self._buf) as view:
-                    for start in range(0, cut, size):
-                        self._seal(bytes(view[start:start + size]), final=False)
-            except BaseException as exc:
-                self._error = exc
-                raise
-            del self._buf[:cut]
-        return len(data)
+        view = memoryview(data).cast("B")
+        n = len(view)
+        self.plain_sha256.update(view)
+        self.plain_size += n
+        size, buf, pos = self._chunk_size, self._buf, 0
+        # A full chunk is held back until more data shows it is not the last one; whole chunks
+        # further on in ``data`` are sealed straight from it, without a copy.
+        try:
+            if buf and n:
+                if len(buf) < size:
+                    pos = min(size - len(buf), n)
+                    buf += view[:pos]
+                if len(buf) == size and pos < n:
+                    self._seal(buf, final=False)
+                    buf.clear()
+            while n - pos > size:
+                self._seal(view[pos:pos + size], final=False)
+                pos += size
+        except BaseException as exc:
+            self._error = exc
+            raise
+        buf += view[pos:]
+        return n
 
     def close(self) -> None:
         if self._error is not None:
             raise self._error
         if not self._closed:
             try:
-                self._seal(bytes(self._buf), final=True)
+                self._seal(self._buf, final=True)
             except BaseException as exc:
                 self._error = exc
                 raise
@@ -172,6 +178,9 @@ class EncryptingWriter:
 
     def writable(self) -> bool:  # tarfile and shutil ask
         return True
+
+    def tell(self) -> int:  # tarfile's "w" mode asks: the plaintext written so far
+        return self.plain_size
 
     def flush(self) -> None:
         self._raw.flush()

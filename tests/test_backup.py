@@ -215,6 +215,32 @@ def test_stream_encryption_round_trip_and_detects_every_change(tmp_path):
         b"".join(encryption.decrypt_chunks(io.BytesIO(blob), other, "f"))
 
 
+def test_stream_encryption_is_the_same_whatever_the_write_sizes(tmp_path):
+    """Writes that straddle, fill or span chunks (bytes, bytearray, memoryview) give the same
+    chunks: full ones, then a last one of 1 to chunk_size bytes; so decrypt reads them all."""
+    import hashlib
+    import io
+    import random
+
+    key = encryption.key_from_text(secrets.token_urlsafe(32), tmp_path / "k")
+    rng = random.Random(4)
+    for size in (0, 1, 4095, 4096, 4097, 3 * 4096, 3 * 4096 + 17):
+        data = os.urandom(size)
+        for sizes in ([size], [4096] * 4, [1, 4095, 4096, 4097], [rng.randint(0, 9000) for _ in range(8)]):
+            out, pos = io.BytesIO(), 0
+            writer = encryption.EncryptingWriter(out, key, chunk_size=4096)
+            for step, kind in zip(sizes + [size], [bytes, bytearray, memoryview] * 5):
+                assert writer.write(kind(data[pos:pos + step])) == len(data[pos:pos + step])
+                pos += step
+            writer.close()
+            blob = out.getvalue()
+            assert b"".join(encryption.decrypt_chunks(io.BytesIO(blob), key, "f")) == data
+            assert len(blob) == encryption.HEADER.size + size + max(1, -(-size // 4096)) * encryption.TAG_SIZE
+            assert writer.plain_sha256.hexdigest() == hashlib.sha256(data).hexdigest()
+            assert writer.stored_sha256.hexdigest() == hashlib.sha256(blob).hexdigest()
+            assert writer.plain_size == writer.tell() == size and writer.stored_size == len(blob)
+
+
 def test_key_rules(tmp_path):
     path = tmp_path / "key"
     with pytest.raises(BackupError, match="does not exist"):

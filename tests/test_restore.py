@@ -338,6 +338,10 @@ def test_target_outside_the_recoverable_window(env):
 def test_a_failed_start_puts_the_previous_data_back(env):
     backup.take_backup(env.settings, "base")
     _insert(env, "written-before-the-failed-restore")
+    # A commit after the target, so that replay reaches the target whatever the machine's load.
+    target = _server_now(env)
+    time.sleep(0.2)
+    _insert(env, "written-after-the-target")
     env.switch_wal()
     labels = _labels(env)
     called = []
@@ -349,7 +353,6 @@ def test_a_failed_start_puts_the_previous_data_back(env):
     hooks = restore.RestoreHooks(before_swap=lambda: called.append("before_swap"), after_start=health_gate,
                                  after_rollback=lambda: called.append("after_rollback"))
     archive_before = set(os.listdir(env.settings.backup.wal_archive_dir))
-    target = _server_now(env) - dt.timedelta(seconds=0.3)  # before the last row: the restored data differs
     with pytest.raises(RestoreError, match="health gate: /healthz answered 503.*the previous data is back in place"):
         restore.restore(env.settings, "latest", target_time=target, cluster=_cluster(env), hooks=hooks)
     assert called == ["before_swap", "after_start", "after_rollback"]

@@ -430,11 +430,14 @@ class Watcher(threading.Thread):
         self.seen: list[tuple[int, bool]] = []
         self.done = threading.Event()
 
+    def look(self, browser) -> None:
+        status, _, page, _ = browser.get(f"{BASE}/auth/login")
+        self.seen.append((status, "CRM 正在更新" in page and "The CRM is being updated" in page))
+
     def run(self):
         browser = Browser()
         while not self.done.is_set():
-            status, _, page, _ = browser.get(f"{BASE}/auth/login")
-            self.seen.append((status, "CRM 正在更新" in page and "The CRM is being updated" in page))
+            self.look(browser)
             time.sleep(0.2)
 
     def __enter__(self):
@@ -444,6 +447,8 @@ class Watcher(threading.Thread):
     def __exit__(self, *exc):
         self.done.set()
         self.join(timeout=40)
+        # The last look is taken after the operation returned (one in flight may predate its end).
+        self.look(Browser())
 
 
 def psql(sql: str) -> str:

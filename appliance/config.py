@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
 import stat
 import tomllib
@@ -256,6 +257,22 @@ def from_mapping(data: dict, source: str = "<mapping>") -> Settings:
         raise ConfigError(f"{source}: [proxy] {missing}: required with {given}, but missing; "
                           f"expected both files, or neither for a self-signed certificate")
     return Settings(source=source, **sections)
+
+
+def toml_value(value) -> str:
+    """A value of ``Settings`` as a TOML literal this loader reads back (the installer renders
+    appliance.toml with it; the diagnostics bundle shows the settings in force with it)."""
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+    raise TypeError(f"no TOML form for {value!r}")
 
 
 def _build_section(cls, section: str, table: dict, source: str):

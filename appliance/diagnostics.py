@@ -70,7 +70,7 @@ from typing import Any, Callable, Iterable
 from urllib.parse import unquote, urlsplit
 
 from appliance import config as config_mod
-from appliance.config import Settings
+from appliance.config import Settings, toml_value
 from appliance.errors import ApplianceError
 
 log = logging.getLogger(__name__)
@@ -1177,12 +1177,12 @@ def _part_config(b: _Build) -> None:
             value = getattr(values, key)
             if _is_secret_file_key(key):
                 files.append(_secret_file_state(f"[{section}] {key}", value))
-                lines.append(f"{key} = {_toml_value(value)}  # a secret file: content not collected")
+                lines.append(f"{key} = {toml_value(value)}  # a secret file: content not collected")
             elif _SECRET_KEY_NAME.search(key) and isinstance(value, str) and not isinstance(value, Path):
                 lines.append(f"{key} = \"{REDACTED}\"")
                 b.scrub.counts["secret config value"] += 1
             else:
-                shown = _toml_value(value)
+                shown = toml_value(value)
                 lines.append(f"{key} = {b.scrub.text(shown, quoted=False) if isinstance(value, str) else shown}")
         lines.append("")
     b.add("config/appliance.toml", "\n".join(lines), "The configuration in force with every secret replaced by "
@@ -1218,16 +1218,6 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
-def _toml_value(value: Any) -> str:
-    if value is None:
-        return '"none"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, dt.date):
-        return value.isoformat()
-    return json.dumps(str(value), ensure_ascii=False)
 
 
 # -- logs

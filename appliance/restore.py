@@ -50,6 +50,7 @@ from typing import Callable, Iterator
 import appliance
 from appliance import backup as backup_mod
 from appliance import encryption
+from appliance.backup import _fsync_dir
 from appliance.config import Settings
 from appliance.errors import RestoreError
 
@@ -235,14 +236,6 @@ def _exchange(a: Path, b: Path) -> None:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(a), None, str(b))
     _fsync_dir(a.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _chown_tree(path: Path, user: str) -> None:

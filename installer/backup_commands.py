@@ -15,7 +15,6 @@ They take no configuration file (the postgres user cannot read it), only their t
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import json
 import sys
 import zoneinfo
@@ -23,23 +22,13 @@ import zoneinfo
 import click
 
 from appliance.errors import ApplianceError, BackupIntegrityError
+from installer.clickutil import handle_errors as _handle_errors
 
 # PostgreSQL aborts recovery when restore_command exits above 125; any lower status means
 # "not archived" and would end recovery early, promoting at the wrong point.
 WAL_FETCH_FATAL = 126
 
 
-def _handle_errors(func):
-    """An ApplianceError becomes one line on stderr and exit status 1."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except ApplianceError as exc:
-            raise click.ClickException(str(exc)) from None
-
-    return wrapper
 
 
 def _settings(obj):

@@ -7,7 +7,6 @@ line on stderr and exit status 1; a usage error exits 2 (Click's own).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import platform
@@ -20,6 +19,7 @@ import appliance
 from appliance import config as config_mod
 from appliance.errors import ApplianceError, SizingError
 from appliance.scheduler import CRON_JOBS
+from installer.clickutil import handle_errors
 from sizing import profiles as sizing_profiles
 from sizing.check import CHECK_IDS
 
@@ -27,19 +27,6 @@ from sizing.check import CHECK_IDS
 def _version_message() -> str:
     where = Path(appliance.__file__).resolve().parent.parent
     return f"crm-appliance {appliance.__version__} from {where} (Python {platform.python_version()})"
-
-
-def handle_errors(func):
-    """Turn the appliance's expected errors into a clean message and exit 1."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except ApplianceError as exc:
-            raise click.ClickException(str(exc)) from None
-
-    return wrapper
 
 
 class Context:

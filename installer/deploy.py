@@ -534,19 +534,6 @@ def require_secrets(ctx: InstallContext) -> None:
 # ============================================================================= extra variables
 
 
-def toml_value(value: Any) -> str:
-    """A Python value from ``Settings`` as a TOML literal that ``appliance.config`` reads back."""
-    if value is None:
-        return '"none"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, dt.date):
-        return value.isoformat()
-    if isinstance(value, (str, Path)):
-        return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
-    raise TypeError(f"no TOML form for {value!r}")
 
 
 def config_sections(settings: config_mod.Settings) -> list[dict[str, Any]]:
@@ -562,7 +549,7 @@ def config_sections(settings: config_mod.Settings) -> list[dict[str, Any]]:
             owned = INSTALLER_OWNED.get((name, key))
             if owned:
                 doc = f"{doc.rstrip('.')}; {owned}." if doc else owned[0].upper() + owned[1:] + "."
-            keys.append({"name": key, "value": toml_value(getattr(values, key)), "doc": doc})
+            keys.append({"name": key, "value": config_mod.toml_value(getattr(values, key)), "doc": doc})
         sections.append({"name": name, "keys": keys})
     return sections
 

@@ -14,26 +14,14 @@ import each other. keygen and decrypt never read the configuration: the vendor h
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import click
 
-from appliance.errors import ApplianceError
+from installer.clickutil import handle_errors as _handle_errors
 
 
-def _handle_errors(func):
-    """The appliance's expected errors become one line on stderr and exit 1 (as in installer.cli)."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except ApplianceError as exc:
-            raise click.ClickException(str(exc)) from None
-
-    return wrapper
 
 
 @click.group(invoke_without_command=True)

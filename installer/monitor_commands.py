@@ -14,7 +14,6 @@ import each other.
 
 from __future__ import annotations
 
-import functools
 import getpass
 import json
 import time
@@ -22,20 +21,9 @@ import zoneinfo
 
 import click
 
-from appliance.errors import ApplianceError
+from installer.clickutil import handle_errors as _handle_errors
 
 
-def _handle_errors(func):
-    """The appliance's expected errors become one line on stderr and exit 1 (as in installer.cli)."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except ApplianceError as exc:
-            raise click.ClickException(str(exc)) from None
-
-    return wrapper
 
 
 def _month(ctx, param, value):

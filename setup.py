@@ -56,6 +56,10 @@ setup(
             # A real SMTP server on 127.0.0.1 for the notice e-mail tests.
             "aiosmtpd>=1.4,<2",
         ],
+        # The seat load test and capacity figures: bench/load/run.py (docs/performance.md).
+        "bench": [
+            "locust>=2.20,<3",
+        ],
     },
     entry_points={"console_scripts": ["crm-appliance = installer.cli:main"]},
 )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+from peewee import ForeignKeyField
+
 from appliance.db import MIGRATIONS_DIR, migrate, migration_status
 from webapp.models import ALL_MODELS
 
@@ -42,6 +44,19 @@ def test_every_model_column_exists_with_its_nullability(migrated_db):
             for field in model._meta.sorted_fields:
                 assert field.column_name in columns, f"{table}.{field.column_name} missing: write a migration"
                 assert columns[field.column_name].null == field.null, f"{table}.{field.column_name} nullability"
+
+
+def test_every_foreign_key_the_models_index_has_an_index(migrated_db):
+    """Found by the load test (bench/load): the contact page's related opportunities and tickets were
+    read with a sequential scan, because the migrations had left out the indexes the models declare."""
+    missing = []
+    with migrated_db.connection_context():
+        for model in ALL_MODELS:
+            table = model._meta.table_name
+            leading = {tuple(i.columns)[0] for i in migrated_db.get_indexes(table)}
+            missing += [f"{table}.{f.column_name}" for f in model._meta.sorted_fields
+                        if isinstance(f, ForeignKeyField) and f.index and f.column_name not in leading]
+    assert missing == [], f"no index on {missing}: write a migration, or index=False on the field"
 
 
 def test_fresh_database_migrates_from_zero(pg_cluster, secrets_dir, app_database):

@@ -373,3 +373,14 @@ def test_editing_keeps_a_link_to_a_record_the_editor_cannot_see(make_seat, brows
     resp = _form(browser, "/contacts/new", {"last_name": "Probe", "account": f"(#{secret_account.id})",
                                             "owner": a.user.id})
     assert resp.status_code == 400
+
+
+def test_a_save_without_the_lookup_field_keeps_the_link_instead_of_failing(agent, browser_for):
+    """Found by the load test (bench/load): a POST that leaves out a lookup field got a 500."""
+    acc = audit.create(agent.user, Account, {"name": "Kept Ltd"})
+    contact = audit.create(agent.user, Contact, {"last_name": "Wang", "account": acc.id})
+    b = browser_for(agent)
+    resp = _form(b, f"/contacts/{contact.id}/edit", {"last_name": "Wang Wei", "owner": agent.user.id})
+    assert resp.status_code == 302
+    contact = Contact.get_by_id(contact.id)
+    assert contact.last_name == "Wang Wei" and contact.account_id == acc.id

@@ -64,6 +64,10 @@ class LookupField(StringField):
 
     def pre_validate(self, form):
         self.selected_id = None
+        if not isinstance(self.data, (str, type(None))):
+            # Not in the POST at all: the form kept the record's own value, so keep its link.
+            self.selected_id = self.kept_id
+            return
         text = (self.data or "").strip()
         if not text:
             return

@@ -998,6 +998,7 @@ def backup_before_upgrade(ctx: InstallContext) -> None:
     if probe.returncode != 0:
         ctx.notes.append(f"no backup before the upgrade: release {ctx.previous_version} has no backup command")
         return
+    start_stopped_cluster(ctx)
     ctx.say("Taking a base backup with the running release before the upgrade ...")
     result = subprocess.run(["runuser", "-u", SERVICE_USER, "--", str(exe), "--config", str(INSTALLED_CONFIG), "backup",
                              "--json"], capture_output=True, text=True, cwd="/", timeout=6 * 3600)
@@ -1052,17 +1053,48 @@ def _pid_alive(pidfile: Path) -> bool:
         return False
 
 
-def _postgresql_state(settings) -> str:
-    port = settings.database.port if settings else 5432
-    try:
-        result = subprocess.run(["pg_lsclusters", "--no-header"], capture_output=True, text=True, timeout=10, cwd="/")
-    except OSError:
-        return "not installed"
+def _cluster_on_port(port: int) -> tuple[str, str, str] | None:
+    """(version, name, "online"/"down") of this host's Debian cluster on ``port``; None if none.
+
+    Raises OSError when PostgreSQL's packages are not installed.
+    """
+    result = subprocess.run(["pg_lsclusters", "--no-header"], capture_output=True, text=True, timeout=10, cwd="/")
     for line in result.stdout.splitlines():
         parts = line.split()
         if len(parts) >= 4 and parts[2] == str(port):
-            return f"{parts[0]}/{parts[1]} {parts[3]}"
-    return "no cluster on port %s" % port
+            return parts[0], parts[1], parts[3]
+    return None
+
+
+def _postgresql_state(settings) -> str:
+    port = settings.database.port if settings else 5432
+    try:
+        cluster = _cluster_on_port(port)
+    except OSError:
+        return "not installed"
+    return f"{cluster[0]}/{cluster[1]} {cluster[2]}" if cluster else f"no cluster on port {port}"
+
+
+def start_stopped_cluster(ctx: InstallContext) -> None:
+    """Start the appliance's PostgreSQL cluster if it is installed but down (a host restarted
+    without its services, or stopped by hand): the backup before an upgrade needs it, and the
+    playbook would start it anyway."""
+    port = ctx.settings.database.port
+    try:
+        cluster = _cluster_on_port(port)
+    except OSError:
+        return
+    if cluster is None or cluster[2] == "online":
+        return
+    version, name, _ = cluster
+    ctx.say(f"Starting PostgreSQL {version}/{name} on port {port}, which was down ...")
+    result = subprocess.run(["pg_ctlcluster", version, name, "start"], capture_output=True, text=True, cwd="/",
+                            timeout=120)
+    if result.returncode != 0:
+        last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no message"]
+        raise DeployError(f"PostgreSQL {version}/{name} is down and did not start: {last[0]}; see "
+                          f"/var/log/postgresql/postgresql-{version}-{name}.log; nothing was changed")
+    ctx.notes.append(f"PostgreSQL {version}/{name} was down: started it for the backup before the upgrade")
 
 
 def _health(url: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 from peewee import ForeignKeyField
@@ -79,3 +80,17 @@ def test_fresh_database_migrates_from_zero(pg_cluster, secrets_dir, app_database
     finally:
         db.close_all()
         models.database.initialize(previous)
+
+
+def test_the_search_column_holds_every_search_field_of_its_module(migrated_db):
+    """``search_text`` (migration 0004) is what searches read: a module's search fields and
+    the generated column must name the same columns."""
+    from webapp.crud import MODULES
+    with migrated_db.connection_context():
+        for module in MODULES.values():
+            table = module.model._meta.table_name
+            expression = migrated_db.execute_sql(
+                "SELECT generation_expression FROM information_schema.columns "
+                "WHERE table_name = %s AND column_name = 'search_text'", (table,)).fetchone()[0]
+            named = set(re.findall(r"COALESCE\(\(?(\w+)", expression, flags=re.I))
+            assert named == set(module.search_fields), (table, expression)

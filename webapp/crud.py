@@ -25,7 +25,7 @@ from flask import (Blueprint, Response, abort, current_app, flash, g, redirect, 
                    stream_with_context, url_for)
 from flask_babel import gettext as _
 import peewee
-from peewee import JOIN, DateField, DateTimeField, DecimalField, ForeignKeyField, IntegerField, Tuple, fn
+from peewee import JOIN, DateField, DateTimeField, DecimalField, ForeignKeyField, IntegerField, Tuple
 
 from webapp import audit, permissions
 from webapp.i18n import choice_label
@@ -66,7 +66,7 @@ class Module:
     form: type
     url_prefix: str
     columns: list[Column]
-    search_fields: tuple[str, ...]
+    search_fields: tuple[str, ...]  # the columns in search_text (migration 0004; a test keeps them equal)
     detail_fields: list[tuple[str, object]]
     filters: list[Filter] = field(default_factory=list)
     related: list[Related] = field(default_factory=list)

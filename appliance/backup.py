@@ -1209,8 +1209,9 @@ def check_wal_chain(settings: Settings, manifest: dict, key: BackupKey,
     the newest timeline (as ``recovery_target_timeline = 'latest'`` follows), up to ``until``
     (the first segment archived after it) or to the newest segment.
 
-    Returns {"timeline", "last_segment", "last_archived_at"}; raises BackupIntegrityError
-    naming the first missing segment.
+    Returns {"timeline", "last_segment", "last_archived_at", "segments"}, the last being the
+    archived files recovery will ask for, in its order ([(WAL name, path)]); raises
+    BackupIntegrityError naming the first missing segment.
     """
     archive_dir = settings.backup.wal_archive_dir
     segment_size = manifest["postgresql"]["wal_segment_size"]
@@ -1244,11 +1245,16 @@ def check_wal_chain(settings: Settings, manifest: dict, key: BackupKey,
                    and (end is None or s <= end // segment_size)]
         last_seg = max([last_seg] + on_path)
     last_time = None
+    _, start_seg = segment_of(manifest["start"]["wal"], segment_size)
+    ordered = [(segment_name(start_tli, n, segment_size), segments[(start_tli, n)])
+               for n in range(start_seg, stop_seg + 1) if (start_tli, n) in segments]
     segno = stop_seg + 1
     while segno <= last_seg:
         # The newest timeline that had begun by this segment is the one recovery reads.
         tli = [t for t, begin, _ in path if begin // segment_size <= segno][-1]
         found = segments.get((tli, segno))
+        if found is not None:
+            ordered.append((segment_name(tli, segno, segment_size), found))
         if found is None:
             name = segment_name(tli, segno, segment_size)
             reach = f" (archived {_iso(last_time)})" if last_time else ""
@@ -1261,7 +1267,7 @@ def check_wal_chain(settings: Settings, manifest: dict, key: BackupKey,
             break
         segno += 1
     return {"timeline": target, "last_segment": segno if segno <= last_seg else last_seg,
-            "last_archived_at": last_time}
+            "last_archived_at": last_time, "segments": ordered}
 
 
 def newest_archived_at(settings: Settings) -> dt.datetime | None:

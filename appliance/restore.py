@@ -62,6 +62,10 @@ JOURNAL_SUFFIX = ".restore-journal.json"
 RECOVERY_SETTINGS = ("restore_command", "recovery_target", "recovery_target_time", "recovery_target_name",
                      "recovery_target_action", "recovery_target_timeline")
 NEW_SUFFIX = ".restore-new"
+# The decrypted WAL waiting for recovery (WalPrefetcher), inside the new data directory so
+# that handing a segment over is a rename on one file system; removed after the replay.
+WAL_SPOOL = "crm_wal_spool"
+PREFETCH_DEPTH = 8  # segments decrypted ahead of recovery: 128 MB of disk at most
 Progress = Callable[[str], None]
 
 
@@ -392,14 +396,17 @@ def restore(settings: Settings, backup_id: str = "latest", *, target_time: dt.da
         try:
             _write_journal(journal, {"phase": "preparing", "new": str(new_dir), "backup": info.id, "work": str(work)})
             with _timed(steps, "extract", say) as step:
-                _extract(info, manifest, key, cluster, new_dir, _recovery_settings(settings, target_time))
+                spool = new_dir / WAL_SPOOL
+                _extract(info, manifest, key, cluster, new_dir, _recovery_settings(settings, target_time, spool))
                 step.detail = f"into {new_dir}"
             with _timed(steps, "replay", say) as step:
-                replay = _replay(cluster, new_dir, work, recovery_timeout)
+                with WalPrefetcher(chain["segments"], spool, key, cluster.run_as) as prefetch:
+                    replay = _replay(cluster, new_dir, work, recovery_timeout)
                 new_timeline, replayed = replay["timeline"], True
                 result.recovered_to, result.timeline = replay["recovered_to"], replay["timeline"]
                 step.detail = (f"to {backup_mod._iso(result.recovered_to) if result.recovered_to else 'the backup end'}"
-                               f", timeline {result.timeline}")
+                               f", timeline {result.timeline}; {prefetch.served} of {len(chain['segments'])} WAL "
+                               f"segments decrypted ahead")
             with _timed(steps, "attachments", say) as step:
                 added = _restore_attachments(settings, info, key)
                 step.detail = f"{len(added)} files added"
@@ -491,8 +498,12 @@ def _pipe_to(argv: list[str], chunks: Iterator[bytes], what: str) -> None:
         raise RestoreError(f"{what} failed (exit status {rc}): {detail}")
 
 
-def _recovery_settings(settings: Settings, target: dt.datetime | None) -> dict[str, str]:
-    recovery = {"restore_command": backup_mod.restore_command_line(settings),
+def _recovery_settings(settings: Settings, target: dt.datetime | None, spool: Path) -> dict[str, str]:
+    # A segment the prefetcher has decrypted is a rename away; anything else (not there yet,
+    # a timeline history file) is fetched by a wal-fetch process, which also says what is
+    # wrong with a damaged file. A failed mv must not look like the end of the archive.
+    fetch = backup_mod.restore_command_line(settings)
+    recovery = {"restore_command": f"mv -f {shlex.quote(str(spool))}/%f %p 2>/dev/null || exec {fetch}",
                 "recovery_target_timeline": "latest", "recovery_target_action": "promote"}
     if target is not None:
         recovery["recovery_target_time"] = target.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f+00")
@@ -535,6 +546,82 @@ def _extract(info: backup_mod.BackupInfo, manifest: dict, key: encryption.Backup
         conf.write("\n".join(lines) + "\n")
     (new_dir / "recovery.signal").touch()
     _chown_tree(new_dir, cluster.run_as)
+
+
+class WalPrefetcher:
+    """Decrypts the archived WAL that recovery will ask for into a spool in the data
+    directory, ahead of the server: pgBackRest's asynchronous archive-get, in small.
+
+    Without it every 16 MB segment cost a wal-fetch process (a Python start, then decrypt
+    and gunzip while the server waits): replay ran at a quarter of the speed of replaying
+    plain files with cp. With it the restore_command is a rename, and decryption overlaps
+    the replay. At most ``depth`` segments wait in the spool; a segment the server fetched
+    itself before the prefetcher got there is dropped once the server has moved past it.
+    A file the prefetcher cannot decrypt is left to wal-fetch, which stops recovery with the
+    reason.
+    """
+
+    def __init__(self, segments: list[tuple[str, Path]], spool: Path, key: encryption.BackupKey, owner: str,
+                 depth: int = PREFETCH_DEPTH):
+        self.segments, self.spool, self.key, self.owner, self.depth = segments, spool, key, owner, depth
+        self.served = 0  # segments the server took from the spool
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wal-prefetch", daemon=True)
+
+    def __enter__(self) -> "WalPrefetcher":
+        self.spool.mkdir(mode=0o700, exist_ok=True)
+        _chown_tree(self.spool, self.owner)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+        shutil.rmtree(self.spool, ignore_errors=True)
+
+    def _run(self) -> None:
+        owner = self.spool.stat()
+        waiting: list[str] = []  # decrypted, in recovery's order, not yet taken
+        for name, path in self.segments:
+            while True:
+                waiting = self._forget_taken(waiting)
+                if len(waiting) < self.depth or self._stop.is_set():
+                    break
+                self._stop.wait(0.02)
+            if self._stop.is_set():
+                return
+            tmp = self.spool / f".{name}.part"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with open(fd, "wb") as out:
+                    for chunk in backup_mod._archived_chunks(path, self.key):
+                        out.write(chunk)
+                if os.geteuid() == 0:
+                    os.chown(tmp, owner.st_uid, owner.st_gid)
+                os.rename(tmp, self.spool / name)
+                waiting.append(name)
+            except Exception as exc:  # noqa: BLE001 - wal-fetch meets the same file and stops recovery
+                self.error = f"{name}: {exc}"
+                log.warning("WAL prefetch stopped at %s; the server fetches the rest itself", self.error)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                return
+        while waiting and not self._stop.wait(0.05):
+            waiting = self._forget_taken(waiting)
+
+    def _forget_taken(self, waiting: list[str]) -> list[str]:
+        """Count what the server took; drop what it passed without taking (fetched itself)."""
+        taken = [n for n in waiting if not (self.spool / n).exists()]
+        if not taken:
+            return waiting
+        self.served += len(taken)
+        passed = waiting.index(taken[-1])
+        for stale in waiting[:passed]:
+            if stale not in taken:
+                with contextlib.suppress(OSError):
+                    (self.spool / stale).unlink()
+        return waiting[passed + 1:]
 
 
 def _server_log_tail(path: Path) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,6 +131,8 @@ def test_round_trip_after_a_crash(env):
     assert [s.name for s in result.steps] == ["verify", "extract", "replay", "attachments", "swap", "start"]
     assert result.total_seconds >= sum(s.seconds for s in result.steps) - 0.1
     assert result.total_seconds < 600
+    served = re.search(r"(\d+) of (\d+) WAL segments decrypted ahead", result.steps[2].detail)
+    assert served and 1 <= int(served.group(1)) <= int(served.group(2)), result.steps[2].detail
     assert result.previous_data_dir and (result.previous_data_dir / "PG_VERSION").exists()
     present = {int(x) for x in env.sql("SELECT id FROM probe").split()}
     must_have = {i for i, t in committed if t < crash - ARCHIVE_TIMEOUT - 1}
@@ -398,3 +401,80 @@ restore.restore(settings, {info.id!r}, hooks=restore.RestoreHooks(after_start=ha
     assert not Path(state["work"]).exists(), "the killed run's scratch directory is cleaned up"
     assert "before-the-killed-restore" in _labels(env)  # replayed from the archive to its end
     assert result.backup_id == info.id
+
+
+# ============================================================================= WAL prefetch
+
+
+def test_wal_prefetcher_keeps_a_bounded_spool_in_recovery_order(tmp_path, monkeypatch):
+    """What recovery takes is the archived bytes, in order; a segment recovery fetched itself
+    (not in the spool yet) is dropped once it is passed; never more than ``depth`` wait."""
+    key_file = tmp_path / "key"
+    key_file.write_text("k" * 40)
+    key_file.chmod(0o600)
+    key = appliance.encryption.load_key(key_file)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    originals, segments = {}, []
+    for n in range(1, 9):
+        name = f"0000000100000000000000{n:02X}"
+        plain = tmp_path / name
+        plain.write_bytes(os.urandom(64 * 1024) + bytes([n]) * 1024)
+        backup.wal_push(plain, name, archive, key_file)
+        originals[name] = plain.read_bytes()
+        segments.append((name, archive / (name + backup.ARCHIVE_SUFFIX)))
+    owner = __import__("pwd").getpwuid(os.geteuid()).pw_name
+    monkeypatch.setattr(restore, "_chown_tree", lambda path, user: None)
+    spool, taken, most_waiting = tmp_path / "data" / restore.WAL_SPOOL, {}, 0
+    spool.parent.mkdir()
+
+    def wait_for(name: str) -> None:
+        nonlocal most_waiting
+        deadline = time.monotonic() + 10
+        while not (spool / name).exists():
+            most_waiting = max(most_waiting, len([p for p in spool.iterdir() if not p.name.startswith(".")]))
+            assert time.monotonic() < deadline, f"{name} never reached the spool"
+            time.sleep(0.005)
+
+    skipped = segments[2][0]  # as if wal-fetch got it first: the spool's copy is never taken
+    with restore.WalPrefetcher(segments, spool, key, owner, depth=3) as prefetch:
+        for name, _ in segments:
+            if name == skipped:
+                continue
+            wait_for(name)
+            os.rename(spool / name, tmp_path / "data" / "RECOVERYXLOG")  # what the mv in restore_command does
+            taken[name] = (tmp_path / "data" / "RECOVERYXLOG").read_bytes()
+        deadline = time.monotonic() + 10
+        while prefetch.served < 7 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not (spool / skipped).exists(), "passed without being taken: dropped"
+    assert taken == {n: b for n, b in originals.items() if n != skipped}
+    assert prefetch.served == 7 and prefetch.error is None and most_waiting <= 3
+    assert not spool.exists()
+
+
+def test_a_damaged_segment_stops_the_prefetch_and_is_left_to_wal_fetch(tmp_path, monkeypatch):
+    key_file = tmp_path / "key"
+    key_file.write_text("k" * 40)
+    key_file.chmod(0o600)
+    key = appliance.encryption.load_key(key_file)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    segments = []
+    for n in (1, 2):
+        name = f"0000000100000000000000{n:02X}"
+        (tmp_path / name).write_bytes(os.urandom(4096))
+        backup.wal_push(tmp_path / name, name, archive, key_file)
+        segments.append((name, archive / (name + backup.ARCHIVE_SUFFIX)))
+    damaged = bytearray(segments[0][1].read_bytes())
+    damaged[-40] ^= 0xFF
+    segments[0][1].write_bytes(bytes(damaged))
+    monkeypatch.setattr(restore, "_chown_tree", lambda path, user: None)
+    spool = tmp_path / "data" / restore.WAL_SPOOL
+    spool.parent.mkdir()
+    with restore.WalPrefetcher(segments, spool, key, "nobody") as prefetch:
+        deadline = time.monotonic() + 10
+        while prefetch.error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(p.name for p in spool.iterdir()) == [], "nothing half-written, nothing after it"
+    assert prefetch.error.startswith(segments[0][0])

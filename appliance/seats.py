@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import re
 import secrets
+import threading
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
@@ -23,6 +24,11 @@ from appliance.errors import SeatError
 from webapp.models import Role, SetPasswordToken, Team, User, database, utcnow
 
 _hasher = PasswordHasher()  # argon2id with the library's current recommended cost
+# Each argon2 check holds 64 MiB (its memory cost) for about 0.15 s of CPU. With every
+# thread of every worker checking at once, as when the whole team logs in at 9:00, the
+# plan's 5 x 8 slots held up to 2.5 GiB (docs/performance.md); two at a time per process
+# bound that to 5 x 2 x 64 MiB, and more would not finish sooner on the plan's cores.
+_ARGON2_SLOTS = threading.BoundedSemaphore(2)
 # Verified against when the e-mail is unknown, so both cases take the same time.
 _DUMMY_HASH = _hasher.hash("not a real password")
 
@@ -32,14 +38,16 @@ MAX_PASSWORD = 256
 
 
 def hash_password(password: str) -> str:
-    return _hasher.hash(password)
+    with _ARGON2_SLOTS:
+        return _hasher.hash(password)
 
 
 def verify_password(user: User | None, password: str) -> bool:
     """Constant-effort check; also true only for a seat that has set a password."""
     stored = user.password_hash if user is not None and user.password_hash else None
     try:
-        return _hasher.verify(stored or _DUMMY_HASH, password) and stored is not None
+        with _ARGON2_SLOTS:
+            return _hasher.verify(stored or _DUMMY_HASH, password) and stored is not None
     except (VerificationError, InvalidHashError):
         return False
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+import threading
+import time
 
 import pytest
 
@@ -19,6 +21,33 @@ def test_password_is_stored_only_as_an_argon2_hash(make_seat):
     stored = User.get_by_id(seat.user.id).password_hash
     assert stored.startswith("$argon2id$")
     assert PASSWORD not in stored
+
+
+def test_at_most_two_argon2_checks_run_at_once_per_process(monkeypatch):
+    """A login storm must not hold 64 MiB per request thread (docs/performance.md)."""
+    running, most, lock = 0, 0, threading.Lock()
+
+    class CountingHasher:
+        def verify(self, *args):
+            nonlocal running, most
+            with lock:
+                running += 1
+                most = max(most, running)
+            time.sleep(0.05)
+            with lock:
+                running -= 1
+            return True
+
+        hash = verify
+
+    monkeypatch.setattr(seats, "_hasher", CountingHasher())
+    threads = [threading.Thread(target=seats.verify_password, args=(None, "x")) for _ in range(8)]
+    threads += [threading.Thread(target=seats.hash_password, args=("x",)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most == 2
 
 
 def test_set_password_link_works_once(settings, db, browser_for):

@@ -81,27 +81,7 @@ class NewSeat:
 
 def add_seat(settings: Settings, email: str, name: str, role: str, team: str | None = None) -> NewSeat:
     """Create one seat and its set-password link, within the licensed seat count."""
-    email = normalise_email(email)
-    name = (name or "").strip()
-    if not name or len(name) > 100:
-        raise SeatError(_l("a seat needs a name of 1 to 100 characters"))
-    role_row = Role.get_or_none(Role.name == role)
-    if role_row is None:
-        names = ", ".join(r.name for r in Role.select().order_by(Role.name))
-        raise SeatError(_l("unknown role %(role)s; expected one of: %(names)s", role=repr(role), names=names))
-    with database.atomic():
-        in_use = User.select().where(User.active).count()
-        if in_use >= settings.seats.licensed:
-            raise SeatError(_l("the licence allows %(n)d seats and all are in use; disable a seat or extend "
-                                  "the licence", n=settings.seats.licensed))
-        if User.select().where(User.email == email).exists():
-            raise SeatError(_l("a seat with e-mail %(email)s already exists", email=email))
-        team_row = None
-        if team:
-            team_row, _ = Team.get_or_create(name=team.strip()[:100])
-        user = User.create(email=email, name=name, role=role_row, team=team_row)
-        link, expires = issue_link(settings, user)
-    return NewSeat(user=user, link=link, expires_at=expires)
+    return add_seats(settings, [SeatRow(1, email, name, role, team)])[0]
 
 
 def issue_link(settings: Settings, user: User) -> tuple[str, dt.datetime]:
@@ -171,3 +151,186 @@ def list_seats() -> list[dict]:
          "last_login_at": u.last_login_at.isoformat() if u.last_login_at else None}
         for u in rows
     ]
+
+
+# ============================================================================= many seats at once (R-8, R-10)
+
+MAX_BULK = 100  # seats one operation adds, disables or removes
+# The columns of a seats file, by their English or Chinese header.
+_HEADERS = {"email": "email", "e-mail": "email", "邮箱": "email", "电子邮件": "email",
+            "name": "name", "姓名": "name", "名字": "name",
+            "role": "role", "角色": "role", "team": "team", "团队": "team"}
+
+
+@dataclass
+class SeatRow:
+    line: int  # in the file (the header is line 1), for messages
+    email: str
+    name: str
+    role: str
+    team: str | None = None
+
+
+def _decode(data: bytes, source: str) -> str:
+    """UTF-8 (with or without BOM), else GBK, as spreadsheets on Chinese desktops save CSV."""
+    for encoding in ("utf-8-sig", "gbk"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    raise SeatError(_l("%(source)s is neither UTF-8 nor GBK text; save it as CSV (UTF-8)", source=source))
+
+
+def read_seat_rows(data: bytes, source: str) -> list[SeatRow]:
+    """The seats in a CSV file with a header row: email, name, role and optionally team."""
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO(_decode(data, source))))
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    if not rows:
+        raise SeatError(_l("%(source)s is empty; expected a header row: email,name,role,team", source=source))
+    columns = {}
+    for index, header in enumerate(rows[0]):
+        key = _HEADERS.get(header.strip().lower())
+        if key and key not in columns:
+            columns[key] = index
+    missing = [c for c in ("email", "name", "role") if c not in columns]
+    if missing:
+        raise SeatError(_l("%(source)s: the header row lacks %(missing)s; expected email,name,role,team "
+                           "(or 邮箱,姓名,角色,团队)", source=source, missing=", ".join(missing)))
+    seats = []
+    for line, row in enumerate(rows[1:], start=2):
+        cell = lambda key: row[columns[key]].strip() if key in columns and columns[key] < len(row) else ""  # noqa: E731
+        seats.append(SeatRow(line, cell("email"), cell("name"), cell("role"), cell("team") or None))
+    if not seats:
+        raise SeatError(_l("%(source)s has a header row but no seats", source=source))
+    if len(seats) > MAX_BULK:
+        raise SeatError(_l("%(source)s holds %(n)d seats; one operation adds at most %(max)d: split the file",
+                           source=source, n=len(seats), max=MAX_BULK))
+    return seats
+
+
+def _lock_seat_count() -> None:
+    """Serialise the seat-count checks of concurrent adds (two boss tabs, the CLI)."""
+    database.execute_sql("SELECT pg_advisory_xact_lock(hashtext('crm-appliance seats'))")
+
+
+def add_seats(settings: Settings, rows: list[SeatRow]) -> list[NewSeat]:
+    """Add every seat or none: each row is checked, and the licence must have room for all.
+
+    Raises SeatError listing every bad line (up to 20), or saying how many seats are free.
+    """
+    if len(rows) > MAX_BULK:
+        raise SeatError(_l("one operation adds at most %(max)d seats; this one adds %(n)d", max=MAX_BULK,
+                           n=len(rows)))
+    roles = {r.name: r for r in Role.select()}
+    problems, seen, clean = [], {}, []
+    for row in rows:
+        try:
+            email = normalise_email(row.email)
+            name = (row.name or "").strip()
+            if not name or len(name) > 100:
+                raise SeatError(_l("a seat needs a name of 1 to 100 characters"))
+            if row.role not in roles:
+                raise SeatError(_l("unknown role %(role)s; expected one of: %(names)s", role=repr(row.role),
+                                   names=", ".join(sorted(roles))))
+            if email in seen:
+                raise SeatError(_l("%(email)s is also on line %(line)d", email=email, line=seen[email]))
+            seen[email] = row.line
+            clean.append(SeatRow(row.line, email, name, row.role, (row.team or "").strip()[:100] or None))
+        except SeatError as exc:
+            problems.append((row.line, str(exc)))
+    with database.atomic():
+        _lock_seat_count()
+        existing = {u.email for u in User.select(User.email).where(User.email.in_(list(seen)))}
+        problems += [(r.line, str(_l("a seat with e-mail %(email)s already exists", email=r.email)))
+                     for r in clean if r.email in existing]
+        if problems:
+            problems.sort()
+            if len(rows) == 1:
+                raise SeatError(problems[0][1])
+            shown = "; ".join(str(_l("line %(line)d: %(problem)s", line=line, problem=text))
+                              for line, text in problems[:20])
+            raise SeatError(_l("no seat was added: %(n)d lines are wrong: %(shown)s", n=len(problems), shown=shown))
+        in_use = User.select().where(User.active).count()
+        free = settings.seats.licensed - in_use
+        if len(clean) > free:
+            if len(rows) == 1:
+                raise SeatError(_l("the licence allows %(n)d seats and all are in use; disable a seat or extend "
+                                   "the licence", n=settings.seats.licensed))
+            raise SeatError(_l("no seat was added: the licence allows %(licensed)d seats, %(in_use)d are in use, "
+                               "so %(free)d are free, and this adds %(n)d; add fewer, disable seats or extend "
+                               "the licence", licensed=settings.seats.licensed, in_use=in_use, free=max(free, 0),
+                               n=len(clean)))
+        created = []
+        for row in clean:
+            team = Team.get_or_create(name=row.team)[0] if row.team else None
+            user = User.create(email=row.email, name=row.name, role=roles[row.role], team=team)
+            link, expires = issue_link(settings, user)
+            created.append(NewSeat(user=user, link=link, expires_at=expires))
+    return created
+
+
+def find_seats(emails: list[str]) -> list[User]:
+    """The seats with these e-mails, in the given order; SeatError naming any that is unknown."""
+    wanted = [normalise_email(e) for e in emails]
+    if not wanted:
+        raise SeatError(_l("name at least one seat by its e-mail"))
+    if len(wanted) > MAX_BULK:
+        raise SeatError(_l("one operation changes at most %(max)d seats; this one names %(n)d", max=MAX_BULK,
+                           n=len(wanted)))
+    found = {u.email: u for u in User.select().where(User.email.in_(wanted))}
+    unknown = [e for e in wanted if e not in found]
+    if unknown:
+        raise SeatError(_l("no seat has the e-mail %(emails)s; nothing was changed", emails=", ".join(unknown)))
+    return [found[e] for e in dict.fromkeys(wanted)]
+
+
+def disable_seats(users: list[User], reason: str = "disabled") -> int:
+    """Disable seats at once (their sessions end at their next request); returns how many changed."""
+    with database.atomic():
+        changed = [u for u in users if u.active]
+        for user in changed:
+            suspend(user, reason)
+    return len(changed)
+
+
+def remove_seats(users: list[User], heir: User, actor) -> dict[str, int]:
+    """Disable seats for good and hand every record they own to ``heir``, audited per record.
+
+    Nothing is left without an owner. The seats' rows stay (as removed, not counted against
+    the licence), so that their notes and the audit trail still name their authors.
+    Returns {entity: records handed over}.
+    """
+    from webapp import audit
+    from webapp.models import RECORD_MODELS
+
+    if not heir.active:
+        raise SeatError(_l("%(email)s is not an active seat; choose an active seat to take over the records",
+                           email=heir.email))
+    if any(u.id == heir.id for u in users):
+        raise SeatError(_l("%(email)s cannot take over its own records: it is being removed", email=heir.email))
+    moved: dict[str, int] = {}
+    ids = [u.id for u in users]
+    actor_id, actor_name = (actor.id, actor.email) if isinstance(actor, User) else (None, str(actor))
+    with database.atomic():
+        for entity, model in RECORD_MODELS.items():
+            table = model._meta.table_name
+            now = utcnow()
+            # One audit row per record, written by the database from the rows themselves.
+            cursor = database.execute_sql(
+                f'INSERT INTO audit_log (at, user_id, actor, ip, entity, record_id, action, changes) '
+                f"SELECT %s, %s, %s, %s, %s, id, 'update', jsonb_build_object("
+                f"'owner', jsonb_build_array(owner_id, %s), 'team', jsonb_build_array(team_id, %s)) "
+                f'FROM "{table}" WHERE owner_id = ANY(%s)',
+                (now, actor_id, actor_name, audit.client_ip(), entity, heir.id, heir.team_id, ids))
+            if cursor.rowcount:
+                model.update(owner=heir.id, team=heir.team_id, updated_at=now).where(model.owner.in_(ids)).execute()
+                moved[entity] = cursor.rowcount
+        for user in users:
+            was_active = user.active
+            suspend(user, f"removed; records handed to {heir.email}")
+            audit.write_row(actor, "user", user.id, "remove", {"active": [was_active, False],
+                                                               "records_to": [None, heir.email]})
+    return moved

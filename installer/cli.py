@@ -138,30 +138,120 @@ def seats() -> None:
 
 
 @seats.command("add")
-@click.option("--email", required=True, help="The person's e-mail; also the login name.")
-@click.option("--name", required=True, help="Full name as shown in the CRM.")
-@click.option("--role", required=True, help="boss, manager, agent, or a custom role.")
+@click.option("--email", help="The person's e-mail; also the login name.")
+@click.option("--name", help="Full name as shown in the CRM.")
+@click.option("--role", help="boss, manager, agent, or a custom role.")
 @click.option("--team", default=None, help="Team name (created if new).")
+@click.option("--file", "seats_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="CSV with a header row email,name,role,team (or 邮箱,姓名,角色,团队), UTF-8 or GBK: "
+                   "up to 100 seats, all added or none.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @pass_ctx
 @handle_errors
-def seats_add(ctx: Context, email, name, role, team, as_json) -> None:
-    """Add one seat and print its one-time set-password link."""
+def seats_add(ctx: Context, email, name, role, team, seats_file, as_json) -> None:
+    """Add one seat (--email, --name, --role) or many (--file), and print their one-time
+    set-password links."""
     from appliance import seats as seats_lib
     from webapp import audit
 
-    database = ctx.database()
-    with database.connection_context():
-        created = seats_lib.add_seat(ctx.settings, email, name, role, team)
-        audit.write_row(f"cli:{_os_user()}", "user", created.user.id, "create",
-                        {"email": [None, created.user.email], "role": [None, role]})
+    if seats_file and (email or name or role or team):
+        raise click.UsageError("give either --file or --email/--name/--role, not both")
+    if seats_file:
+        try:
+            data = seats_file.read_bytes()
+        except OSError as exc:
+            raise click.BadParameter(f"{seats_file}: {exc.strerror}", param_hint="--file") from None
+        rows = seats_lib.read_seat_rows(data, str(seats_file))
+    elif email and name and role:
+        rows = [seats_lib.SeatRow(1, email, name, role, team)]
+    else:
+        raise click.UsageError("give --email, --name and --role for one seat, or --file for many")
+    with ctx.database().connection_context():
+        created = seats_lib.add_seats(ctx.settings, rows)
+        for new in created:
+            audit.write_row(f"cli:{_os_user()}", "user", new.user.id, "create",
+                            {"email": [None, new.user.email], "role": [None, new.user.role.name]})
     if as_json:
-        click.echo(json.dumps({"id": created.user.id, "email": created.user.email, "link": created.link,
-                               "expires_at": created.expires_at.isoformat() + "Z"}))
+        out = [{"id": c.user.id, "email": c.user.email, "link": c.link, "expires_at": c.expires_at.isoformat() + "Z"}
+               for c in created]
+        click.echo(json.dumps(out if seats_file else out[0]))
         return
-    click.echo(f"Added {created.user.email} ({role}).")
-    click.echo(f"One-time set-password link, valid until {created.expires_at:%Y-%m-%d %H:%M} UTC:")
-    click.echo(created.link)
+    for c in created:
+        click.echo(f"Added {c.user.email} ({c.user.role.name}).")
+        click.echo(f"One-time set-password link, valid until {c.expires_at:%Y-%m-%d %H:%M} UTC:")
+        click.echo(c.link)
+    if seats_file:
+        click.echo(f"{len(created)} seats added; {_seats_in_use()} of {ctx.settings.seats.licensed} licensed seats "
+                   f"in use.")
+
+
+def _seats_in_use() -> int:
+    from webapp.models import User
+
+    return User.select().where(User.active).count()
+
+
+def _emails(emails: tuple[str, ...], emails_file: Path | None) -> list[str]:
+    found = list(emails)
+    if emails_file:
+        try:
+            text = emails_file.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"{emails_file}: {getattr(exc, 'strerror', None) or exc}",
+                                     param_hint="--file") from None
+        found += [line.split(",")[0].strip() for line in text.splitlines()
+                  if line.strip() and "@" in line.split(",")[0]]
+    if not found:
+        raise click.UsageError("name the seats: e-mails as arguments, or --file with one e-mail per line")
+    return found
+
+
+@seats.command("disable")
+@click.argument("emails", nargs=-1)
+@click.option("--file", "emails_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="One e-mail per line (or a CSV whose first column is the e-mail).")
+@click.option("--reason", default="disabled by customer IT", show_default=True, help="Kept with the seat.")
+@pass_ctx
+@handle_errors
+def seats_disable(ctx: Context, emails, emails_file, reason) -> None:
+    """Disable up to 100 seats at once: their sessions end at their next request, and each
+    frees a licensed seat. A stolen account is stopped this way."""
+    from appliance import seats as seats_lib
+    from webapp import audit
+
+    with ctx.database().connection_context():
+        users = seats_lib.find_seats(_emails(emails, emails_file))
+        changed = seats_lib.disable_seats(users, reason)
+        for user in users:
+            audit.write_row(f"cli:{_os_user()}", "user", user.id, "suspend", {"active": [True, False]})
+        in_use = _seats_in_use()
+    click.echo(f"{changed} seats disabled ({len(users) - changed} were already); "
+               f"{in_use} of {ctx.settings.seats.licensed} licensed seats in use.")
+
+
+@seats.command("remove")
+@click.argument("emails", nargs=-1)
+@click.option("--file", "emails_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="One e-mail per line (or a CSV whose first column is the e-mail).")
+@click.option("--reassign-to", "heir_email", required=True, help="The active seat that takes over their records.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+@handle_errors
+def seats_remove(ctx: Context, emails, emails_file, heir_email, yes) -> None:
+    """Remove up to 100 seats: every record they own goes to --reassign-to (audited), and
+    they can no longer log in. Their notes and the audit trail keep their names."""
+    from appliance import seats as seats_lib
+
+    with ctx.database().connection_context():
+        users = seats_lib.find_seats(_emails(emails, emails_file))
+        heir = seats_lib.find_seats([heir_email])[0]
+        if not yes:
+            click.confirm(f"Remove {len(users)} seats and hand their records to {heir.email}?", abort=True)
+        moved = seats_lib.remove_seats(users, heir, f"cli:{_os_user()}")
+        in_use = _seats_in_use()
+    handed = ", ".join(f"{n} {entity}" for entity, n in moved.items()) or "no records"
+    click.echo(f"{len(users)} seats removed; {handed} handed to {heir.email}; "
+               f"{in_use} of {ctx.settings.seats.licensed} licensed seats in use.")
 
 
 @seats.command("list")

@@ -1,0 +1,201 @@
+"""Many seats at once (issue 6, R-8 and R-10): a seats file, the licence cap, disable, remove
+with the records handed over. Real PostgreSQL; the CLI through Click's runner."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from appliance import seats
+from appliance.errors import SeatError
+from installer.cli import main
+from tests.test_cli import _config_file
+from webapp import audit
+from webapp.models import Account, AuditLog, Contact, Ticket, User
+
+
+def _csv(n: int, start: int = 0, header: str = "email,name,role,team") -> bytes:
+    lines = [header] + [f"seat{i}@corp.cn,Seat {i},agent,East" for i in range(start, start + n)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+# ----------------------------------------------------------------------------- the file
+
+
+def test_a_seats_file_in_utf8_with_bom_gbk_and_chinese_headers_reads_the_same():
+    text = "邮箱,姓名,角色,团队\nwang.wei@corp.cn,王伟,agent,华东\n"
+    for data in (text.encode("utf-8"), b"\xef\xbb\xbf" + text.encode("utf-8"), text.encode("gbk")):
+        rows = seats.read_seat_rows(data, "seats.csv")
+        assert [(r.line, r.email, r.name, r.role, r.team) for r in rows] == [
+            (2, "wang.wei@corp.cn", "王伟", "agent", "华东")]
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"", "seats.csv is empty; expected a header row: email,name,role,team"),
+    (b"email,name\nx@corp.cn,X\n", "seats.csv: the header row lacks role"),
+    (b"email,name,role\n", "seats.csv has a header row but no seats"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\x80", "seats.csv is neither UTF-8 nor GBK text"),
+    (_csv(101), "seats.csv holds 101 seats; one operation adds at most 100: split the file"),
+])
+def test_a_bad_seats_file_is_refused_with_what_is_wrong(data, message):
+    with pytest.raises(SeatError, match="^" + message.replace("(", r"\(")):
+        seats.read_seat_rows(data, "seats.csv")
+
+
+# ----------------------------------------------------------------------------- adding
+
+
+def test_a_hundred_seats_are_added_at_once_each_with_its_own_link(pg_cluster, secrets_dir, db):
+    from tests.conftest import make_settings
+
+    licensed = make_settings(pg_cluster, secrets_dir, seats={"licensed": 100})
+    created = seats.add_seats(licensed, seats.read_seat_rows(_csv(100), "seats.csv"))
+    assert len(created) == 100 and len({c.link for c in created}) == 100
+    assert User.select().where(User.active).count() == 100
+    with pytest.raises(SeatError, match="the licence allows 100 seats and all are in use"):
+        seats.add_seat(licensed, "one.more@corp.cn", "One More", "agent")
+
+
+def test_the_licence_cap_says_how_many_seats_are_free_and_adds_none(pg_cluster, secrets_dir, db):
+    from tests.conftest import make_settings
+
+    small = make_settings(pg_cluster, secrets_dir, seats={"licensed": 5})
+    seats.add_seats(small, seats.read_seat_rows(_csv(3), "a.csv"))
+    with pytest.raises(SeatError) as err:
+        seats.add_seats(small, seats.read_seat_rows(_csv(3, start=10), "b.csv"))
+    assert str(err.value) == ("no seat was added: the licence allows 5 seats, 3 are in use, so 2 are free, and this "
+                              "adds 3; add fewer, disable seats or extend the licence")
+    assert User.select().count() == 3
+
+
+def test_every_bad_line_is_named_and_nothing_is_added(settings, db):
+    seats.add_seat(settings, "taken@corp.cn", "Taken", "agent")
+    data = ("email,name,role\n"
+            "good@corp.cn,Good,agent\n"
+            "not-an-email,Bad,agent\n"
+            "x@corp.cn,X,emperor\n"
+            "TAKEN@corp.cn,Again,agent\n"
+            "good@corp.cn,Twice,agent\n").encode()
+    with pytest.raises(SeatError) as err:
+        seats.add_seats(settings, seats.read_seat_rows(data, "seats.csv"))
+    message = str(err.value)
+    assert message.startswith("no seat was added: 4 lines are wrong: line 3: 'not-an-email' is not an e-mail")
+    for part in ("line 4: unknown role 'emperor'", "line 5: a seat with e-mail taken@corp.cn already exists",
+                 "line 6: good@corp.cn is also on line 2"):
+        assert part in message
+    assert [u.email for u in User.select()] == ["taken@corp.cn"]
+
+
+def test_two_adds_racing_for_the_last_seats_never_exceed_the_licence(pg_cluster, secrets_dir, app_database, db,
+                                                                      monkeypatch):
+    """The first add pauses inside its transaction, after counting the seats in use, while the
+    second one counts: without the lock both would find two seats free."""
+    from appliance.db import open_database
+    from tests.conftest import make_settings
+
+    small = make_settings(pg_cluster, secrets_dir, seats={"licensed": 3})
+    seats.add_seat(small, "first@corp.cn", "First", "agent")
+    outcomes, second_started, paused = {}, threading.Event(), []
+    real_issue_link = seats.issue_link
+
+    def slow_first_link(settings, user):
+        if threading.current_thread().name == "first" and not paused:
+            paused.append(True)
+            second_started.wait(10)
+            time.sleep(0.5)  # the second add reaches its count (or waits for the lock) meanwhile
+        return real_issue_link(settings, user)
+
+    monkeypatch.setattr(seats, "issue_link", slow_first_link)
+
+    def add(start: int) -> None:
+        conn = open_database(small)
+        with conn.connection_context():
+            if threading.current_thread().name == "second":
+                while not paused:
+                    time.sleep(0.01)
+                second_started.set()
+            try:
+                seats.add_seats(small, seats.read_seat_rows(_csv(2, start=start), "race.csv"))
+                outcomes[threading.current_thread().name] = "added"
+            except SeatError as exc:
+                outcomes[threading.current_thread().name] = str(exc)
+
+    threads = [threading.Thread(target=add, args=(n,), name=name) for n, name in ((100, "first"), (200, "second"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes["first"] == "added" and "3 are in use, so 0 are free" in outcomes["second"], outcomes
+    assert User.select().where(User.active).count() == 3
+
+
+# ----------------------------------------------------------------------------- disabling and removing
+
+
+def test_disabled_seats_free_the_licence_and_their_sessions_end(make_seat, browser_for):
+    agent = make_seat("agent@corp.cn")
+    browser = browser_for(agent)
+    assert browser.get("/contacts/").status_code == 200
+    changed = seats.disable_seats(seats.find_seats(["AGENT@corp.cn"]), "stolen laptop")
+    assert changed == 1 and not User.get_by_id(agent.user.id).active
+    assert browser.get("/contacts/").status_code == 302, "the next request finds the session ended"
+    with pytest.raises(SeatError, match="no seat has the e-mail nobody@corp.cn; nothing was changed"):
+        seats.find_seats(["agent@corp.cn", "nobody@corp.cn"])
+
+
+def test_removing_seats_hands_every_record_to_the_chosen_seat_audited(make_seat):
+    boss = make_seat("boss@corp.cn", role="boss", team="HQ")
+    leaving = make_seat("leaving@corp.cn", team="East")
+    staying = make_seat("staying@corp.cn", team="West")
+    acc = audit.create(leaving.user, Account, {"name": "Kept Ltd"})
+    contact = audit.create(leaving.user, Contact, {"last_name": "Wang", "account": acc.id})
+    ticket = audit.create(leaving.user, Ticket, {"subject": "Invoice"})
+    other = audit.create(staying.user, Account, {"name": "Other Ltd"})
+
+    moved = seats.remove_seats(seats.find_seats(["leaving@corp.cn"]), staying.user, boss.user)
+    assert moved == {"account": 1, "contact": 1, "ticket": 1}
+    for model, record in ((Account, acc), (Contact, contact), (Ticket, ticket)):
+        row = model.get_by_id(record.id)
+        assert row.owner_id == staying.user.id and row.team_id == staying.user.team_id
+        trail = AuditLog.get(AuditLog.entity == model.entity, AuditLog.record_id == record.id,
+                             AuditLog.action == "update")
+        assert trail.changes["owner"] == [leaving.user.id, staying.user.id] and trail.actor == "boss@corp.cn"
+    assert Account.get_by_id(other.id).owner_id == staying.user.id
+    assert not User.get_by_id(leaving.user.id).active
+    assert not Account.select().where(Account.owner == leaving.user.id).exists(), "nothing left without an owner"
+    with pytest.raises(SeatError, match="leaving@corp.cn is not an active seat"):
+        seats.remove_seats(seats.find_seats(["staying@corp.cn"]), User.get_by_id(leaving.user.id), boss.user)
+    with pytest.raises(SeatError, match="cannot take over its own records"):
+        seats.remove_seats(seats.find_seats(["staying@corp.cn"]), staying.user, boss.user)
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def test_the_seats_commands_add_disable_and_remove_in_bulk(tmp_path, settings, db):
+    config = _config_file(tmp_path, settings)
+    file = tmp_path / "seats.csv"
+    file.write_bytes(_csv(3))
+    added = CliRunner().invoke(main, ["--config", config, "seats", "add", "--file", str(file)])
+    assert added.exit_code == 0, added.output
+    assert added.output.count("/auth/set-password/") == 3 and "3 seats added; 3 of 50 licensed seats in use" \
+        in added.output
+    again = CliRunner().invoke(main, ["--config", config, "seats", "add", "--file", str(file)])
+    assert again.exit_code == 1 and "no seat was added: 3 lines are wrong" in again.output
+    assert "Traceback" not in again.output
+
+    disabled = CliRunner().invoke(main, ["--config", config, "seats", "disable", "seat0@corp.cn"])
+    assert disabled.exit_code == 0 and "1 seats disabled (0 were already); 2 of 50" in disabled.output
+    heir = User.get(User.email == "seat2@corp.cn")
+    audit.create(User.get(User.email == "seat1@corp.cn"), Account, {"name": "Handed Ltd"})
+    removed = CliRunner().invoke(main, ["--config", config, "seats", "remove", "seat1@corp.cn",
+                                        "--reassign-to", "seat2@corp.cn", "--yes"])
+    assert removed.exit_code == 0, removed.output
+    assert "1 seats removed; 1 account handed to seat2@corp.cn; 1 of 50" in removed.output
+    assert Account.get(Account.name == "Handed Ltd").owner_id == heir.id
+
+    both = CliRunner().invoke(main, ["--config", config, "seats", "add", "--file", str(file), "--email", "x@corp.cn"])
+    assert both.exit_code == 2 and "either --file or --email" in both.output

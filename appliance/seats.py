@@ -186,7 +186,10 @@ def read_seat_rows(data: bytes, source: str) -> list[SeatRow]:
     import csv
     import io
 
-    rows = list(csv.reader(io.StringIO(_decode(data, source))))
+    text = _decode(data, source)
+    # Cells copied from a spreadsheet arrive separated by tabs.
+    dialect = "excel-tab" if "\t" in text.split("\n", 1)[0] else "excel"
+    rows = list(csv.reader(io.StringIO(text), dialect=dialect))
     rows = [r for r in rows if any(cell.strip() for cell in r)]
     if not rows:
         raise SeatError(_l("%(source)s is empty; expected a header row: email,name,role,team", source=source))

@@ -199,3 +199,41 @@ def test_the_seats_commands_add_disable_and_remove_in_bulk(tmp_path, settings, d
 
     both = CliRunner().invoke(main, ["--config", config, "seats", "add", "--file", str(file), "--email", "x@corp.cn"])
     assert both.exit_code == 2 and "either --file or --email" in both.output
+
+
+# ----------------------------------------------------------------------------- the boss's page
+
+
+def test_the_boss_pastes_seats_from_a_spreadsheet_and_gets_their_links(make_seat, browser_for):
+    import io
+
+    boss = make_seat("boss@corp.cn", role="boss")
+    b = browser_for(boss)
+    pasted = "邮箱\t姓名\t角色\t团队\nwang.wei@corp.cn\t王伟\tagent\t华东\nli.na@corp.cn\t李娜\tmanager\t华东\n"
+    resp = b.post("/admin/seats/bulk", {"text": pasted}, token_from="/admin/seats/bulk")
+    page = resp.get_data(as_text=True)
+    assert resp.status_code == 200 and page.count("/auth/set-password/") == 2
+    assert {u.email for u in User.select().where(User.role != boss.user.role)} == {"wang.wei@corp.cn", "li.na@corp.cn"}
+
+    upload = b.post("/admin/seats/bulk", {"file": (io.BytesIO(_csv(2).decode().encode("gbk")), "seats.csv")},
+                    token_from="/admin/seats/bulk", content_type="multipart/form-data")
+    assert upload.status_code == 200 and upload.get_data(as_text=True).count("/auth/set-password/") == 2
+
+
+def test_bad_pasted_seats_keep_the_text_say_what_is_wrong_and_add_nothing(make_seat, browser_for):
+    boss = make_seat("boss@corp.cn", role="boss")
+    pasted = "email,name,role\nfine@corp.cn,Fine,agent\nbroken,Broken,agent\n"
+    resp = browser_for(boss).post("/admin/seats/bulk", {"text": pasted}, token_from="/admin/seats/bulk")
+    page = resp.get_data(as_text=True)
+    assert resp.status_code == 400
+    assert "no seat was added: 1 lines are wrong: line 3: &#39;broken&#39; is not an e-mail address" in page
+    assert "fine@corp.cn,Fine,agent" in page, "the pasted text is still there to fix"
+    assert not User.select().where(User.email == "fine@corp.cn").exists()
+
+
+def test_an_agent_cannot_reach_the_bulk_seats_page(make_seat, browser_for):
+    agent = make_seat("agent@corp.cn")
+    b = browser_for(agent)
+    assert b.get("/admin/seats/bulk").status_code == 404
+    assert b.post("/admin/seats/bulk", {"text": "email,name,role\nx@corp.cn,X,boss\n"}).status_code == 404
+    assert not User.select().where(User.email == "x@corp.cn").exists()

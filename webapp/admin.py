@@ -14,7 +14,8 @@ from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
 from flask_babel import to_utc
 from flask_wtf import FlaskForm
-from wtforms import EmailField, SelectField, StringField
+from flask_wtf.file import FileField
+from wtforms import EmailField, SelectField, StringField, TextAreaField
 from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, Length, Optional
 
@@ -73,6 +74,45 @@ def seat_list():
     active = sum(1 for r in rows if r["active"])
     return render_template("admin/seats.html", form=form, rows=rows, new_link=new_link, licensed=licensed,
                            active=active), 400 if form.errors else 200
+
+
+class BulkSeatsForm(FlaskForm):
+    text = TextAreaField(_l("Seats"), validators=[Optional(), Length(max=200_000)],
+                         render_kw={"rows": 12, "placeholder": "email,name,role,team\nli.wei@example.cn,Li Wei,agent,East"})
+    file = FileField(_l("Or a CSV file"), render_kw={"accept": ".csv,text/csv"})
+
+
+MAX_SEATS_FILE = 1024 * 1024  # a hundred seats fit in a few kilobytes
+
+
+@bp.route("/seats/bulk", methods=["GET", "POST"])
+def bulk_seats():
+    """Add up to 100 seats at once, pasted (CSV, or cells copied from a spreadsheet) or as a
+    CSV file; all are added or none, and the links are shown once, here."""
+    form = BulkSeatsForm()
+    created, status = [], 200
+    if form.validate_on_submit():
+        upload = form.file.data
+        data = upload.read(MAX_SEATS_FILE + 1) if upload and upload.filename else (form.text.data or "").encode()
+        source = upload.filename if upload and upload.filename else _("the pasted text")
+        try:
+            if len(data) > MAX_SEATS_FILE:
+                raise SeatError(_("%(source)s is larger than 1 MB; a hundred seats fit in a few kilobytes",
+                                  source=source))
+            created = seats.add_seats(_settings(), seats.read_seat_rows(data, source))
+        except SeatError as exc:
+            form.text.errors.append(str(exc))
+            status = 400
+        else:
+            for new in created:
+                audit.write_row(g.user, "user", new.user.id, "create",
+                                {"email": [None, new.user.email], "role": [None, new.user.role.name]})
+            form = BulkSeatsForm(formdata=None)
+    elif form.errors:
+        status = 400
+    in_use = User.select().where(User.active).count()
+    return render_template("admin/seats_bulk.html", form=form, created=created, in_use=in_use,
+                           licensed=_settings().seats.licensed, most=seats.MAX_BULK), status
 
 
 def _seat_or_404(user_id: int) -> User:

@@ -133,6 +133,7 @@ def suspend(user: User, reason: str = "suspended") -> None:
 
 def reactivate(settings: Settings, user: User) -> None:
     with database.atomic():
+        _lock_seat_count()
         in_use = User.select().where(User.active).count()
         if in_use >= settings.seats.licensed:
             raise SeatError(_l("the licence allows %(n)d seats and all are in use", n=settings.seats.licensed))

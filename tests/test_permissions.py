@@ -156,16 +156,19 @@ def test_lookup_field_cannot_reach_a_foreign_account(world):
 def test_admin_pages_are_404_for_everyone_but_the_boss(world):
     for viewer in ("A", "M"):
         b = world["browser"](viewer)
-        for path in ("/admin/seats", "/admin/audit", "/admin/logins", "/admin/roles", "/admin/notices",
-                     "/admin/sla"):
+        for path in ("/admin/seats", "/admin/seats/bulk", "/admin/audit", "/admin/logins", "/admin/roles",
+                     "/admin/notices", "/admin/sla"):
             assert b.get(path).status_code == 404, (viewer, path)
         assert b.post("/admin/notices/1/acknowledge").status_code == 404
         target = world["seats"]["B"].user
         assert b.post(f"/admin/seats/{target.id}/suspend").status_code == 404
         assert b.post(f"/admin/seats/{target.id}/link").status_code == 404
+        assert b.post("/admin/seats/change", {"seat": [target.id], "action": "disable"}).status_code == 404
+        assert b.post("/admin/seats/bulk", {"text": "email,name,role\nx@corp.cn,X,boss\n"}).status_code == 404
+        assert target.__class__.get_by_id(target.id).active
     boss = world["browser"]("boss")
-    for path in ("/admin/seats", "/admin/audit", "/admin/logins", "/admin/roles", "/admin/notices",
-                 "/admin/sla"):
+    for path in ("/admin/seats", "/admin/seats/bulk", "/admin/audit", "/admin/logins", "/admin/roles",
+                 "/admin/notices", "/admin/sla"):
         assert boss.get(path).status_code == 200, path
 
 
@@ -209,7 +212,7 @@ COVERED = {
     "/search/": "search", "/search/lookup/<entity>": "lookup", "/": "dashboard",
     "/admin/audit": "admin", "/admin/logins": "admin", "/admin/roles": "admin", "/admin/seats": "admin",
     "/admin/seats/<int:user_id>/link": "admin", "/admin/seats/<int:user_id>/suspend": "admin",
-    "/admin/seats/<int:user_id>/reactivate": "admin",
+    "/admin/seats/<int:user_id>/reactivate": "admin", "/admin/seats/bulk": "admin", "/admin/seats/change": "admin",
     "/admin/notices": "admin", "/admin/notices/<int:notice_id>/acknowledge": "admin", "/admin/sla": "admin",
 }
 PUBLIC = {"/auth/login", "/auth/logout", "/auth/locale", "/auth/set-password/<token>", "/static/<path:filename>",

@@ -237,3 +237,33 @@ def test_an_agent_cannot_reach_the_bulk_seats_page(make_seat, browser_for):
     assert b.get("/admin/seats/bulk").status_code == 404
     assert b.post("/admin/seats/bulk", {"text": "email,name,role\nx@corp.cn,X,boss\n"}).status_code == 404
     assert not User.select().where(User.email == "x@corp.cn").exists()
+
+
+def test_the_boss_disables_and_removes_ticked_seats(make_seat, browser_for):
+    boss = make_seat("boss@corp.cn", role="boss")
+    a, b_, heir = make_seat("a@corp.cn"), make_seat("b@corp.cn"), make_seat("heir@corp.cn")
+    acc = audit.create(b_.user, Account, {"name": "B's Ltd"})
+    browser = browser_for(boss)
+    page = browser.get("/admin/seats").get_data(as_text=True)
+    assert f'name="seat" value="{a.user.id}" form="change-seats"' in page
+    assert f'name="seat" value="{boss.user.id}"' not in page, "no box for the boss's own seat"
+
+    resp = browser.post("/admin/seats/change", {"seat": [a.user.id], "action": "disable"}, token_from="/admin/seats")
+    assert resp.status_code == 302 and not User.get_by_id(a.user.id).active
+    resp = browser.post("/admin/seats/change", {"seat": [b_.user.id], "action": "remove", "heir": heir.user.id},
+                        token_from="/admin/seats")
+    assert resp.status_code == 302 and not User.get_by_id(b_.user.id).active
+    assert Account.get_by_id(acc.id).owner_id == heir.user.id
+    follow = browser.get("/admin/seats").get_data(as_text=True)
+    assert "1 seats removed; 1 records handed to heir@corp.cn." in follow
+
+    own = browser.post("/admin/seats/change", {"seat": [boss.user.id, heir.user.id], "action": "disable"},
+                       token_from="/admin/seats")
+    assert own.status_code == 302 and User.get_by_id(heir.user.id).active
+    assert "You cannot disable or remove your own seat." in browser.get("/admin/seats").get_data(as_text=True)
+    for bad in ({"seat": ["x"], "action": "disable"}, {"seat": [heir.user.id], "action": "explode"}):
+        assert browser.post("/admin/seats/change", bad, token_from="/admin/seats").status_code == 400
+    no_csrf = browser.client.post("/admin/seats/change", data={"seat": [heir.user.id], "action": "disable"})
+    assert no_csrf.status_code == 400 and User.get_by_id(heir.user.id).active
+    agent = browser_for(heir)
+    assert agent.post("/admin/seats/change", {"seat": [boss.user.id], "action": "disable"}).status_code == 404

@@ -138,6 +138,43 @@ def suspend(user_id: int):
     return redirect(url_for("admin.seat_list"))
 
 
+@bp.route("/seats/change", methods=["POST"])
+def change_seats():
+    """Disable, or remove (handing their records to another seat), up to 100 ticked seats."""
+    raw_ids = request.form.getlist("seat")
+    action = request.form.get("action")
+    if action not in ("disable", "remove") or not all(r.isdigit() and permissions.valid_id(int(r)) for r in raw_ids):
+        abort(400)
+    ids = list(dict.fromkeys(int(r) for r in raw_ids))
+    users = list(User.select().where(User.id.in_(ids))) if ids else []
+    if not users:
+        flash(_("Tick the seats to change first."), "error")
+    elif len(users) > seats.MAX_BULK:
+        flash(_("One operation changes at most %(max)d seats.", max=seats.MAX_BULK), "error")
+    elif any(u.id == g.user.id for u in users):
+        flash(_("You cannot disable or remove your own seat."), "error")
+    elif action == "disable":
+        with database.atomic():
+            changed = seats.disable_seats(users, "disabled by the boss")
+            for user in users:
+                audit.write_row(g.user, "user", user.id, "suspend", {"active": [True, False]})
+        flash(_("%(n)d seats disabled; their sessions have ended.", n=changed), "success")
+    else:
+        heir_raw = request.form.get("heir") or ""
+        heir = User.get_or_none(User.id == int(heir_raw)) if heir_raw.isdigit() else None
+        if heir is None:
+            flash(_("Choose the seat that takes over their records."), "error")
+        else:
+            try:
+                moved = seats.remove_seats(users, heir, g.user)
+            except SeatError as exc:
+                flash(str(exc), "error")
+            else:
+                flash(_("%(n)d seats removed; %(records)d records handed to %(email)s.", n=len(users),
+                        records=sum(moved.values()), email=heir.email), "success")
+    return redirect(url_for("admin.seat_list"))
+
+
 @bp.route("/seats/<int:user_id>/reactivate", methods=["POST"])
 def reactivate(user_id: int):
     user = _seat_or_404(user_id)

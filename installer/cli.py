@@ -181,8 +181,7 @@ def seats_add(ctx: Context, email, name, role, team, seats_file, as_json) -> Non
         click.echo(f"One-time set-password link, valid until {c.expires_at:%Y-%m-%d %H:%M} UTC:")
         click.echo(c.link)
     if seats_file:
-        click.echo(f"{len(created)} seats added; {_seats_in_use()} of {ctx.settings.seats.licensed} licensed seats "
-                   f"in use.")
+        click.echo(f"Seats added: {len(created)}; in use: {_seats_in_use()} of {ctx.settings.seats.licensed} licensed.")
 
 
 def _seats_in_use() -> int:
@@ -225,8 +224,8 @@ def seats_disable(ctx: Context, emails, emails_file, reason) -> None:
         for user in users:
             audit.write_row(f"cli:{_os_user()}", "user", user.id, "suspend", {"active": [True, False]})
         in_use = _seats_in_use()
-    click.echo(f"{changed} seats disabled ({len(users) - changed} were already); "
-               f"{in_use} of {ctx.settings.seats.licensed} licensed seats in use.")
+    click.echo(f"Seats disabled: {changed} (disabled already: {len(users) - changed}); "
+               f"in use: {in_use} of {ctx.settings.seats.licensed} licensed.")
 
 
 @seats.command("remove")
@@ -250,8 +249,8 @@ def seats_remove(ctx: Context, emails, emails_file, heir_email, yes) -> None:
         moved = seats_lib.remove_seats(users, heir, f"cli:{_os_user()}")
         in_use = _seats_in_use()
     handed = ", ".join(f"{n} {entity}" for entity, n in moved.items()) or "no records"
-    click.echo(f"{len(users)} seats removed; {handed} handed to {heir.email}; "
-               f"{in_use} of {ctx.settings.seats.licensed} licensed seats in use.")
+    click.echo(f"Seats removed: {len(users)}; handed to {heir.email}: {handed}; "
+               f"in use: {in_use} of {ctx.settings.seats.licensed} licensed.")
 
 
 @seats.command("list")

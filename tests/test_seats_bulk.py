@@ -181,20 +181,20 @@ def test_the_seats_commands_add_disable_and_remove_in_bulk(tmp_path, settings, d
     file.write_bytes(_csv(3))
     added = CliRunner().invoke(main, ["--config", config, "seats", "add", "--file", str(file)])
     assert added.exit_code == 0, added.output
-    assert added.output.count("/auth/set-password/") == 3 and "3 seats added; 3 of 50 licensed seats in use" \
+    assert added.output.count("/auth/set-password/") == 3 and "Seats added: 3; in use: 3 of 50 licensed." \
         in added.output
     again = CliRunner().invoke(main, ["--config", config, "seats", "add", "--file", str(file)])
     assert again.exit_code == 1 and "no seat was added: 3 lines are wrong" in again.output
     assert "Traceback" not in again.output
 
     disabled = CliRunner().invoke(main, ["--config", config, "seats", "disable", "seat0@corp.cn"])
-    assert disabled.exit_code == 0 and "1 seats disabled (0 were already); 2 of 50" in disabled.output
+    assert disabled.exit_code == 0 and "Seats disabled: 1 (disabled already: 0); in use: 2 of 50" in disabled.output
     heir = User.get(User.email == "seat2@corp.cn")
     audit.create(User.get(User.email == "seat1@corp.cn"), Account, {"name": "Handed Ltd"})
     removed = CliRunner().invoke(main, ["--config", config, "seats", "remove", "seat1@corp.cn",
                                         "--reassign-to", "seat2@corp.cn", "--yes"])
     assert removed.exit_code == 0, removed.output
-    assert "1 seats removed; 1 account handed to seat2@corp.cn; 1 of 50" in removed.output
+    assert "Seats removed: 1; handed to seat2@corp.cn: 1 account; in use: 1 of 50" in removed.output
     assert Account.get(Account.name == "Handed Ltd").owner_id == heir.id
 
     both = CliRunner().invoke(main, ["--config", config, "seats", "add", "--file", str(file), "--email", "x@corp.cn"])
@@ -255,7 +255,7 @@ def test_the_boss_disables_and_removes_ticked_seats(make_seat, browser_for):
     assert resp.status_code == 302 and not User.get_by_id(b_.user.id).active
     assert Account.get_by_id(acc.id).owner_id == heir.user.id
     follow = browser.get("/admin/seats").get_data(as_text=True)
-    assert "1 seats removed; 1 records handed to heir@corp.cn." in follow
+    assert "Seats removed: 1; records handed to heir@corp.cn: 1." in follow
 
     own = browser.post("/admin/seats/change", {"seat": [boss.user.id, heir.user.id], "action": "disable"},
                        token_from="/admin/seats")

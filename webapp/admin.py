@@ -158,7 +158,7 @@ def change_seats():
             changed = seats.disable_seats(users, "disabled by the boss")
             for user in users:
                 audit.write_row(g.user, "user", user.id, "suspend", {"active": [True, False]})
-        flash(_("%(n)d seats disabled; their sessions have ended.", n=changed), "success")
+        flash(_("Seats disabled: %(n)d; their sessions have ended.", n=changed), "success")
     else:
         heir_raw = request.form.get("heir") or ""
         heir = User.get_or_none(User.id == int(heir_raw)) if heir_raw.isdigit() else None
@@ -170,7 +170,7 @@ def change_seats():
             except SeatError as exc:
                 flash(str(exc), "error")
             else:
-                flash(_("%(n)d seats removed; %(records)d records handed to %(email)s.", n=len(users),
+                flash(_("Seats removed: %(n)d; records handed to %(email)s: %(records)d.", n=len(users),
                         records=sum(moved.values()), email=heir.email), "success")
     return redirect(url_for("admin.seat_list"))
 

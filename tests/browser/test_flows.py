@@ -353,3 +353,43 @@ def test_wrong_password_stays_on_login(page, live_server, make_seat):
     page.get_by_role("button", name="Log in", exact=True).click()
     expect(page.locator("main h1")).to_have_text("Accounts")  # back to where it was going
     assert User.get_by_id(user.id).failed_logins == 0
+
+
+# ----------------------------------------------------------------------------- seats in bulk
+
+def test_boss_adds_seats_in_bulk_then_disables_one_and_an_agent_cannot_reach_the_page(page, new_page, live_server,
+                                                                                       make_seat):
+    make_seat("boss@corp.cn", role="boss", name="Bo Boss")
+    agent = make_seat("agent@corp.cn", name="Ada Agent")
+    login(page, "boss@corp.cn")
+    page.goto("/admin/seats")
+    page.get_by_role("link", name="Add seats in bulk").click()
+    expect(page.locator("main h1")).to_have_text("Add seats in bulk")
+    page.fill("#text", "email\tname\trole\tteam\nwang.wei@corp.cn\t王伟\tagent\t华东\n"
+                       "li.na@corp.cn\t李娜\tmanager\t华东\n")
+    page.get_by_role("button", name="Add seats", exact=True).click()
+    links = page.locator("#new-links tbody tr")
+    expect(links).to_have_count(2)
+    expect(links.nth(0)).to_contain_text("/auth/set-password/")
+    assert {u.name for u in User.select().where(User.email.in_(["wang.wei@corp.cn", "li.na@corp.cn"]))} == {"王伟", "李娜"}
+    page.screenshot(path=str(SCREENSHOT_DIR / "seats-bulk-added.png"), full_page=True)
+
+    # A line that is wrong: nothing added, the text stays to be fixed.
+    page.fill("#text", "email,name,role\nfine@corp.cn,Fine,agent\nbroken,Broken,agent\n")
+    page.get_by_role("button", name="Add seats", exact=True).click()
+    expect(page.locator(".field.has-error")).to_contain_text("line 3: 'broken' is not an e-mail address")
+    expect(page.locator("#text")).to_have_value(re.compile("fine@corp.cn,Fine,agent"))
+    assert not User.select().where(User.email == "fine@corp.cn").exists()
+
+    # Disable a ticked seat from the list.
+    page.goto("/admin/seats")
+    page.get_by_role("checkbox", name="wang.wei@corp.cn").check()
+    page.select_option("select[name=action]", "disable")
+    page.get_by_role("button", name="Apply").click()
+    expect(flash(page)).to_contain_text("Seats disabled: 1")
+    assert not User.get(User.email == "wang.wei@corp.cn").active
+
+    agent_page = new_page("agent")
+    login(agent_page, agent.email)
+    response = agent_page.goto("/admin/seats/bulk")
+    assert response.status == 404

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import threading
 import zipfile
 
@@ -120,3 +121,39 @@ def test_the_export_command(tmp_path, settings, db):
     again = CliRunner().invoke(main, ["--config", config, "export", "--output", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output and "Traceback" not in again.output
     assert Note.select().count() == 0 and User.select().count() == 1
+
+
+# ----------------------------------------------------------------------------- the boss's page
+
+
+def test_the_boss_exports_everything_from_the_page_and_downloads_it(make_seat, browser_for):
+    import time
+
+    from webapp.models import AuditLog
+
+    boss = make_seat("boss@corp.cn", role="boss")
+    audit.create(boss.user, Account, {"name": "Exported Ltd"})
+    b = browser_for(boss)
+    assert b.post("/admin/export", token_from="/admin/export").status_code == 302
+    deadline, name = time.monotonic() + 60, None
+    while name is None and time.monotonic() < deadline:
+        found = re.search(r'href="/admin/export/(crm-export-\d{8}T\d{6}Z\.zip)"', b.get("/admin/export").get_data(
+            as_text=True))
+        name = found.group(1) if found else time.sleep(0.2)
+    assert name, "the export appeared on the page"
+    resp = b.get(f"/admin/export/{name}")
+    assert resp.status_code == 200 and resp.mimetype == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(resp.get_data())) as archive:
+        assert "Exported Ltd" in archive.read("data/account.csv").decode("utf-8-sig")
+    assert [r.action for r in AuditLog.select().where(AuditLog.entity == "export").order_by(AuditLog.id)] == [
+        "export_all", "download"]
+    for bad in ("../../etc/passwd", "crm-export-x.zip", ".crm-export-20261130T000000Z.zip.partial"):
+        assert b.get(f"/admin/export/{bad}").status_code == 404
+
+
+def test_only_the_boss_reaches_the_export(make_seat, browser_for):
+    make_seat("boss@corp.cn", role="boss")
+    manager = browser_for(make_seat("m@corp.cn", role="manager"))
+    assert manager.get("/admin/export").status_code == 404
+    assert manager.post("/admin/export").status_code == 404
+    assert manager.get("/admin/export/crm-export-20261130T000000Z.zip").status_code == 404

@@ -165,6 +165,8 @@ def test_admin_pages_are_404_for_everyone_but_the_boss(world):
         assert b.post(f"/admin/seats/{target.id}/link").status_code == 404
         assert b.post("/admin/seats/change", {"seat": [target.id], "action": "disable"}).status_code == 404
         assert b.post("/admin/seats/bulk", {"text": "email,name,role\nx@corp.cn,X,boss\n"}).status_code == 404
+        assert b.get("/admin/export").status_code == 404 and b.post("/admin/export").status_code == 404
+        assert b.get("/admin/export/crm-export-20261130T000000Z.zip").status_code == 404
         assert target.__class__.get_by_id(target.id).active
     boss = world["browser"]("boss")
     for path in ("/admin/seats", "/admin/seats/bulk", "/admin/audit", "/admin/logins", "/admin/roles",
@@ -213,6 +215,7 @@ COVERED = {
     "/admin/audit": "admin", "/admin/logins": "admin", "/admin/roles": "admin", "/admin/seats": "admin",
     "/admin/seats/<int:user_id>/link": "admin", "/admin/seats/<int:user_id>/suspend": "admin",
     "/admin/seats/<int:user_id>/reactivate": "admin", "/admin/seats/bulk": "admin", "/admin/seats/change": "admin",
+    "/admin/export": "admin", "/admin/export/<name>": "admin",
     "/admin/notices": "admin", "/admin/notices/<int:notice_id>/acknowledge": "admin", "/admin/sla": "admin",
 }
 PUBLIC = {"/auth/login", "/auth/logout", "/auth/locale", "/auth/set-password/<token>", "/static/<path:filename>",

@@ -8,8 +8,13 @@ did not exist.
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import re
+import threading
+import time
+from pathlib import Path
 
-from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, url_for
+from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, send_file, url_for
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
 from flask_babel import to_utc
@@ -26,6 +31,7 @@ from webapp.crud import escape_like
 from webapp.models import AuditLog, JobRun, LoginLog, Notice, Role, Team, User, database, utcnow
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
+log = logging.getLogger(__name__)
 
 PAGE = 100
 
@@ -196,6 +202,72 @@ def new_link(user_id: int):
     link, expires = seats.issue_link(_settings(), user)
     audit.write_row(g.user, "user", user.id, "new_link", {})
     return render_template("admin/link.html", seat=user, link=link, expires_at=expires)
+
+
+# ----------------------------------------------------------------------------- the whole-data export
+
+EXPORTS_KEPT = 3  # older exports are deleted: each holds all the customer's data
+_EXPORT_NAME = re.compile(r"^crm-export-\d{8}T\d{6}Z\.zip$")
+_STALE_SECONDS = 6 * 3600  # a partial file this old belongs to an export whose worker died
+
+
+def _export_dir() -> Path:
+    folder = _settings().appliance.data_dir / "exports"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
+
+
+def _exports_running(folder: Path) -> bool:
+    running = False
+    for partial in folder.glob(".*.partial"):
+        if time.time() - partial.stat().st_mtime > _STALE_SECONDS:
+            partial.unlink(missing_ok=True)
+        else:
+            running = True
+    return running
+
+
+def _run_export(path: Path) -> None:
+    from appliance import export
+
+    try:
+        export.export_all(path)
+    except Exception:  # noqa: BLE001 - a thread of its own: log it, the page shows no new file
+        log.exception("the whole-data export to %s failed", path)
+    finished = sorted((p for p in path.parent.iterdir() if _EXPORT_NAME.match(p.name)), reverse=True)
+    for old in finished[EXPORTS_KEPT:]:
+        old.unlink(missing_ok=True)
+
+
+@bp.route("/export", methods=["GET", "POST"])
+def data_export():
+    """All the customer's data in one ZIP (as ``crm-appliance export``), built in the
+    background under the data directory, then downloaded from here; the newest few are kept."""
+    folder = _export_dir()
+    if request.method == "POST":
+        if _exports_running(folder):
+            flash(_("An export is being written already; it appears below when it is complete."), "error")
+        else:
+            name = f"crm-export-{utcnow():%Y%m%dT%H%M%SZ}.zip"
+            audit.write_row(g.user, "export", 0, "export_all", {"file": [None, name]})
+            threading.Thread(target=_run_export, args=(folder / name,), name="data-export", daemon=True).start()
+            flash(_("The export is being written; reload this page in a minute to download it."), "success")
+        return redirect(url_for("admin.data_export"))
+    files = [{"name": p.name, "bytes": p.stat().st_size,
+              "at": dt.datetime.fromtimestamp(p.stat().st_mtime, dt.timezone.utc).replace(tzinfo=None)}
+             for p in sorted(folder.iterdir(), reverse=True) if _EXPORT_NAME.match(p.name)]
+    return render_template("admin/export.html", files=files, running=_exports_running(folder))
+
+
+@bp.route("/export/<name>")
+def download_export(name: str):
+    if not _EXPORT_NAME.match(name):
+        abort(404)
+    path = _export_dir() / name
+    if not path.is_file():
+        abort(404)
+    audit.write_row(g.user, "export", 0, "download", {"file": [None, name]})
+    return send_file(path, as_attachment=True, download_name=name, mimetype="application/zip")
 
 
 @bp.route("/roles")

@@ -406,23 +406,28 @@ restore.restore(settings, {info.id!r}, hooks=restore.RestoreHooks(after_start=ha
 # ============================================================================= WAL prefetch
 
 
-def test_wal_prefetcher_keeps_a_bounded_spool_in_recovery_order(tmp_path, monkeypatch):
-    """What recovery takes is the archived bytes, in order; a segment recovery fetched itself
-    (not in the spool yet) is dropped once it is passed; never more than ``depth`` wait."""
+def _archived_segments(tmp_path, count: int):
+    """A key and ``count`` small fake segments archived with wal-push: (key, {name: bytes}, [(name, path)])."""
     key_file = tmp_path / "key"
     key_file.write_text("k" * 40)
     key_file.chmod(0o600)
-    key = appliance.encryption.load_key(key_file)
     archive = tmp_path / "archive"
     archive.mkdir()
     originals, segments = {}, []
-    for n in range(1, 9):
+    for n in range(1, count + 1):
         name = f"0000000100000000000000{n:02X}"
         plain = tmp_path / name
         plain.write_bytes(os.urandom(64 * 1024) + bytes([n]) * 1024)
         backup.wal_push(plain, name, archive, key_file)
         originals[name] = plain.read_bytes()
         segments.append((name, archive / (name + backup.ARCHIVE_SUFFIX)))
+    return appliance.encryption.load_key(key_file), originals, segments
+
+
+def test_wal_prefetcher_keeps_a_bounded_spool_in_recovery_order(tmp_path, monkeypatch):
+    """What recovery takes is the archived bytes, in order; a segment recovery fetched itself
+    (not in the spool yet) is dropped once it is passed; never more than ``depth`` wait."""
+    key, originals, segments = _archived_segments(tmp_path, 8)
     owner = __import__("pwd").getpwuid(os.geteuid()).pw_name
     monkeypatch.setattr(restore, "_chown_tree", lambda path, user: None)
     spool, taken, most_waiting = tmp_path / "data" / restore.WAL_SPOOL, {}, 0
@@ -454,18 +459,7 @@ def test_wal_prefetcher_keeps_a_bounded_spool_in_recovery_order(tmp_path, monkey
 
 
 def test_a_damaged_segment_stops_the_prefetch_and_is_left_to_wal_fetch(tmp_path, monkeypatch):
-    key_file = tmp_path / "key"
-    key_file.write_text("k" * 40)
-    key_file.chmod(0o600)
-    key = appliance.encryption.load_key(key_file)
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    segments = []
-    for n in (1, 2):
-        name = f"0000000100000000000000{n:02X}"
-        (tmp_path / name).write_bytes(os.urandom(4096))
-        backup.wal_push(tmp_path / name, name, archive, key_file)
-        segments.append((name, archive / (name + backup.ARCHIVE_SUFFIX)))
+    key, _, segments = _archived_segments(tmp_path, 2)
     damaged = bytearray(segments[0][1].read_bytes())
     damaged[-40] ^= 0xFF
     segments[0][1].write_bytes(bytes(damaged))

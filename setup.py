@@ -47,6 +47,9 @@ setup(
         # Runs the services where systemd is not PID 1 (containers, CI): from the appliance's
         # own virtual environment, so no system package or system-wide daemon is involved.
         "supervisor>=4.2,<5",
+        # Excel files for the list exports (and, later, imports): the standard library for
+        # .xlsx, whose write-only mode streams rows to disk instead of holding the sheet.
+        "openpyxl>=3.1,<4",
     ],
     extras_require={
         "test": [

@@ -8,6 +8,7 @@ A record outside the seat's level answers 404, exactly like a missing one.
 
 from __future__ import annotations
 
+import io
 import re
 
 import pytest
@@ -95,6 +96,10 @@ def test_export_search_and_lookup_follow_the_level(world, viewer, entity):
     b = world["browser"](viewer)
     csv_text = b.get(f"{prefix}/export.csv").get_data(as_text=True)
     assert _markers(csv_text, entity) == VISIBLE[viewer], f"{viewer} export of {entity}"
+    from openpyxl import load_workbook
+    sheet = load_workbook(io.BytesIO(b.get(f"{prefix}/export.xlsx").get_data())).active
+    cells = " ".join(str(c.value) for row in sheet.iter_rows() for c in row if c.value is not None)
+    assert _markers(cells, entity) == VISIBLE[viewer], f"{viewer} Excel export of {entity}"
     tag = TAGS[entity]
     found = b.get(f"/search/?q={tag}-").get_data(as_text=True)
     assert _markers(found, entity) == VISIBLE[viewer], f"{viewer} search of {entity}"
@@ -207,7 +212,7 @@ def test_deleted_record_is_gone_for_everyone(world):
 # Every route and where this file proves it answers only within the seat's level.
 COVERED = {
     "/<prefix>/": "list", "/<prefix>/<int:record_id>": "detail", "/<prefix>/<int:record_id>/edit": "edit",
-    "/<prefix>/<int:record_id>/delete": "delete", "/<prefix>/export.csv": "export", "/<prefix>/new": "creation",
+    "/<prefix>/<int:record_id>/delete": "delete", "/<prefix>/export.csv": "export", "/<prefix>/export.xlsx": "export", "/<prefix>/new": "creation",
     "/leads/<int:record_id>/convert": "special actions", "/opportunities/<int:record_id>/stage": "special actions",
     "/opportunities/board": "board", "/tickets/<int:record_id>/transfer": "special actions",
     "/notes/<entity>/<int:record_id>": "special actions", "/notes/<int:note_id>/delete": "special actions",
@@ -269,6 +274,7 @@ def test_a_read_only_role_cannot_create_edit_delete_or_export(world, make_seat, 
         assert viewer.get(f"{prefix}/{record.id}").status_code == 200
         assert viewer.get(f"{prefix}/new").status_code == 404
         assert viewer.get(f"{prefix}/export.csv").status_code == 404
+        assert viewer.get(f"{prefix}/export.xlsx").status_code == 404
         assert viewer.get(f"{prefix}/{record.id}/edit").status_code == 403
         assert viewer.post(f"{prefix}/{record.id}/delete").status_code == 403
         assert viewer.post(f"{prefix}/new", {field: "planted"}).status_code == 404

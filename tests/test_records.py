@@ -363,6 +363,26 @@ def test_export_neutralises_formulas(agent, browser_for):
     assert rows[0]["name"].startswith("'=") and rows[0]["phone"] == "'+86 123"
 
 
+def test_excel_export_holds_the_filtered_list_with_formulas_as_plain_text(agent, boss, browser_for):
+    from openpyxl import load_workbook
+
+    audit.create(agent.user, Account, {"name": "=HYPERLINK(\"http://evil\")", "phone": "+86 123",
+                                       "city": "上海"})
+    audit.create(agent.user, Account, {"name": "华信科技", "city": "北京"})
+    audit.create(boss.user, Account, {"name": "Not the agent's", "city": "上海"})
+    resp = browser_for(agent).get("/accounts/export.xlsx?q=上海")
+    assert resp.status_code == 200 and resp.mimetype.endswith("spreadsheetml.sheet")
+    sheet = load_workbook(io.BytesIO(resp.get_data()), read_only=False).active
+    header = [c.value for c in sheet[1]]
+    rows = [dict(zip(header, (c.value for c in row))) for row in sheet.iter_rows(min_row=2)]
+    assert [r["name"] for r in rows] == ['=HYPERLINK("http://evil")'], "filtered, and only what the agent sees"
+    name_cell = sheet.cell(row=2, column=header.index("name") + 1)
+    assert name_cell.data_type == "s", "a string cell, which no spreadsheet evaluates"
+    assert rows[0]["phone"] == "+86 123" and rows[0]["city"] == "上海"
+    exports = AuditLog.select().where(AuditLog.entity == "account", AuditLog.action == "export")
+    assert [e.changes["rows"] for e in exports] == [[None, 1]]
+
+
 def test_dashboard_shows_my_pipeline_and_recent_changes(agent, browser_for):
     audit.create(agent.user, Opportunity, {"name": "Big one", "stage": "proposal", "amount": 12345})
     html = browser_for(agent).get("/").get_data(as_text=True)

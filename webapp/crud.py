@@ -18,6 +18,7 @@ import datetime as dt
 import decimal
 import io
 import json
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -273,32 +274,63 @@ def neutralise(value) -> str:
     return "'" + text if text.startswith(_DANGEROUS_START) else text
 
 
-def export_rows(module: Module, user: User, args):
-    """Yield CSV lines of the filtered list within the seat's export level; records the export."""
+def _export_records(module: Module, user: User, args):
+    """Yield the header, then each record's values, of the filtered list within the seat's
+    export level; once all are out, record the export in the audit log."""
     query, text, active = filtered(module, user, args, action="export")
     fields = [n for n in module.model._meta.sorted_field_names if n not in ("deleted_at",)]
+    yield fields
     count = 0
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-
-    def flush():
-        data = buf.getvalue()
-        buf.seek(0)
-        buf.truncate()
-        return data
-
-    buf.write("\ufeff")  # lets Excel read UTF-8 (Chinese names) correctly
-    writer.writerow(fields)
-    yield flush()
     for record in query.order_by(module.model.id).iterator():
-        writer.writerow([neutralise(audit.jsonable(record.__data__.get(n))) for n in fields])
+        yield [audit.jsonable(record.__data__.get(n)) for n in fields]
         count += 1
-        if count % 500 == 0:
-            yield flush()
-    yield flush()
     with database.atomic():
         audit.write_row(user, module.entity, 0, "export", {"rows": [None, count], "search": [None, text],
                                                            "filters": [None, active]})
+
+
+def export_rows(module: Module, user: User, args):
+    """Yield CSV text of the filtered list (see _export_records), formula cells neutralised."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    buf.write("\ufeff")  # lets Excel read UTF-8 (Chinese names) correctly
+    for count, values in enumerate(_export_records(module, user, args)):
+        writer.writerow([neutralise(v) for v in values])
+        if count % 500 == 0:
+            yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+    yield buf.getvalue()
+
+
+def export_xlsx(module: Module, user: User, args, out) -> None:
+    """Write the filtered list (see _export_records) as an Excel workbook to ``out``.
+
+    Every text goes in as a string cell, which Excel never evaluates: a value such as
+    "=HYPERLINK(...)" stays the text it is, without the apostrophe the CSV needs.
+    """
+    from openpyxl import Workbook
+    from openpyxl.cell import WriteOnlyCell
+
+    book = Workbook(write_only=True)
+    sheet = book.create_sheet(module.url_prefix.strip("/")[:31])
+    for values in _export_records(module, user, args):
+        row = []
+        for value in values:
+            cell = WriteOnlyCell(sheet, value=_xlsx_value(value))
+            if isinstance(cell.value, str):
+                cell.data_type = "s"  # openpyxl would take a leading "=" for a formula
+            row.append(cell)
+        sheet.append(row)
+    book.save(out)
+
+
+def _xlsx_value(value):
+    """What a spreadsheet cell can hold: numbers and dates as such, the rest as text."""
+    if value is None or isinstance(value, (bool, int, float, decimal.Decimal, dt.date, dt.datetime)):
+        return float(value) if isinstance(value, decimal.Decimal) else value
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return "".join(ch for ch in text if ch in "\t\n\r" or ord(ch) >= 32)  # XML 1.0 has no other controls
 
 
 # ----------------------------------------------------------------------------- blueprint
@@ -367,6 +399,20 @@ def make_blueprint(module: Module) -> Blueprint:
             flash(_("Deleted."), "success")
             return redirect(url_for(f"{bp.name}.index"))
         return render_template("confirm_delete.html", module=module, record=record)
+
+    @bp.route("/export.xlsx")
+    def export_excel():
+        """The current filtered list as an Excel workbook, within the seat's export level."""
+        if not permissions.can(g.user, module.entity, "export"):
+            abort(404)
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
+        with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as spool:
+            export_xlsx(module, g.user, request.args, spool)
+            spool.seek(0)
+            data = spool.read()
+        return Response(data, mimetype="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+                        headers={"Content-Disposition":
+                                 f'attachment; filename="{module.url_prefix.strip("/")}-{stamp}.xlsx"'})
 
     @bp.route("/export.csv")
     def export():

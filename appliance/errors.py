@@ -59,3 +59,7 @@ class BackupIntegrityError(BackupError):
 class RestoreError(ApplianceError):
     """A restore cannot start (incompatible backup, target outside the recoverable window,
     no backup) or failed part-way; in the latter case the previous data is back in place."""
+
+
+class ExportError(ApplianceError):
+    """The whole-data export could not be written; nothing was left behind."""

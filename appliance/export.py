@@ -30,13 +30,9 @@ from typing import Callable
 from peewee import CharField, Field, ForeignKeyField, TextField
 
 import appliance
-from appliance.errors import ApplianceError
+from appliance.errors import ExportError
 from webapp.models import (Account, Activity, AuditLog, Contact, Lead, LoginLog, Note, Opportunity, Role, Team,
                            Ticket, User, database)
-
-
-class ExportError(ApplianceError):
-    """The export could not be written; nothing was left behind."""
 
 
 # (model, what the file holds, columns left out)

@@ -263,6 +263,9 @@ def test_the_boss_disables_and_removes_ticked_seats(make_seat, browser_for):
     assert "You cannot disable or remove your own seat." in browser.get("/admin/seats").get_data(as_text=True)
     for bad in ({"seat": ["x"], "action": "disable"}, {"seat": [heir.user.id], "action": "explode"}):
         assert browser.post("/admin/seats/change", bad, token_from="/admin/seats").status_code == 400
+    huge = browser.post("/admin/seats/change", {"seat": [heir.user.id], "action": "remove", "heir": "9" * 30},
+                        token_from="/admin/seats")
+    assert huge.status_code == 302 and User.get_by_id(heir.user.id).active, "an absurd heir id: chosen again"
     no_csrf = browser.client.post("/admin/seats/change", data={"seat": [heir.user.id], "action": "disable"})
     assert no_csrf.status_code == 400 and User.get_by_id(heir.user.id).active
     agent = browser_for(heir)

@@ -167,7 +167,8 @@ def change_seats():
         flash(_("Seats disabled: %(n)d; their sessions have ended.", n=changed), "success")
     else:
         heir_raw = request.form.get("heir") or ""
-        heir = User.get_or_none(User.id == int(heir_raw)) if heir_raw.isdigit() else None
+        valid = heir_raw.isdigit() and permissions.valid_id(int(heir_raw))
+        heir = User.get_or_none(User.id == int(heir_raw)) if valid else None
         if heir is None:
             flash(_("Choose the seat that takes over their records."), "error")
         else:

@@ -291,13 +291,14 @@ def find_seats(emails: list[str]) -> list[User]:
     return [found[e] for e in dict.fromkeys(wanted)]
 
 
-def disable_seats(users: list[User], reason: str = "disabled") -> int:
-    """Disable seats at once (their sessions end at their next request); returns how many changed."""
+def disable_seats(users: list[User], reason: str = "disabled") -> list[User]:
+    """Disable seats at once (their sessions end at their next request); returns those that
+    were active (the others stay as they were)."""
     with database.atomic():
         changed = [u for u in users if u.active]
         for user in changed:
             suspend(user, reason)
-    return len(changed)
+    return changed
 
 
 def remove_seats(users: list[User], heir: User, actor) -> dict[str, int]:

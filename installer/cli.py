@@ -221,10 +221,10 @@ def seats_disable(ctx: Context, emails, emails_file, reason) -> None:
     with ctx.database().connection_context():
         users = seats_lib.find_seats(_emails(emails, emails_file))
         changed = seats_lib.disable_seats(users, reason)
-        for user in users:
+        for user in changed:
             audit.write_row(f"cli:{_os_user()}", "user", user.id, "suspend", {"active": [True, False]})
         in_use = _seats_in_use()
-    click.echo(f"Seats disabled: {changed} (disabled already: {len(users) - changed}); "
+    click.echo(f"Seats disabled: {len(changed)} (disabled already: {len(users) - len(changed)}); "
                f"in use: {in_use} of {ctx.settings.seats.licensed} licensed.")
 
 

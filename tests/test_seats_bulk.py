@@ -140,7 +140,8 @@ def test_disabled_seats_free_the_licence_and_their_sessions_end(make_seat, brows
     browser = browser_for(agent)
     assert browser.get("/contacts/").status_code == 200
     changed = seats.disable_seats(seats.find_seats(["AGENT@corp.cn"]), "stolen laptop")
-    assert changed == 1 and not User.get_by_id(agent.user.id).active
+    assert [u.email for u in changed] == ["agent@corp.cn"] and not User.get_by_id(agent.user.id).active
+    assert seats.disable_seats(seats.find_seats(["agent@corp.cn"])) == [], "already disabled: unchanged"
     assert browser.get("/contacts/").status_code == 302, "the next request finds the session ended"
     with pytest.raises(SeatError, match="no seat has the e-mail nobody@corp.cn; nothing was changed"):
         seats.find_seats(["agent@corp.cn", "nobody@corp.cn"])

@@ -162,9 +162,9 @@ def change_seats():
     elif action == "disable":
         with database.atomic():
             changed = seats.disable_seats(users, "disabled by the boss")
-            for user in users:
+            for user in changed:
                 audit.write_row(g.user, "user", user.id, "suspend", {"active": [True, False]})
-        flash(_("Seats disabled: %(n)d; their sessions have ended.", n=changed), "success")
+        flash(_("Seats disabled: %(n)d; their sessions have ended.", n=len(changed)), "success")
     else:
         heir_raw = request.form.get("heir") or ""
         valid = heir_raw.isdigit() and permissions.valid_id(int(heir_raw))
@@ -221,7 +221,11 @@ def _export_dir() -> Path:
 def _exports_running(folder: Path) -> bool:
     running = False
     for partial in folder.glob(".*.partial"):
-        if time.time() - partial.stat().st_mtime > _STALE_SECONDS:
+        try:
+            stale = time.time() - partial.stat().st_mtime > _STALE_SECONDS
+        except FileNotFoundError:  # finished meanwhile
+            continue
+        if stale:
             partial.unlink(missing_ok=True)
         else:
             running = True

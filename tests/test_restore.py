@@ -130,7 +130,6 @@ def test_round_trip_after_a_crash(env):
     assert result.backup_id == info.id and result.timeline >= 2
     assert [s.name for s in result.steps] == ["verify", "extract", "replay", "attachments", "swap", "start"]
     assert result.total_seconds >= sum(s.seconds for s in result.steps) - 0.1
-    assert result.total_seconds < 600
     served = re.search(r"(\d+) of (\d+) WAL segments decrypted ahead", result.steps[2].detail)
     assert served and 1 <= int(served.group(1)) <= int(served.group(2)), result.steps[2].detail
     assert result.previous_data_dir and (result.previous_data_dir / "PG_VERSION").exists()

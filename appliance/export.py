@@ -23,6 +23,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import time
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,7 @@ from peewee import CharField, Field, ForeignKeyField, TextField
 
 import appliance
 from appliance.errors import ExportError
+from webapp.crud import FORMULA_STARTS
 from webapp.models import (Account, Activity, AuditLog, Contact, Lead, LoginLog, Note, Opportunity, Role, Team,
                            Ticket, User, database)
 
@@ -65,6 +67,9 @@ class ExportResult:
         return sum(f["rows"] for f in self.files)
 
 
+_FORMULA_STARTS_SQL = ", ".join(f"chr({ord(ch)})" for ch in FORMULA_STARTS)
+
+
 def _column_sql(field: Field) -> str:
     column = f'"{field.column_name}"'
     if isinstance(field, (CharField, TextField)) and not isinstance(field, ForeignKeyField):
@@ -93,8 +98,6 @@ def export_all(output: Path, progress: Callable[[str], None] = lambda message: N
 
     Needs the models bound to a database (``appliance.db.open_database``).
     """
-    import time
-
     from appliance.db import migration_status
 
     started = time.monotonic()

@@ -131,11 +131,16 @@ def suspend(user: User, reason: str = "suspended") -> None:
     user.save()
 
 
+def in_use() -> int:
+    """Seats counted against the licence: the active ones."""
+    return User.select().where(User.active).count()
+
+
 def reactivate(settings: Settings, user: User) -> None:
     with database.atomic():
         _lock_seat_count()
-        in_use = User.select().where(User.active).count()
-        if in_use >= settings.seats.licensed:
+        taken = in_use()
+        if taken >= settings.seats.licensed:
             raise SeatError(_l("the licence allows %(n)d seats and all are in use", n=settings.seats.licensed))
         user.active = True
         user.suspended_reason = None
@@ -257,15 +262,15 @@ def add_seats(settings: Settings, rows: list[SeatRow]) -> list[NewSeat]:
             shown = "; ".join(str(_l("line %(line)d: %(problem)s", line=line, problem=text))
                               for line, text in problems[:20])
             raise SeatError(_l("no seat was added: %(n)d lines are wrong: %(shown)s", n=len(problems), shown=shown))
-        in_use = User.select().where(User.active).count()
-        free = settings.seats.licensed - in_use
+        taken = in_use()
+        free = settings.seats.licensed - taken
         if len(clean) > free:
             if len(rows) == 1:
                 raise SeatError(_l("the licence allows %(n)d seats and all are in use; disable a seat or extend "
                                    "the licence", n=settings.seats.licensed))
             raise SeatError(_l("no seat was added: the licence allows %(licensed)d seats, %(in_use)d are in use, "
                                "so %(free)d are free, and this adds %(n)d; add fewer, disable seats or extend "
-                               "the licence", licensed=settings.seats.licensed, in_use=in_use, free=max(free, 0),
+                               "the licence", licensed=settings.seats.licensed, in_use=taken, free=max(free, 0),
                                n=len(clean)))
         created = []
         for row in clean:

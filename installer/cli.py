@@ -181,13 +181,8 @@ def seats_add(ctx: Context, email, name, role, team, seats_file, as_json) -> Non
         click.echo(f"One-time set-password link, valid until {c.expires_at:%Y-%m-%d %H:%M} UTC:")
         click.echo(c.link)
     if seats_file:
-        click.echo(f"Seats added: {len(created)}; in use: {_seats_in_use()} of {ctx.settings.seats.licensed} licensed.")
-
-
-def _seats_in_use() -> int:
-    from webapp.models import User
-
-    return User.select().where(User.active).count()
+        click.echo(f"Seats added: {len(created)}; "
+                   f"in use: {seats_lib.in_use()} of {ctx.settings.seats.licensed} licensed.")
 
 
 def _emails(emails: tuple[str, ...], emails_file: Path | None) -> list[str]:
@@ -223,7 +218,7 @@ def seats_disable(ctx: Context, emails, emails_file, reason) -> None:
         changed = seats_lib.disable_seats(users, reason)
         for user in changed:
             audit.write_row(f"cli:{_os_user()}", "user", user.id, "suspend", {"active": [True, False]})
-        in_use = _seats_in_use()
+        in_use = seats_lib.in_use()
     click.echo(f"Seats disabled: {len(changed)} (disabled already: {len(users) - len(changed)}); "
                f"in use: {in_use} of {ctx.settings.seats.licensed} licensed.")
 
@@ -247,7 +242,7 @@ def seats_remove(ctx: Context, emails, emails_file, heir_email, yes) -> None:
         if not yes:
             click.confirm(f"Remove {len(users)} seats and hand their records to {heir.email}?", abort=True)
         moved = seats_lib.remove_seats(users, heir, f"cli:{_os_user()}")
-        in_use = _seats_in_use()
+        in_use = seats_lib.in_use()
     handed = ", ".join(f"{n} {entity}" for entity, n in moved.items()) or "no records"
     click.echo(f"Seats removed: {len(users)}; handed to {heir.email}: {handed}; "
                f"in use: {in_use} of {ctx.settings.seats.licensed} licensed.")

@@ -116,8 +116,7 @@ def bulk_seats():
             form = BulkSeatsForm(formdata=None)
     elif form.errors:
         status = 400
-    in_use = User.select().where(User.active).count()
-    return render_template("admin/seats_bulk.html", form=form, created=created, in_use=in_use,
+    return render_template("admin/seats_bulk.html", form=form, created=created, in_use=seats.in_use(),
                            licensed=_settings().seats.licensed, most=seats.MAX_BULK), status
 
 

@@ -265,13 +265,14 @@ def related_lists(module: Module, user: User, record) -> list[dict]:
 
 # ----------------------------------------------------------------------------- export
 
-_DANGEROUS_START = ("=", "+", "-", "@", "\t", "\r")
+# A spreadsheet may run a cell starting with one of these as a formula.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def neutralise(value) -> str:
     """A cell a spreadsheet will not run as a formula (CSV/formula injection)."""
     text = "" if value is None else str(value)
-    return "'" + text if text.startswith(_DANGEROUS_START) else text
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 def _export_records(module: Module, user: User, args):

@@ -98,12 +98,20 @@ class WebSection:
 class SeatsSection:
     licensed: int = _key(minimum=1, maximum=100_000, doc="Seats the licence allows.")
     expires: dt.date | None = _key(None, doc="Licence end date (YYYY-MM-DD); none = perpetual.")
+    grace_days: int = _key(30, minimum=1, maximum=3650,
+                           doc="Days after expiry the data is kept read-only (and exportable) before it is destroyed.")
 
 
 @dataclass(frozen=True)
 class AttachmentsSection:
     per_seat_mb: int = _key(50, minimum=1, maximum=100_000, doc="Quota each seat brings.")
     max_upload_mb: int = _key(25, minimum=1, maximum=10_000)
+
+
+@dataclass(frozen=True)
+class RetentionSection:
+    undo_days: int = _key(30, minimum=0, maximum=3650,
+                          doc="Days a deleted record can be undone by the boss; then it is destroyed. 0 = destroyed at once.")
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,9 @@ class ScheduleSection:
     prune: str | None = _key("0 5 * * *", cron=True, doc="Delete backups and archived WAL past [backup] retention_days.")
     wal_check: str | None = _key("*/5 * * * *", cron=True, doc="Check that WAL archiving keeps up.")
     restore_drill: str | None = _key("0 4 * * 6", cron=True, doc="Restore the latest backup into a scratch cluster and check it.")
+    retention: str | None = _key("15 3 * * *", cron=True,
+                                 doc="Destroy records deleted longer ago than [retention] undo_days; licence-end notices and destruction.")
+    quota_check: str | None = _key("0 * * * *", cron=True, doc="Raise a notice when attachments pass 90% or 100% of the quota.")
 
 
 @dataclass(frozen=True)
@@ -193,6 +204,7 @@ class Settings:
     appliance: ApplianceSection = field(default_factory=ApplianceSection)
     database: DatabaseSection = field(default_factory=DatabaseSection)
     attachments: AttachmentsSection = field(default_factory=AttachmentsSection)
+    retention: RetentionSection = field(default_factory=RetentionSection)
     proxy: ProxySection = field(default_factory=ProxySection)
     monitor: MonitorSection = field(default_factory=MonitorSection)
     backup: BackupSection = field(default_factory=BackupSection)

@@ -104,6 +104,18 @@ def restore_drill(settings: Settings) -> str:
     return str(result)
 
 
+def retention(settings: Settings) -> str:
+    from appliance import lifecycle
+
+    return str(lifecycle.run_retention(settings))
+
+
+def quota_check(settings: Settings) -> str:
+    from appliance import attachments
+
+    return str(attachments.check_quota(settings))
+
+
 #: The [schedule] key of each job, and its function.
 CRON_JOBS: dict[str, Callable[[Settings], str]] = {
     "base_backup": base_backup,
@@ -111,6 +123,8 @@ CRON_JOBS: dict[str, Callable[[Settings], str]] = {
     "prune": prune,
     "wal_check": wal_check,
     "restore_drill": restore_drill,
+    "retention": retention,
+    "quota_check": quota_check,
 }
 
 

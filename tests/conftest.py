@@ -72,7 +72,7 @@ def migrated_db(settings):
     db.close_all()
 
 
-_TABLES = ("job_run", "notice", "audit_log", "login_log", "note", "activity", "ticket", "opportunity", "lead", "contact", "account",
+_TABLES = ("attachment", "company_profile", "announcement", "app_state", "job_run", "notice", "audit_log", "login_log", "note", "activity", "ticket", "opportunity", "lead", "contact", "account",
            "set_password_token", "user", "team", "role")
 
 

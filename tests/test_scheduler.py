@@ -67,7 +67,8 @@ def test_none_turns_a_job_off_and_jobs_get_their_next_time_in_the_appliance_zone
     lines = scheduler.schedule_jobs(sched, settings)
     assert "logical_dump: off" in lines and "base_backup: 30 1 * * *" in lines
     ids = {job.id for job in sched.get_jobs()}
-    assert ids == {"base_backup", "prune", "wal_check", "restore_drill", "uptime_probe", "heartbeat"}
+    assert ids == {"base_backup", "prune", "wal_check", "restore_drill", "retention", "quota_check",
+                   "uptime_probe", "heartbeat"}
     zone = zoneinfo.ZoneInfo("Asia/Shanghai")
     now = dt.datetime(2026, 11, 23, 12, 0, tzinfo=zone)
     fire = sched.get_job("base_backup").trigger.get_next_fire_time(None, now)

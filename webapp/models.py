@@ -17,6 +17,7 @@ from peewee import (
     SQL,
     AutoField,
     BigAutoField,
+    BigIntegerField,
     BooleanField,
     CharField,
     DatabaseProxy,
@@ -298,8 +299,6 @@ RECORD_MODELS: dict[str, type[OwnedRecord]] = {
     m.entity: m for m in (Account, Contact, Lead, Opportunity, Ticket, Activity)
 }
 
-ALL_MODELS = (Team, Role, User, SetPasswordToken, Account, Contact, Lead, Opportunity,
-              Ticket, Activity, Note, AuditLog, LoginLog)
 
 
 
@@ -326,4 +325,81 @@ class Notice(BaseModel):
     source = CharField(max_length=50)
     message = TextField()
     acknowledged_at = DateTimeField(null=True)
-    acknowledged_by = ForeignKeyField(User, null=True, on_delete="SET NULL")
+    acknowledged_by = ForeignKeyField(User, null=True, on_delete="SET NULL", index=False)
+
+
+class Attachment(BaseModel):
+    """A file on a record; the bytes are stored once per SHA-256 (appliance/attachments.py)."""
+
+    id = AutoField()
+    parent_type = CharField(max_length=20)
+    parent_id = IntegerField()
+    owner = ForeignKeyField(User, on_delete="RESTRICT", index=False)  # whose quota it uses
+    filename = CharField(max_length=255)
+    content_type = CharField(max_length=100)
+    size = BigIntegerField()
+    sha256 = CharField(max_length=64)
+    created_at = DateTimeField(default=utcnow)
+    deleted_at = DateTimeField(null=True)
+
+    entity = "attachment"
+
+
+class CompanyProfile(BaseModel):
+    """The customer's company (one row, id 1); certified fields are locked once certified (R-11)."""
+
+    id = SmallIntegerField(primary_key=True)
+    name = CharField(max_length=200, default="")
+    registration_number = CharField(max_length=50, default="")
+    legal_representative = CharField(max_length=100, default="")
+    address = CharField(max_length=300, default="")
+    phone = CharField(max_length=50, default="")
+    website = CharField(max_length=200, default="")
+    certified_at = DateTimeField(null=True)
+    certified_by = CharField(max_length=254, null=True)
+    updated_at = DateTimeField(default=utcnow)
+
+    entity = "company"
+
+    class Meta:
+        table_name = "company_profile"
+
+
+class Announcement(BaseModel):
+    """A banner every seat sees between starts_at and ends_at (UTC), e-mailed once (R-2, R-13)."""
+
+    id = AutoField()
+    message = TextField()
+    starts_at = DateTimeField()
+    ends_at = DateTimeField()
+    created_by = CharField(max_length=254)
+    created_at = DateTimeField(default=utcnow)
+    emailed_at = DateTimeField(null=True)
+    withdrawn_at = DateTimeField(null=True)
+
+
+class AppState(BaseModel):
+    """A small fact a job remembers between runs (appliance/attachments.py, appliance/lifecycle.py)."""
+
+    key = CharField(max_length=100, primary_key=True)
+    value = BinaryJSONField(index=False)
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "app_state"
+
+
+def get_state(key: str, default=None):
+    row = AppState.get_or_none(AppState.key == key)
+    return default if row is None else row.value
+
+
+def set_state(key: str, value) -> None:
+    (AppState.insert(key=key, value=value, updated_at=utcnow())
+     .on_conflict(conflict_target=[AppState.key], update={AppState.value: value, AppState.updated_at: utcnow()})
+     .execute())
+
+
+ALL_MODELS = (Team, Role, User, SetPasswordToken, Account, Contact, Lead, Opportunity,
+              Ticket, Activity, Note, AuditLog, LoginLog, JobRun, Notice, Attachment, CompanyProfile,
+              Announcement, AppState)

@@ -314,7 +314,7 @@ def remove_seats(users: list[User], heir: User, actor) -> dict[str, int]:
     Returns {entity: records handed over}.
     """
     from webapp import audit
-    from webapp.models import RECORD_MODELS
+    from webapp.models import RECORD_MODELS, Attachment
 
     if not heir.active:
         raise SeatError(_l("%(email)s is not an active seat; choose an active seat to take over the records",
@@ -338,6 +338,10 @@ def remove_seats(users: list[User], heir: User, actor) -> dict[str, int]:
             if cursor.rowcount:
                 model.update(owner=heir.id, team=heir.team_id, updated_at=now).where(model.owner.in_(ids)).execute()
                 moved[entity] = cursor.rowcount
+        # Their files now count in the heir's share of the attachment space.
+        files = Attachment.update(owner=heir.id).where(Attachment.owner.in_(ids)).execute()
+        if files:
+            moved["attachment"] = files
         for user in users:
             was_active = user.active
             suspend(user, f"removed; records handed to {heir.email}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 
 import pytest
 
@@ -162,7 +163,7 @@ def test_admin_pages_are_404_for_everyone_but_the_boss(world):
     for viewer in ("A", "M"):
         b = world["browser"](viewer)
         for path in ("/admin/seats", "/admin/seats/bulk", "/admin/audit", "/admin/logins", "/admin/roles",
-                     "/admin/notices", "/admin/sla"):
+                     "/admin/notices", "/admin/sla", "/admin/quota"):
             assert b.get(path).status_code == 404, (viewer, path)
         assert b.post("/admin/notices/1/acknowledge").status_code == 404
         target = world["seats"]["B"].user
@@ -175,8 +176,35 @@ def test_admin_pages_are_404_for_everyone_but_the_boss(world):
         assert target.__class__.get_by_id(target.id).active
     boss = world["browser"]("boss")
     for path in ("/admin/seats", "/admin/seats/bulk", "/admin/audit", "/admin/logins", "/admin/roles",
-                 "/admin/notices", "/admin/sla"):
+                 "/admin/notices", "/admin/sla", "/admin/quota"):
         assert boss.get(path).status_code == 200, path
+
+
+def test_attachments_follow_their_record(world, settings):
+    """A file on A's account: A and the East manager and the boss reach it; B (same team, agent)
+    and C (West) get 404 for the file, its deletion and an upload onto the account."""
+    import io
+
+    from appliance import attachments
+    from webapp.models import Attachment
+
+    shutil.rmtree(attachments.store_dir(settings), ignore_errors=True)
+    acc = world["records"]["A"]["account"]
+    owner = world["seats"]["A"].user
+    data = b"%PDF-1.4 attachment of A"
+    row = attachments.attach(settings, owner, owner, "account", acc.id, "a.pdf",
+                             attachments.receive(settings, io.BytesIO(data)))
+    for viewer in ("B", "C"):
+        b = world["browser"](viewer)
+        assert b.get(f"/attachments/{row.id}").status_code == 404, viewer
+        assert b.post(f"/attachments/{row.id}/delete").status_code == 404, viewer
+        resp = b.client.post(f"/attachments/account/{acc.id}", content_type="multipart/form-data",
+                             data={"csrf_token": b.csrf("/"), "file": (io.BytesIO(data), "x.pdf")})
+        assert resp.status_code == 404, viewer
+    for viewer in ("A", "M", "boss"):
+        assert world["browser"](viewer).get(f"/attachments/{row.id}").data == data, viewer
+    assert Attachment.select().count() == 1 and Attachment.get().deleted_at is None
+    shutil.rmtree(attachments.store_dir(settings), ignore_errors=True)
 
 
 def test_manager_can_edit_team_record_but_not_other_team(world):
@@ -222,6 +250,9 @@ COVERED = {
     "/admin/seats/<int:user_id>/reactivate": "admin", "/admin/seats/bulk": "admin", "/admin/seats/change": "admin",
     "/admin/export": "admin", "/admin/export/<name>": "admin",
     "/admin/notices": "admin", "/admin/notices/<int:notice_id>/acknowledge": "admin", "/admin/sla": "admin",
+    "/admin/quota": "admin",
+    "/attachments/<entity>/<int:record_id>": "attachments", "/attachments/<int:attachment_id>": "attachments",
+    "/attachments/<int:attachment_id>/delete": "attachments",
 }
 PUBLIC = {"/auth/login", "/auth/logout", "/auth/locale", "/auth/set-password/<token>", "/static/<path:filename>",
           "/healthz", "/readyz"}

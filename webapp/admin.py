@@ -274,6 +274,16 @@ def download_export(name: str):
     return send_file(path, as_attachment=True, download_name=name, mimetype="application/zip")
 
 
+@bp.route("/quota")
+def quota():
+    """Attachment space: used, remaining, and use per seat (R-9: the boss alone sees these)."""
+    from appliance import attachments
+
+    settings = _settings()
+    return render_template("admin/quota.html", usage=attachments.usage(settings),
+                           licensed=settings.seats.licensed, per_seat_mb=settings.attachments.per_seat_mb)
+
+
 @bp.route("/roles")
 def roles():
     return render_template("admin/roles.html", roles=list(Role.select().order_by(Role.name)),

@@ -371,8 +371,12 @@ def make_blueprint(module: Module) -> Blueprint:
     @bp.route("/<int:record_id>")
     def detail(record_id: int):
         """:raise 404: missing, deleted or not visible to the seat."""
+        from webapp import attachments
+
         record = permissions.get_or_404(g.user, model, record_id)
         return render_template("detail.html", module=module, record=record,
+                               attachments=attachments.for_record(g.user, record),
+                               max_upload_mb=current_app.extensions["crm_settings"].attachments.max_upload_mb,
                                related=related_lists(module, g.user, record),
                                timeline=timeline(g.user, record),
                                can_edit=permissions.allows(g.user, record, "edit"),

@@ -85,4 +85,17 @@ def template_helpers() -> dict:
         "login_reason": lambda reason: LOGIN_REASONS.get(reason, reason),
         "notice_level": lambda level: NOTICE_LEVELS.get(level, level),
         "job_outcome": lambda outcome: JOB_OUTCOMES.get(outcome, outcome),
+        "file_size": file_size,
     }
+
+
+def file_size(n: int) -> str:
+    """Bytes as people read them, in the page's number format: 512 B, 1.5 MB."""
+    from flask_babel import format_decimal
+
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{int(value)} B" if unit == "B" else f"{format_decimal(round(value, 1))} {unit}"
+        value /= 1024
+    return f"{n} B"

@@ -1,9 +1,11 @@
 """The whole-data export: everything the customer owns, in one archive stock tools open
 (R-14, R-16: the data file promised after termination).
 
-One ZIP file: ``data/<table>.csv`` for every module, the notes, seats, teams and roles, the
-audit and the login logs, plus ``manifest.json`` (appliance version, schema level, time,
-and per file its rows, bytes, SHA-256 and what it holds). All tables are read in one
+One ZIP file: ``data/<table>.csv`` for every module, the notes, attachments (the list),
+the company profile, announcements, seats, teams and roles, the audit and the login logs;
+the attachment files themselves as ``attachments/<id>-<file name>``; and ``manifest.json``
+(appliance version, schema level, time, and per file its rows, bytes, SHA-256 and what it
+holds). All tables are read in one
 REPEATABLE READ transaction, so the files agree with each other as of one moment. The CSV
 is UTF-8 with a byte-order mark, so that Excel shows Chinese correctly, and a text cell
 that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is prefixed with an
@@ -13,6 +15,11 @@ Left out on purpose: password hashes, set-password tokens, the search column (de
 and the appliance's own records (scheduler history, notices). The file is written under
 a temporary name with mode 0600 and renamed when complete; an existing file is never
 overwritten.
+
+Attachment files are immutable and named by their SHA-256, so the files of the rows read
+in the transaction are copied after it, each checked against its hash; one destroyed
+meanwhile (or damaged on disk) is listed under ``attachments.missing`` instead of stopping
+the export of everything else.
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ from peewee import CharField, Field, ForeignKeyField, TextField
 import appliance
 from appliance.errors import ExportError
 from webapp.crud import FORMULA_STARTS
-from webapp.models import (Account, Activity, AuditLog, Contact, Lead, LoginLog, Note, Opportunity, Role, Team,
-                           Ticket, User, database)
+from webapp.models import (Account, Activity, Announcement, Attachment, AuditLog, CompanyProfile, Contact, Lead,
+                           LoginLog, Note, Opportunity, Role, Team, Ticket, User, database)
 
 
 # (model, what the file holds, columns left out)
@@ -46,6 +53,9 @@ TABLES: list[tuple[type, str, tuple[str, ...]]] = [
     (Ticket, "tickets", ()),
     (Activity, "activities (calls, meetings, tasks)", ()),
     (Note, "notes on records (parent_type and parent_id name the record)", ()),
+    (Attachment, "attachments on records; the files are under attachments/<id>-<filename>", ()),
+    (CompanyProfile, "the company profile (certified fields locked once certified_at is set)", ()),
+    (Announcement, "announcements shown to every seat", ()),
     (User, "seats; passwords are not exported", ("password_hash", "failed_logins", "locked_until",
                                                  "session_version")),
     (Team, "teams", ()),
@@ -61,6 +71,8 @@ class ExportResult:
     files: list[dict]
     bytes: int
     seconds: float
+    attachments: int = 0
+    missing: list = dataclasses.field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -74,7 +86,7 @@ def _column_sql(field: Field) -> str:
     column = f'"{field.column_name}"'
     if isinstance(field, (CharField, TextField)) and not isinstance(field, ForeignKeyField):
         # Neutralised like webapp.crud.neutralise: a leading formula character gets an apostrophe.
-        return (f"CASE WHEN left({column}, 1) IN ('=', '+', '-', '@', chr(9), chr(13)) "
+        return (f"CASE WHEN left({column}, 1) IN ({_FORMULA_STARTS_SQL}) "
                 f"THEN '''' || {column} ELSE {column} END AS {column}")
     return column
 
@@ -93,8 +105,10 @@ class _Sink:
         return len(data)
 
 
-def export_all(output: Path, progress: Callable[[str], None] = lambda message: None) -> ExportResult:
-    """Write every table the customer owns into the ZIP file ``output`` (see the module doc).
+def export_all(output: Path, progress: Callable[[str], None] = lambda message: None,
+               attachments_dir: Path | None = None) -> ExportResult:
+    """Write every table the customer owns, and the attachment files from ``attachments_dir``
+    (appliance.attachments.store_dir), into the ZIP file ``output`` (see the module doc).
 
     Needs the models bound to a database (``appliance.db.open_database``).
     """
@@ -132,6 +146,9 @@ def export_all(output: Path, progress: Callable[[str], None] = lambda message: N
                     files.append({"path": name, "rows": rows, "bytes": sink.bytes,
                                   "sha256": sink.sha256.hexdigest(), "holds": what,
                                   "columns": [f.column_name for f in fields]})
+                attached = list(Attachment.select(Attachment.id, Attachment.filename, Attachment.sha256,
+                                                  Attachment.size).order_by(Attachment.id).tuples())
+            copied, missing = _copy_attachments(archive, attached, attachments_dir, progress)
             manifest = {
                 "format": "crm-appliance export 1",
                 "appliance_version": appliance.__version__,
@@ -142,7 +159,8 @@ def export_all(output: Path, progress: Callable[[str], None] = lambda message: N
                        "apostrophe prepended (formula injection)",
                 "left_out": "password hashes, set-password tokens, the derived search column, the appliance's "
                             "own scheduler history and notices",
-                "attachments": {"files": 0, "note": "attachments are not part of this release"},
+                "attachments": {"files": len(copied), "bytes": sum(f["bytes"] for f in copied),
+                                "listed_in": "data/attachment.csv", "files_list": copied, "missing": missing},
                 "files": files,
             }
             archive.writestr("manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False))
@@ -159,4 +177,29 @@ def export_all(output: Path, progress: Callable[[str], None] = lambda message: N
                 tmp.unlink()
         raise
     return ExportResult(path=output, files=files, bytes=output.stat().st_size,
-                        seconds=round(time.monotonic() - started, 2))
+                        seconds=round(time.monotonic() - started, 2), attachments=len(copied), missing=missing)
+
+
+def _copy_attachments(archive, attached, root: Path | None, progress) -> tuple[list[dict], list[dict]]:
+    """Copy each listed file into the archive, checking it against its SHA-256 on the way."""
+    from appliance.attachments import CHUNK
+
+    copied, missing = [], []
+    if attached:
+        progress(f"Exporting {len(attached)} attachment files ...")
+    for att_id, filename, sha256, size in attached:
+        source = root / sha256[:2] / sha256 if root is not None else None
+        name = f"attachments/{att_id}-{filename}"
+        if source is None or not source.is_file():
+            missing.append({"id": att_id, "path": name, "reason": "not in the attachment store"})
+            continue
+        digest = hashlib.sha256()
+        with open(source, "rb") as src, archive.open(name, "w", force_zip64=True) as member:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                member.write(chunk)
+        if digest.hexdigest() != sha256:
+            missing.append({"id": att_id, "path": name, "reason": "its content no longer matches its SHA-256"})
+            continue
+        copied.append({"id": att_id, "path": name, "bytes": size, "sha256": sha256})
+    return copied, missing

@@ -565,13 +565,103 @@ def demo_data(ctx: Context, seats, years, scale, seed, password_file, force) -> 
 def export(ctx: Context, output: Path) -> None:
     """Export all the customer's data: every module, notes, seats, the audit and login logs,
     as CSV in one ZIP file with a manifest (the data file promised after termination)."""
+    from appliance import attachments
     from appliance import export as export_mod
 
     ctx.database()
-    result = export_mod.export_all(output, progress=lambda what: click.echo(f"... {what}", err=True))
-    click.echo(f"Exported {result.rows:,} rows in {len(result.files)} files to {result.path} "
-               f"({result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s); manifest.json lists each file with its "
-               f"rows and SHA-256. It holds customer data: keep it safe.")
+    result = export_mod.export_all(output, progress=lambda what: click.echo(f"... {what}", err=True),
+                                   attachments_dir=attachments.store_dir(ctx.settings))
+    click.echo(f"Exported {result.rows:,} rows in {len(result.files)} files and {result.attachments:,} attachment "
+               f"files to {result.path} ({result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s); manifest.json lists "
+               f"each file with its rows and SHA-256. It holds customer data: keep it safe.")
+    for lost in result.missing:
+        click.echo(f"warning: attachment {lost['path']} not exported: {lost['reason']}", err=True)
+
+
+# ----------------------------------------------------------------------------- deletion and the licence (R-15, R-16)
+
+
+@main.command()
+@click.option("--all", "everything", is_flag=True, help="Destroy all customer data (required: purge has no other scope).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_ctx
+@handle_errors
+def purge(ctx: Context, everything: bool, yes: bool, as_json: bool) -> None:
+    """Destroy all customer data for good: records, notes, attachments (files overwritten), the
+    audit and login logs, the company profile, announcements, exports and imports. Seats and
+    roles stay. Prints which backups still hold the data and when retention removes them."""
+    from appliance import lifecycle
+
+    if not everything:
+        raise click.UsageError("purge destroys all customer data and needs --all; a single deleted record is "
+                               "destroyed on Administration -> Deleted items")
+    if not yes:
+        click.confirm("Destroy ALL customer data on this appliance for good? Export it first "
+                      "(crm-appliance export) if anyone may need it", abort=True)
+    with ctx.database().connection_context():
+        report = lifecycle.purge_all(ctx.settings, f"cli:{_os_user()}")
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else str(report))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_ctx
+@handle_errors
+def licence(ctx: Context, as_json: bool) -> None:
+    """The licence: seats, expiry, state, and the dates the CRM turns read-only and the data is destroyed."""
+    from appliance import lifecycle
+
+    with ctx.database().connection_context():
+        status = lifecycle.licence_status(ctx.settings)
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+        return
+    click.echo(f"seats:      {status['seats_in_use']} of {status['seats']} licensed in use")
+    if status["expires"] is None:
+        click.echo("expires:    never (perpetual licence)")
+    else:
+        click.echo(f"expires:    {status['expires']} (the last licensed day; {status['days_to_expiry']} days from today)")
+        click.echo(f"state:      {status['state']}" + (" (read-only)" if status["read_only"] else ""))
+        click.echo(f"read-only:  from the day after the expiry, for {status['grace_days']} days")
+        click.echo(f"destroyed:  {status['destroy_on']} (all customer data, by the retention job)")
+    if status["purged"]:
+        click.echo(f"purged:     {status['purged']['at']} (licence that expired {status['purged']['expires']})")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_ctx
+@handle_errors
+def deleted(ctx: Context, as_json: bool) -> None:
+    """Deleted records and attachments that can still be brought back, newest first."""
+    from appliance import lifecycle
+
+    with ctx.database().connection_context():
+        items = lifecycle.deleted_items(ctx.settings)
+    if as_json:
+        click.echo(json.dumps([i.to_json() for i in items], indent=2))
+        return
+    if not items:
+        click.echo("nothing deleted is waiting")
+    for i in items:
+        click.echo(f"{i.entity:<12} {i.id:>8}  deleted {i.deleted_at:%Y-%m-%d %H:%M} by {i.deleted_by or '-'}, "
+                   f"destroyed after {i.destroy_after:%Y-%m-%d %H:%M} UTC  {i.title}")
+
+
+@main.command()
+@click.argument("entity")
+@click.argument("record_id", type=click.IntRange(1, 2**31 - 1))
+@pass_ctx
+@handle_errors
+def undelete(ctx: Context, entity: str, record_id: int) -> None:
+    """Bring back a deleted item (ENTITY: account, contact, lead, opportunity, ticket, activity or
+    attachment; ID as listed by crm-appliance deleted)."""
+    from appliance import lifecycle
+
+    with ctx.database().connection_context():
+        title = lifecycle.undo(ctx.settings, f"cli:{_os_user()}", entity, record_id)
+    click.echo(f"{entity} {record_id} ({title}) is back")
 
 
 # ----------------------------------------------------------------------------- scheduler

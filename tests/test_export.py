@@ -4,6 +4,7 @@ readable by stock tools, no secrets, formula cells neutralised, never overwritin
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -99,6 +100,34 @@ def test_the_export_is_one_moment_even_while_seats_keep_writing(make_seat, tmp_p
     counted = {e["path"]: e["rows"] for e in manifest["files"]}["data/account.csv"]
     assert counted == len(tables["data/account.csv"]), "the count and the rows come from one snapshot"
     assert written, "the writer ran during the export: the test is not vacuous"
+
+
+def test_the_export_holds_the_attachment_files_checked_against_their_hashes(make_seat, settings, tmp_path):
+    from appliance import attachments
+
+    store = tmp_path / "attachments"  # a store of this test's own: the session's is shared
+    own = dataclasses.replace(settings, appliance=dataclasses.replace(settings.appliance, data_dir=tmp_path))
+    boss = make_seat("boss@corp.cn", role="boss")
+    acc = audit.create(boss.user, Account, {"name": "华信"})
+    files = {"合同.pdf": b"%PDF-1.4 contract", "=cmd.txt": b"plain text", "gone.pdf": b"%PDF-1.4 lost"}
+    rows = {name: attachments.attach(own, boss.user, boss.user, "account", acc.id, name,
+                                     attachments.receive(own, io.BytesIO(data))) for name, data in files.items()}
+    attachments.blob_path(own, rows["gone.pdf"].sha256).unlink()  # damaged store: the rest still exports
+
+    result = export.export_all(tmp_path / "export.zip", attachments_dir=store)
+    manifest, tables = _read(result.path)
+    assert result.attachments == 2 and manifest["attachments"]["files"] == 2
+    assert manifest["attachments"]["missing"] == [
+        {"id": rows["gone.pdf"].id, "path": f"attachments/{rows['gone.pdf'].id}-gone.pdf",
+         "reason": "not in the attachment store"}]
+    with zipfile.ZipFile(result.path) as archive:
+        for name in ("合同.pdf", "=cmd.txt"):
+            entry = f"attachments/{rows[name].id}-{name}"
+            assert archive.read(entry) == files[name]
+            assert {"id": rows[name].id, "path": entry, "bytes": len(files[name]),
+                    "sha256": hashlib.sha256(files[name]).hexdigest()} in manifest["attachments"]["files_list"]
+    listed = {r["id"]: r["filename"] for r in tables["data/attachment.csv"]}
+    assert listed[str(rows["=cmd.txt"].id)] == "'=cmd.txt"  # the list is neutralised like every CSV
 
 
 def test_an_existing_file_is_never_overwritten_and_a_missing_directory_is_named(db, tmp_path):

@@ -231,11 +231,11 @@ def _exports_running(folder: Path) -> bool:
     return running
 
 
-def _run_export(path: Path) -> None:
-    from appliance import export
+def _run_export(path: Path, settings) -> None:
+    from appliance import attachments, export
 
     try:
-        export.export_all(path)
+        export.export_all(path, attachments_dir=attachments.store_dir(settings))
     except Exception:  # noqa: BLE001 - a thread of its own: log it, the page shows no new file
         log.exception("the whole-data export to %s failed", path)
     finished = sorted((p for p in path.parent.iterdir() if _EXPORT_NAME.match(p.name)), reverse=True)
@@ -254,7 +254,7 @@ def data_export():
         else:
             name = f"crm-export-{utcnow():%Y%m%dT%H%M%SZ}.zip"
             audit.write_row(g.user, "export", 0, "export_all", {"file": [None, name]})
-            threading.Thread(target=_run_export, args=(folder / name,), name="data-export", daemon=True).start()
+            threading.Thread(target=_run_export, args=(folder / name, _settings()), name="data-export", daemon=True).start()
             flash(_("The export is being written; reload this page in a minute to download it."), "success")
         return redirect(url_for("admin.data_export"))
     files = [{"name": p.name, "bytes": p.stat().st_size,

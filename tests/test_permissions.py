@@ -237,6 +237,38 @@ def test_deleted_record_is_gone_for_everyone(world):
     assert world["browser"]("boss").get(f"/leads/{rec.id}").status_code == 404
 
 
+def test_import_needs_create_and_makes_only_records_the_agent_owns(world, make_seat, browser_for):
+    """An agent imports records it owns; naming another seat as owner is refused and nothing is
+    written. Another seat cannot reach its upload; a seat without "create" gets 404 everywhere."""
+    from webapp.models import Role
+    from webapp.permissions import ACTIONS, ENTITIES
+
+    a, b = world["browser"]("A"), world["browser"]("B")
+    upload = a.client.post("/import/account", content_type="multipart/form-data", data={
+        "csrf_token": a.csrf("/import/account"),
+        "file": (io.BytesIO(b"Name,Owner\nimp-1,\nimp-2,b@corp.cn\n"), "accounts.csv")})
+    review = upload.headers["Location"]
+    for path in (review, review + "/report.csv"):
+        assert b.get(path).status_code == 404, path
+    assert b.post(review, {"column-0": "name", "action": "import"}).status_code == 404
+    mapping = {"column-0": "name", "column-1": "owner", "skip_duplicates": "1", "action": "import"}
+    assert a.post(review, mapping).status_code == 400
+    assert Account.select().where(Account.name.startswith("imp-")).count() == 0
+    assert a.post(review, dict(mapping, **{"column-1": ""})).status_code == 200  # mapping changed: checked first
+    assert a.post(review, dict(mapping, **{"column-1": ""})).status_code == 302
+    assert {x.owner_id for x in Account.select().where(Account.name.startswith("imp-"))} == {
+        world["seats"]["A"].user.id}
+
+    Role.create(name="reader", permissions={e: {x: ("all" if x == "read" else "none") for x in ACTIONS}
+                                           for e in ENTITIES})
+    reader = browser_for(make_seat("reader@corp.cn", role="reader"))
+    for entity in ("account", "contact", "lead", "opportunity", "ticket"):
+        assert reader.get(f"/import/{entity}").status_code == 404, entity
+        assert reader.post(f"/import/{entity}").status_code == 404, entity
+    assert reader.get(review).status_code == 404 and reader.get(review + "/report.csv").status_code == 404
+    assert world["browser"]("boss").get("/import/activity").status_code == 404, "activities are not importable"
+
+
 # Every route and where this file proves it answers only within the seat's level.
 COVERED = {
     "/<prefix>/": "list", "/<prefix>/<int:record_id>": "detail", "/<prefix>/<int:record_id>/edit": "edit",
@@ -254,6 +286,8 @@ COVERED = {
     "/attachments/<entity>/<int:record_id>": "attachments", "/attachments/<int:attachment_id>": "attachments",
     "/attachments/<int:attachment_id>/delete": "attachments",
 }
+COVERED.update({"/import/<entity>": "import", "/import/<entity>/<token>": "import",
+                "/import/<entity>/<token>/report.csv": "import"})
 PUBLIC = {"/auth/login", "/auth/logout", "/auth/locale", "/auth/set-password/<token>", "/static/<path:filename>",
           "/healthz", "/readyz"}
 

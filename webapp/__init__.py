@@ -28,8 +28,8 @@ def create_app(settings: Settings, database=None) -> Flask:
     """
     from appliance.db import open_database
     from webapp import models
-    from webapp import (accounts, activities, admin, attachments, auth, contacts, dashboard, health, leads,
-                        notes, opportunities, search, sla, tickets)
+    from webapp import (accounts, activities, admin, attachments, auth, contacts, dashboard, health, imports,
+                        leads, notes, opportunities, search, sla, tickets)
     from webapp.i18n import select_locale, template_helpers
 
     app = Flask(__name__)
@@ -76,7 +76,7 @@ def create_app(settings: Settings, database=None) -> Flask:
     app.context_processor(template_helpers)
 
     for module in (auth, dashboard, accounts, contacts, leads, opportunities, tickets, activities,
-                   notes, attachments, search, admin, sla, health):
+                   notes, attachments, search, admin, sla, health, imports):
         app.register_blueprint(module.bp)
     auth.init_app(app)
 

@@ -162,3 +162,26 @@ def browser_for(app):
         return b
 
     return _make
+
+
+@pytest.fixture
+def smtp_server():
+    """A real SMTP server (aiosmtpd) on a free 127.0.0.1 port, keeping what it receives."""
+    from aiosmtpd.controller import Controller
+    from tests.pgcluster import free_port
+
+    class Keep:
+        def __init__(self):
+            self.messages = []
+
+        async def handle_DATA(self, server, session, envelope):
+            self.messages.append(envelope)
+            return "250 OK"
+
+    handler = Keep()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        yield controller, handler
+    finally:
+        controller.stop()

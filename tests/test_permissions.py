@@ -283,6 +283,10 @@ COVERED = {
     "/admin/export": "admin", "/admin/export/<name>": "admin",
     "/admin/notices": "admin", "/admin/notices/<int:notice_id>/acknowledge": "admin", "/admin/sla": "admin",
     "/admin/quota": "admin",
+    # Company profile and announcements: boss only, tested in test_company.py (404 for a manager).
+    "/admin/company": "admin", "/admin/company/licence": "admin", "/admin/company/licence/<int:attachment_id>": "admin",
+    "/admin/company/certify": "admin", "/admin/announcements": "admin",
+    "/admin/announcements/<int:announcement_id>/withdraw": "admin",
     "/attachments/<entity>/<int:record_id>": "attachments", "/attachments/<int:attachment_id>": "attachments",
     "/attachments/<int:attachment_id>/delete": "attachments",
 }

@@ -247,29 +247,6 @@ def test_the_boss_sees_a_failed_job_as_a_notice_and_acknowledges_it(settings, db
 # ----------------------------------------------------------------------------- notice e-mail
 
 
-@pytest.fixture
-def smtp_server():
-    """A real SMTP server (aiosmtpd) on a free 127.0.0.1 port, keeping what it receives."""
-    from aiosmtpd.controller import Controller
-    from tests.pgcluster import free_port
-
-    class Keep:
-        def __init__(self):
-            self.messages = []
-
-        async def handle_DATA(self, server, session, envelope):
-            self.messages.append(envelope)
-            return "250 OK"
-
-    handler = Keep()
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    try:
-        yield controller, handler
-    finally:
-        controller.stop()
-
-
 def test_a_failed_job_is_mailed_to_every_active_boss_when_smtp_is_configured(settings, db, make_seat, smtp_server):
     from appliance import seats
     from webapp.models import Notice

@@ -28,7 +28,7 @@ def create_app(settings: Settings, database=None) -> Flask:
     """
     from appliance.db import open_database
     from webapp import models
-    from webapp import (accounts, activities, admin, attachments, auth, contacts, dashboard, health, imports,
+    from webapp import (accounts, activities, admin, attachments, auth, company, contacts, dashboard, health, imports,
                         leads, notes, opportunities, search, sla, tickets)
     from webapp.i18n import select_locale, template_helpers
 
@@ -76,7 +76,7 @@ def create_app(settings: Settings, database=None) -> Flask:
     app.context_processor(template_helpers)
 
     for module in (auth, dashboard, accounts, contacts, leads, opportunities, tickets, activities,
-                   notes, attachments, search, admin, sla, health, imports):
+                   notes, attachments, search, admin, company, sla, health, imports):
         app.register_blueprint(module.bp)
     auth.init_app(app)
 

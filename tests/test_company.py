@@ -1,0 +1,148 @@
+"""The company profile with certification (R-11) and announcements (R-2, R-13): real
+database, real files, the real pages, and a real SMTP server on 127.0.0.1 for the mail."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+import shutil
+
+import pytest
+
+from appliance import attachments as store
+from webapp import company
+from webapp.models import Announcement, AuditLog, CompanyProfile, utcnow
+
+PDF = b"%PDF-1.4 business licence scan"
+# Published codes of real companies (Tencent, Xiaomi, Alibaba), and one character changed.
+REAL_CODES = ("91440300708461136T", "91110108551385082Q", "91330100799655058B")
+
+
+@pytest.fixture
+def clean_store(settings, db):
+    shutil.rmtree(store.store_dir(settings), ignore_errors=True)
+    company._forget_cached()
+    yield settings
+    shutil.rmtree(store.store_dir(settings), ignore_errors=True)
+
+
+def test_unified_social_credit_codes_are_checked():
+    assert all(company.uscc_is_valid(code) for code in REAL_CODES)
+    assert not company.uscc_is_valid("91440300708461136X")  # wrong check character
+    assert not company.uscc_is_valid("91440300708461I36T")  # I is not in the alphabet
+    assert not company.uscc_is_valid("9144030070846113")
+
+
+def _fill(b, **values):
+    data = {"name": "华信科技有限公司", "registration_number": REAL_CODES[0], "legal_representative": "王伟",
+            "address": "上海市浦东新区世纪大道 100 号", "phone": "021-5555 0100", "website": ""}
+    data.update(values)
+    return b.post("/admin/company", data, token_from="/admin/company")
+
+
+def _upload_licence(b, name="licence.pdf", data=PDF):
+    return b.client.post("/admin/company/licence", content_type="multipart/form-data",
+                         data={"csrf_token": b.csrf("/admin/company"), "file": (io.BytesIO(data), name)})
+
+
+def test_certification_locks_the_licence_fields_and_audits_attempts(clean_store, make_seat, browser_for):
+    boss = make_seat("boss@corp.cn", role="boss")
+    b = browser_for(boss)
+    assert _fill(b).status_code == 302
+    # Not yet certifiable: the scan is missing, and the page says so.
+    b.post("/admin/company/certify", token_from="/admin/company")
+    assert CompanyProfile.get_by_id(1).certified_at is None
+    assert "the business licence scan" in b.get("/admin/company").get_data(as_text=True)
+    assert _upload_licence(b, "licence.exe", b"MZ").status_code == 302
+    assert company.licence_files() == []
+    assert _upload_licence(b).status_code == 302
+    [scan] = company.licence_files()
+    assert b.get(f"/admin/company/licence/{scan.id}").data == PDF
+    b.post("/admin/company/certify", token_from="/admin/company")
+    profile = CompanyProfile.get_by_id(1)
+    assert profile.certified_at is not None and profile.certified_by == "boss@corp.cn"
+
+    # A changed name and address are refused (and audited); the phone still changes.
+    resp = _fill(b, name="Other Ltd", address="elsewhere", phone="021-0000 0000")
+    assert resp.status_code == 302
+    page = b.get("/admin/company").get_data(as_text=True)
+    assert "cannot be changed" in page and 'readonly' in page
+    profile = CompanyProfile.get_by_id(1)
+    assert (profile.name, profile.address, profile.phone) == ("华信科技有限公司", "上海市浦东新区世纪大道 100 号",
+                                                              "021-0000 0000")
+    refused = AuditLog.get(AuditLog.entity == "company", AuditLog.action == "refused")
+    assert refused.changes == {"name": ["华信科技有限公司", "Other Ltd"],
+                               "address": ["上海市浦东新区世纪大道 100 号", "elsewhere"]}
+    assert _upload_licence(b, "new.pdf").status_code == 302
+    assert [f.filename for f in company.licence_files()] == ["licence.pdf"]
+
+
+def test_a_mistyped_credit_code_is_a_field_error(clean_store, make_seat, browser_for):
+    b = browser_for(make_seat("boss@corp.cn", role="boss"))
+    resp = _fill(b, registration_number="91440300708461136x".replace("x", "Y"))
+    assert resp.status_code == 400
+    assert "not a valid unified social credit code" in resp.get_data(as_text=True)
+    assert CompanyProfile.get_or_none(CompanyProfile.id == 1) is None
+    assert _fill(b, registration_number="HRB 12345 (Berlin)").status_code == 302  # not a mainland code
+
+
+def test_only_the_boss_reaches_the_company_and_announcement_pages(clean_store, make_seat, browser_for):
+    b = browser_for(make_seat("m@corp.cn", role="manager"))
+    for path in ("/admin/company", "/admin/announcements", "/admin/company/licence/1"):
+        assert b.get(path).status_code == 404, path
+    for path in ("/admin/company", "/admin/company/certify", "/admin/company/licence", "/admin/announcements",
+                 "/admin/announcements/1/withdraw"):
+        assert b.post(path).status_code == 404, path
+    assert CompanyProfile.select().count() == 0
+
+
+def test_an_announcement_is_shown_to_every_seat_in_its_window_and_withdrawn(clean_store, make_seat, browser_for):
+    boss = browser_for(make_seat("boss@corp.cn", role="boss"))
+    agent = browser_for(make_seat("agent@corp.cn", role="agent"))
+    resp = boss.post("/admin/announcements", {"message": "周六 22:00-23:00 系统升级", "starts_at": "2020-01-01T00:00",
+                                              "ends_at": "2099-01-01T00:00"}, token_from="/admin/announcements")
+    assert resp.status_code == 302
+    assert "周六 22:00-23:00 系统升级" in agent.get("/").get_data(as_text=True)
+    later = company.post_announcement(clean_store, "cli:root", "Not yet", utcnow() + dt.timedelta(hours=1),
+                                      utcnow() + dt.timedelta(hours=2), email=False)
+    assert "Not yet" not in agent.get("/").get_data(as_text=True)
+    row = Announcement.get(Announcement.message == "周六 22:00-23:00 系统升级")
+    assert row.starts_at == dt.datetime(2019, 12, 31, 16, 0)  # entered in Asia/Shanghai, kept in UTC
+    boss.post(f"/admin/announcements/{row.id}/withdraw", token_from="/admin/announcements")
+    assert "系统升级" not in agent.get("/").get_data(as_text=True)
+    assert [r.action for r in AuditLog.select().where(AuditLog.entity == "announcement").order_by(AuditLog.id)] == [
+        "create", "create", "withdraw"]
+    assert later.created_by == "cli:root"
+
+
+def test_a_bad_announcement_is_refused_with_its_reason(clean_store, make_seat, browser_for):
+    boss = browser_for(make_seat("boss@corp.cn", role="boss"))
+    resp = boss.post("/admin/announcements", {"message": "x", "starts_at": "2026-12-01T10:00",
+                                              "ends_at": "2026-12-01T09:00"}, token_from="/admin/announcements")
+    assert resp.status_code == 400 and "The end must be after the start." in resp.get_data(as_text=True)
+    with pytest.raises(company.AnnouncementError, match="1 to 2000"):
+        company.post_announcement(clean_store, "cli:root", "  ", utcnow(), utcnow() + dt.timedelta(hours=1), False)
+    assert Announcement.select().count() == 0
+
+
+def test_an_announcement_is_mailed_to_every_active_seat(clean_store, make_seat, smtp_server):
+    import email
+    from email import policy
+
+    controller, inbox = smtp_server
+    make_seat("boss@corp.cn", role="boss")
+    make_seat("agent@corp.cn", role="agent")
+    settings = dataclasses.replace(clean_store, smtp=dataclasses.replace(
+        clean_store.smtp, host="127.0.0.1", port=controller.port, security="none"))
+    row = company.post_announcement(settings, "cli:root", "Planned maintenance\nSaturday 22:00",
+                                    utcnow(), utcnow() + dt.timedelta(hours=1), email=True, wait=True)
+    [envelope] = inbox.messages
+    assert sorted(envelope.rcpt_tos) == ["agent@corp.cn", "boss@corp.cn"]
+    mail = email.message_from_bytes(envelope.content, policy=policy.default)
+    assert mail["Subject"] == "[CRM] Planned maintenance Saturday 22:00"
+    body = mail.get_content().replace("\r\n", "\n")
+    assert body.startswith("Planned maintenance\nSaturday 22:00\n")
+    shown_from = (row.starts_at + dt.timedelta(hours=8)).strftime("%Y-%m-%d %H:%M")  # Asia/Shanghai: UTC+8
+    assert f"from {shown_from} to" in body and "Asia/Shanghai time" in body
+    assert Announcement.get_by_id(row.id).emailed_at is not None

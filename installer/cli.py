@@ -731,6 +731,11 @@ from installer.diagnostics_commands import register as _register_diagnostics_com
 
 _register_diagnostics_commands(main)
 
+# Announcements to every seat.
+from installer.company_commands import register as _register_company_commands  # noqa: E402
+
+_register_company_commands(main)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

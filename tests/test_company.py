@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import io
+import json
 import shutil
 
 import pytest
@@ -146,3 +147,33 @@ def test_an_announcement_is_mailed_to_every_active_seat(clean_store, make_seat, 
     shown_from = (row.starts_at + dt.timedelta(hours=8)).strftime("%Y-%m-%d %H:%M")  # Asia/Shanghai: UTC+8
     assert f"from {shown_from} to" in body and "Asia/Shanghai time" in body
     assert Announcement.get_by_id(row.id).emailed_at is not None
+
+
+def test_customer_it_announces_from_the_command_line(clean_store, db, tmp_path):
+    from click.testing import CliRunner
+
+    from installer.cli import main
+    from tests.test_cli import _config_file
+
+    config = _config_file(tmp_path, clean_store)
+    runner = CliRunner()
+    posted = runner.invoke(main, ["--config", config, "announce", "post", "Upgrade Saturday 22:00-23:00",
+                                  "--from", "2026-12-05 21:00", "--to", "2026-12-05 23:00"])
+    assert posted.exit_code == 0, posted.output
+    assert "shown from 2026-12-05 21:00 to 2026-12-05 23:00 Asia/Shanghai; not mailed" in posted.output
+    row = Announcement.get()
+    assert (row.starts_at, row.ends_at) == (dt.datetime(2026, 12, 5, 13, 0), dt.datetime(2026, 12, 5, 15, 0))
+    assert row.created_by.startswith("cli:")
+    listed = runner.invoke(main, ["--config", config, "announce", "list", "--json"])
+    assert [r["message"] for r in json.loads(listed.output)] == ["Upgrade Saturday 22:00-23:00"]
+    assert runner.invoke(main, ["--config", config, "announce", "withdraw", str(row.id)]).exit_code == 0
+    assert Announcement.get_by_id(row.id).withdrawn_at is not None
+
+    bad = runner.invoke(main, ["--config", config, "announce", "post", "x", "--to", "Saturday"])
+    assert bad.exit_code == 2 and 'expected a local time like "2026-03-01 22:00"' in bad.output
+    gone = runner.invoke(main, ["--config", config, "announce", "withdraw", "999"])
+    assert gone.exit_code == 1 and "no announcement 999" in gone.output
+    backwards = runner.invoke(main, ["--config", config, "announce", "post", "x", "--from", "2026-12-05 21:00",
+                                     "--to", "2026-12-05 20:00"])
+    assert backwards.exit_code == 1 and "The end must be after the start." in backwards.output
+    assert Announcement.select().count() == 1

@@ -348,16 +348,29 @@ def announcements():
 def withdraw(announcement_id: int):
     if not permissions.valid_id(announcement_id):
         abort(404)
+    if Announcement.get_or_none(Announcement.id == announcement_id) is None:
+        abort(404)
+    withdraw_announcement(g.user, announcement_id)
+    flash(_("Announcement withdrawn."), "success")
+    return redirect(url_for("company.announcements"))
+
+
+def withdraw_announcement(actor: User | str, announcement_id: int) -> Announcement:
+    """Take a banner down (audited); withdrawing twice changes nothing.
+
+    :raise AnnouncementError: no such announcement."""
     row = Announcement.get_or_none(Announcement.id == announcement_id)
     if row is None:
-        abort(404)
+        raise AnnouncementError(_l("There is no announcement %(id)d; list them with: crm-appliance announce list",
+                                   id=announcement_id))
     if row.withdrawn_at is None:
-        row.withdrawn_at = utcnow()
-        row.save()
-        audit.write_row(g.user, "announcement", row.id, "withdraw", {"withdrawn_at": [None, audit.jsonable(row.withdrawn_at)]})
+        with database.atomic():
+            row.withdrawn_at = utcnow()
+            row.save()
+            audit.write_row(actor, "announcement", row.id, "withdraw",
+                            {"withdrawn_at": [None, audit.jsonable(row.withdrawn_at)]})
         _forget_cached()
-        flash(_("Announcement withdrawn."), "success")
-    return redirect(url_for("company.announcements"))
+    return row
 
 
 @bp.app_context_processor

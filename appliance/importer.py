@@ -30,6 +30,7 @@ import csv
 import datetime as dt
 import decimal
 import io
+import json
 import re
 import unicodedata
 import zipfile
@@ -50,7 +51,7 @@ MAX_ROWS = 200_000
 MAX_CELL = 100_000  # characters in any one cell; each field's own limit is checked per row
 MAX_TEXT = 20_000  # a description, as webapp.forms.TEXT_MAX
 MAX_UNPACKED = 1024 ** 3  # an .xlsx that unpacks to more than this is refused (a zip bomb)
-BATCH = 1000  # rows per INSERT
+BATCH = 10_000  # rows per COPY
 MAX_AMOUNT = decimal.Decimal("999999999999")
 
 
@@ -129,6 +130,9 @@ def _csv_grid(data: bytes, name: str):
             text = decode_text(data, name)
         except SeatError as exc:
             raise ImportFileError(exc.args[0]) from exc
+    if "\x00" in text:
+        raise ImportFileError(_l("%(file)s holds NUL characters, which no text has; choose a CSV (UTF-8 or GBK) "
+                                 "or Excel .xlsx file", file=name))
     first_line = text.split("\n", 1)[0]
     # Whichever separator the header uses most; a comma when it has none (one column).
     delimiter = max(",;\t", key=first_line.count)
@@ -760,10 +764,35 @@ def run_import(plan: Plan, user: User) -> int:
             audit_rows.append({"at": now, "user": user.id, "actor": user.email, "ip": ip, "entity": plan.entity,
                                "record_id": record_id, "action": "create",
                                "changes": {name: [None, audit.jsonable(row[name])] for name in tracked}})
-        for start in range(0, len(rows), BATCH):
-            model.insert_many(rows[start:start + BATCH]).execute()
-            AuditLog.insert_many(audit_rows[start:start + BATCH]).execute()
+        _copy(model, rows)
+        _copy(AuditLog, audit_rows)
     return len(rows)
+
+
+def _copy(model, rows: list[dict]) -> None:
+    """Write rows (keyed by field name) with COPY, in batches: many times faster than INSERTs."""
+    if not rows:
+        return
+    names = list(rows[0])
+    columns = ", ".join(f'"{model._meta.fields[name].column_name}"' for name in names)
+    cursor = database.connection().cursor()
+    for start in range(0, len(rows), BATCH):
+        lines = ("\t".join(_copy_text(row[name]) for name in names) for row in rows[start:start + BATCH])
+        cursor.copy_expert(f'COPY "{model._meta.table_name}" ({columns}) FROM STDIN',
+                           io.StringIO("\n".join(lines) + "\n"))
+
+
+def _copy_text(value) -> str:
+    """A value in COPY's text format: \\N for NULL, backslash escapes for the separators."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, (dict, list)):
+        value = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, (dt.date, dt.datetime)):
+        value = value.isoformat()
+    return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def import_table(table: Table, mapping: list[str], entity: str, user: User, skip_duplicates: bool = True) -> Plan:

@@ -99,6 +99,7 @@ def _too_many_rows() -> bytes:
     ("name\nCafé ÿ\n".encode("latin-1"), "a.csv", "a.csv is neither UTF-8 nor GBK text; save it as CSV (UTF-8)"),
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "logo.csv", "logo.csv is not a CSV text file but a PNG image"),
     (b"name\nAcme\n", "a.xlsx", "a.xlsx is not an Excel workbook (.xlsx) but text"),
+    (b"name\n" + b"Acme\n" * 3000 + b"A\x00cme\n", "a.csv", "a.csv holds NUL characters"),
     (b"\x89PNG\r\n\x1a\n\x00\x00", "a.xlsx", "a.xlsx is not an Excel workbook (.xlsx) but a PNG image"),
     (b"PK\x03\x04 not really a zip", "a.xlsx", "a.xlsx cannot be read as an Excel workbook (.xlsx)"),
     (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "old.xls", "old.xls is an old Excel 97-2003 workbook"),
@@ -213,6 +214,16 @@ def test_each_created_record_gets_its_own_create_audit_row_with_its_values(make_
     by_hand = audit.create(boss.user, Opportunity, {"name": "by hand"})
     hand_row = AuditLog.get(AuditLog.entity == "opportunity", AuditLog.record_id == by_hand.id)
     assert set(hand_row.changes) == set(AuditLog.get(AuditLog.record_id == upgrade.id).changes)
+
+
+def test_text_with_separators_and_escapes_is_stored_exactly(make_seat):
+    boss = make_seat("boss@corp.cn", role="boss")
+    description = 'line one\nline\ttwo \\N C:\\path "quoted" 备注\r\nend'
+    table = _read("Name,Description\n" + '"Tab\tName",' + '"' + description.replace('"', '""') + '"\n')
+    import_table(table, ["name", "description"], "account", boss.user)
+    account = Account.get()
+    assert (account.name, account.description) == ("Tab\tName", description)
+    assert AuditLog.get(AuditLog.record_id == account.id).changes["description"] == [None, account.description]
 
 
 def test_one_bad_row_means_nothing_is_written(make_seat):

@@ -393,3 +393,42 @@ def test_boss_adds_seats_in_bulk_then_disables_one_and_an_agent_cannot_reach_the
     login(agent_page, agent.email)
     response = agent_page.goto("/admin/seats/bulk")
     assert response.status == 404
+
+
+# ----------------------------------------------------------------------------- attachments and the quota
+
+def test_agent_attaches_a_file_and_only_the_boss_sees_the_space_used(page, new_page, live_server, make_seat,
+                                                                     settings, tmp_path):
+    import shutil
+
+    from appliance import attachments
+    from webapp.models import Attachment
+
+    shutil.rmtree(attachments.store_dir(settings), ignore_errors=True)
+    make_seat("boss@corp.cn", role="boss", name="Bo Boss")
+    agent = make_seat("agent@corp.cn", name="Ada Agent")
+    account = audit.create(agent.user, Account, {"name": "华信科技"})
+    quote = tmp_path / "报价单.pdf"
+    quote.write_bytes(b"%PDF-1.4\n" + b"price list " * 15_000)  # 165,009 bytes = 161.1 KB
+
+    agent_page = new_page("agent")
+    login(agent_page, agent.email)
+    agent_page.goto(f"/accounts/{account.id}")
+    agent_page.set_input_files("#attachments input[type=file]", str(quote))
+    agent_page.get_by_role("button", name="Upload").click()
+    expect(flash(agent_page)).to_contain_text("报价单.pdf attached.")
+    expect(agent_page.locator("#attachments table")).to_contain_text("报价单.pdf")
+    with agent_page.expect_download() as download:
+        agent_page.get_by_role("link", name="报价单.pdf").click()
+    assert Path(download.value.path()).read_bytes() == quote.read_bytes()
+    assert agent_page.goto("/admin/quota").status == 404
+
+    login(page, "boss@corp.cn")
+    page.goto("/admin/seats")
+    page.locator("nav.subnav").get_by_role("link", name="Attachment space").click()
+    expect(page.locator("main h1")).to_have_text("Attachment space")
+    expect(page.locator("#quota-total")).to_contain_text("161.1 KB of 2.4 GB used")
+    expect(page.locator("#quota-seats")).to_contain_text("agent@corp.cn")
+    page.screenshot(path=str(SCREENSHOT_DIR / "attachment-space.png"), full_page=True)
+    assert Attachment.get().size == quote.stat().st_size
+    shutil.rmtree(attachments.store_dir(settings), ignore_errors=True)

@@ -282,6 +282,9 @@ COVERED = {
     "/admin/seats/<int:user_id>/reactivate": "admin", "/admin/seats/bulk": "admin", "/admin/seats/change": "admin",
     "/admin/export": "admin", "/admin/export/<name>": "admin",
     "/admin/notices": "admin", "/admin/notices/<int:notice_id>/acknowledge": "admin", "/admin/sla": "admin",
+    # Deleted items: boss only, tested in test_lifecycle.py (every route 404 for a manager and an agent).
+    "/admin/deleted/": "admin", "/admin/deleted/<entity>/<int:record_id>/undo": "admin",
+    "/admin/deleted/<entity>/<int:record_id>/destroy": "admin",
     "/admin/quota": "admin",
     # Company profile and announcements: boss only, tested in test_company.py (404 for a manager).
     "/admin/company": "admin", "/admin/company/licence": "admin", "/admin/company/licence/<int:attachment_id>": "admin",

@@ -28,8 +28,8 @@ def create_app(settings: Settings, database=None) -> Flask:
     """
     from appliance.db import open_database
     from webapp import models
-    from webapp import (accounts, activities, admin, attachments, auth, company, contacts, dashboard, health, imports,
-                        leads, notes, opportunities, search, sla, tickets)
+    from webapp import (accounts, activities, admin, attachments, auth, company, contacts, dashboard, health, imports, leads,
+                        lifecycle, notes, opportunities, search, sla, tickets)
     from webapp.i18n import select_locale, template_helpers
 
     app = Flask(__name__)
@@ -76,9 +76,12 @@ def create_app(settings: Settings, database=None) -> Flask:
     app.context_processor(template_helpers)
 
     for module in (auth, dashboard, accounts, contacts, leads, opportunities, tickets, activities,
-                   notes, attachments, search, admin, company, sla, health, imports):
+                   notes, attachments, search, admin, company, sla, health, imports, lifecycle):
         app.register_blueprint(module.bp)
     auth.init_app(app)
+    # After the licence's end the data is read-only (R-16): from the settings and the date, no query.
+    app.before_request(lifecycle.refuse_writes)
+    app.context_processor(lifecycle.licence_banner)
 
     @app.after_request
     def _security_headers(response):

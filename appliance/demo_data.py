@@ -1,9 +1,10 @@
 """A realistic data set for a team of seats over some years: demos, benchmarks, capacity tests.
 
-``crm-appliance demo-data --seats 50 --years 3 [--scale K] [--seed S]`` makes, for 50 seats
-over three years at scale 1: 50k accounts, 200k contacts, 100k leads, 40k opportunities,
-20k tickets, 600k activities and 400k notes, with one audit row per record. The numbers
-grow with seats, years and ``scale``.
+``crm-appliance demo-data --seats 50 --years 3 [--scale K] [--seed S] [--attachments]`` makes,
+for 50 seats over three years at scale 1: 50k accounts, 200k contacts, 100k leads, 40k
+opportunities, 20k tickets, 600k activities and 400k notes, with one audit row per record,
+and with ``--attachments`` 2.5 GB of files on accounts (at most 95% of the attachment
+quota, so that uploads still fit). The numbers grow with seats, years and ``scale``.
 
 PostgreSQL makes the rows itself (``INSERT ... SELECT`` over ``generate_series``), so the
 set builds in minutes, not hours. Every value comes from ``hashtextextended(row, seed)``:
@@ -20,8 +21,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from appliance.attachments import quota_bytes
 from appliance.config import Settings
 from appliance.errors import ApplianceError
+from webapp.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ def _num(salt: str, modulo: int) -> str:
 
 
 def generate(settings: Settings, seats: int = 50, years: float = 3, scale: float = 1.0, seed: int = 1,
-             force: bool = False, password_hash: str | None = None,
+             force: bool = False, password_hash: str | None = None, attachments: bool = False,
              progress: Callable[[str], None] = lambda message: None) -> DemoResult:
     """Fill the appliance's database with a demo data set (see the module's docstring)."""
     from appliance.db import open_database
@@ -117,11 +120,64 @@ def generate(settings: Settings, seats: int = 50, years: float = 3, scale: float
                 run(_records_sql(entity, counts, seats), f"{counts[entity]:,} {entity} rows")
                 run(_audit_sql(entity), f"audit rows for {entity}")
             run(_notes_sql(counts, seats), f"{counts['note']:,} notes")
+            if attachments:
+                target = min(int(ATTACHMENT_BYTES * seats / 50 * years / 3 * scale),
+                             int(0.95 * quota_bytes(settings)))
+                progress(f"attachment files, {target / 1e9:.2f} GB")
+                counts["attachment"], written = _attachments(settings, db, target, seed)
+                log.info("%d attachment files, %d bytes", counts["attachment"], written)
             progress("statistics (ANALYZE)")
         db.execute_sql("ANALYZE")
     finally:
         db.close_all()
     return DemoResult(seats=seats, counts=counts, seconds=time.monotonic() - started)
+
+
+#: Bytes of attachments per 50 seats and 3 years at scale 1 (issue 7).
+ATTACHMENT_BYTES = 2_500_000_000
+_FILE_SIZES = (30_000, 120_000, 400_000, 1_500_000, 4_000_000)  # a mix of notes, offers, scans
+
+
+def _attachments(settings: Settings, db, target: int, seed: int) -> tuple[int, int]:
+    """Files on random accounts, owned by the account's owner, until ``target`` bytes: written
+    straight into the attachment store (content-addressed, as uploads are), rows and audit
+    rows in the caller's transaction. A failed run leaves files no row names; the retention
+    job's sweep shreds them."""
+    import hashlib
+    import os
+    import random
+
+    from appliance.attachments import blob_path
+    from webapp.models import Attachment
+
+    rng = random.Random(seed)
+    accounts = db.execute_sql("SELECT id, owner_id FROM account ORDER BY id").fetchall()
+    rows, written = [], 0
+    while written < target and accounts:
+        size = min(rng.choice(_FILE_SIZES) + rng.randrange(10_000), target - written)
+        data = b"%PDF-1.4\n" + rng.randbytes(max(0, size - 9))
+        sha = hashlib.sha256(data).hexdigest()
+        path = blob_path(settings, sha)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_name(f".{sha}.demo")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        account_id, owner_id = rng.choice(accounts)
+        rows.append({"parent_type": "account", "parent_id": account_id, "owner": owner_id,
+                     "filename": f"demo-{len(rows) + 1:06d}.pdf", "content_type": "application/pdf",
+                     "size": len(data), "sha256": sha, "created_at": utcnow()})
+        written += len(data)
+    first_id = db.execute_sql("SELECT coalesce(max(id), 0) + 1 FROM attachment").fetchone()[0]
+    for start in range(0, len(rows), 1000):
+        Attachment.insert_many(rows[start:start + 1000]).execute()
+    db.execute_sql(
+        "INSERT INTO audit_log (at, user_id, actor, entity, record_id, action, changes) "
+        "SELECT a.created_at, a.owner_id, 'demo-data', 'attachment', a.id, 'create', jsonb_build_object("
+        "'parent', jsonb_build_array(NULL, a.parent_type || ':' || a.parent_id), "
+        "'filename', jsonb_build_array(NULL, a.filename), 'size', jsonb_build_array(NULL, a.size)) "
+        "FROM attachment a WHERE a.id >= %s", (first_id,))
+    return len(rows), written
 
 
 def _bind(sql: str) -> str:

@@ -544,16 +544,18 @@ def status(ctx: Context, as_json: bool) -> None:
 @click.option("--password-file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="File holding the password every demo seat gets (for load tests); default: no password.")
 @click.option("--force", is_flag=True, help="Add demo data even though the database holds records already.")
+@click.option("--attachments", is_flag=True,
+              help="Also write attachment files on accounts: 2.5 GB at scale 1 (at most 95% of the quota).")
 @pass_ctx
 @handle_errors
-def demo_data(ctx: Context, seats, years, scale, seed, password_file, force) -> None:
+def demo_data(ctx: Context, seats, years, scale, seed, password_file, force, attachments) -> None:
     """Fill the database with a realistic, deterministic demo data set (never for real data)."""
     from appliance import demo_data as demo
     from appliance.seats import hash_password
 
     password_hash = hash_password(Path(password_file).read_text().strip()) if password_file else None
     result = demo.generate(ctx.settings, seats=seats, years=years, scale=scale, seed=seed, force=force,
-                           password_hash=password_hash, progress=lambda what: click.echo(f"... {what}", err=True))
+                           password_hash=password_hash, attachments=attachments, progress=lambda what: click.echo(f"... {what}", err=True))
     click.echo(str(result))
 
 

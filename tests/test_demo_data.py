@@ -67,3 +67,28 @@ def test_a_database_with_real_data_is_refused_and_left_as_it_was(settings, db, m
         demo_data.generate(settings, seats=0, force=True)
     added = demo_data.generate(settings, seats=3, scale=0.001, force=True)
     assert _sql(db, "SELECT count(*) FROM account") == 1 + added.counts["account"]
+
+
+def test_attachments_are_real_files_owned_like_their_accounts_and_the_same_for_a_seed(settings, db, tmp_path):
+    import dataclasses
+    import hashlib
+
+    from appliance import attachments
+
+    own = dataclasses.replace(settings, appliance=dataclasses.replace(settings.appliance, data_dir=tmp_path))
+    result = demo_data.generate(own, seats=5, scale=0.01, seed=9, attachments=True)
+    target = round(demo_data.ATTACHMENT_BYTES * 5 / 50 * 0.01)  # 2.5 MB
+    rows = db.execute_sql("SELECT a.id, a.sha256, a.size, a.owner_id = c.owner_id FROM attachment a "
+                          "JOIN account c ON c.id = a.parent_id AND a.parent_type = 'account' ORDER BY a.id").fetchall()
+    assert result.counts["attachment"] == len(rows) > 1
+    assert sum(r[2] for r in rows) == target
+    assert all(same_owner for *_, same_owner in rows)
+    for _id, sha, size, _ in rows:
+        data = attachments.blob_path(own, sha).read_bytes()
+        assert len(data) == size and hashlib.sha256(data).hexdigest() == sha and data.startswith(b"%PDF-")
+    assert _sql(db, "SELECT count(*) FROM audit_log WHERE entity = 'attachment' AND action = 'create'") == len(rows)
+    first = [sha for _id, sha, *_ in rows]
+    db.execute_sql('TRUNCATE attachment, account, contact, lead, opportunity, ticket, activity, note, audit_log, '
+                   '"user", team RESTART IDENTITY CASCADE')
+    demo_data.generate(own, seats=5, scale=0.01, seed=9, attachments=True)
+    assert [sha for (sha,) in db.execute_sql("SELECT sha256 FROM attachment ORDER BY id").fetchall()] == first

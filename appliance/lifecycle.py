@@ -149,10 +149,10 @@ def _require_boss(actor: User | str) -> None:
         raise LifecycleError(_l("Only the boss can undo or destroy deleted items."))
 
 
-def _deleted_row(entity: str, record_id: int, lock: bool = True):
+def _deleted_row(entity: str, record_id: int):
+    """The deleted item, locked until the caller's transaction ends."""
     model = _model(entity)
-    query = model.select().where(model.id == record_id, model.deleted_at.is_null(False))
-    row = (query.for_update() if lock else query).first()
+    row = model.select().where(model.id == record_id, model.deleted_at.is_null(False)).for_update().first()
     if row is None:
         raise LifecycleError(_l("There is no deleted %(entity)s number %(id)s: it was restored or destroyed "
                                 "already, or never deleted.", entity=entity, id=record_id))
@@ -168,9 +168,10 @@ def undo(settings: Settings, actor: User | str, entity: str, record_id: int) -> 
 
     _require_boss(actor)
     if entity == "attachment":
-        row = _deleted_row(entity, record_id, lock=False)
         try:
-            attachments.undelete(settings, actor, row)  # re-checks the quota under its lock
+            with database.atomic():  # the row lock keeps the retention job from destroying it meanwhile
+                row = _deleted_row(entity, record_id)
+                attachments.undelete(settings, actor, row)  # re-checks the quota under its lock
         except attachments.AttachmentError as exc:
             raise LifecycleError(str(exc)) from None
         return row.filename
@@ -292,8 +293,10 @@ def destroy_expired(settings: Settings, now: dt.datetime | None = None, actor: s
         targets = {entity: set() for entity in (*KINDS, "note")}
         for entity in targets:
             model = Note if entity == "note" else _model(entity)
+            # FOR UPDATE: an undo that commits first takes its row out of this set.
             targets[entity] = {i for (i,) in model.select(model.id)
-                               .where(model.deleted_at.is_null(False), model.deleted_at <= cutoff).tuples()}
+                               .where(model.deleted_at.is_null(False), model.deleted_at <= cutoff)
+                               .for_update().tuples()}
         destroyed = _remove(targets)
         for entity, ids in targets.items():
             for record_id in sorted(ids):

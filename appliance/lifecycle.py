@@ -42,8 +42,8 @@ from flask_babel import lazy_gettext as _l
 from appliance import attachments
 from appliance.config import Settings
 from appliance.errors import ApplianceError
-from webapp.models import (RECORD_MODELS, Activity, Announcement, Attachment, AuditLog, CompanyProfile, LoginLog,
-                           Note, User, database, get_state, set_state, utcnow)
+from webapp.models import (RECORD_MODELS, Activity, Attachment, AuditLog, Note, User, database, get_state, set_state,
+                           utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -507,8 +507,11 @@ class PurgeReport:
     wal_oldest: dt.datetime | None  # the oldest WAL file still archived (it holds data from before the purge)
     wal_removed_on: dt.date | None  # when prune removes the WAL from before the purge
     wal_condition: str = ""
+    catalogue_error: str = ""  # the backup catalogue could not be read: say so rather than "none"
 
     def backups_summary(self) -> str:
+        if self.catalogue_error:
+            return f"The backup catalogue could not be read ({self.catalogue_error}): check the backups by hand."
         if not self.backups and self.wal_oldest is None and not self.wal_condition:
             return "No backup or archived WAL holds data from before the purge."
         parts = [f"{b.id} ({b.kind}, taken {b.taken_at:%Y-%m-%d %H:%M} UTC) "
@@ -528,7 +531,7 @@ class PurgeReport:
                 "backups": [b.to_json() for b in self.backups],
                 "wal_oldest": self.wal_oldest.isoformat() if self.wal_oldest else None,
                 "wal_removed_on": self.wal_removed_on.isoformat() if self.wal_removed_on else None,
-                "wal_condition": self.wal_condition}
+                "wal_condition": self.wal_condition, "catalogue_error": self.catalogue_error or None}
 
     def __str__(self) -> str:
         return (f"Destroyed {sum(self.rows.values()):,} rows of customer data and {self.files} files. "
@@ -580,11 +583,15 @@ def purge_all(settings: Settings, actor: User | str) -> PurgeReport:
     data_dir = settings.appliance.data_dir
     files = attachments.shred_tree(attachments.store_dir(settings))
     files += sum(attachments.shred_tree(data_dir / folder) for folder in PURGED_FOLDERS)
-    holdings = backups_holding_data(backup.list_backups(settings), settings.backup.retention_days,
-                                    purged_at.replace(tzinfo=dt.timezone.utc))
-    wal_oldest, wal_removed_on, wal_condition = _wal_holding(settings, holdings)
-    report = PurgeReport(purged_at, {t: n for t, n in rows.items() if n}, files, holdings, wal_oldest,
-                         wal_removed_on, wal_condition)
+    report = PurgeReport(purged_at, {t: n for t, n in rows.items() if n}, files, [], None, None)
+    try:
+        catalogue = backup.list_backups(settings)
+    except OSError as exc:  # the data is gone already: report what cannot be known, do not fail
+        report.catalogue_error = f"{settings.backup.dir}: {exc.strerror}"
+    else:
+        report.backups = backups_holding_data(catalogue, settings.backup.retention_days,
+                                              purged_at.replace(tzinfo=dt.timezone.utc))
+        report.wal_oldest, report.wal_removed_on, report.wal_condition = _wal_holding(settings, report.backups)
     log.warning("purged all customer data: %s", report)
     return report
 

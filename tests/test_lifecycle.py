@@ -95,6 +95,12 @@ def test_a_deleted_attachment_comes_back_through_the_quota_check(clean_store, bo
     lifecycle.undo(settings, boss, "attachment", row.id)
     assert Attachment.get_by_id(row.id).deleted_at is None
 
+    store.soft_delete(boss, row)
+    destroyed = lifecycle.destroy(settings, boss, "attachment", row.id, "price.pdf")
+    assert (destroyed.rows, destroyed.files) == ({"attachment": 1}, 1)
+    assert Attachment.select().count() == 0 and not store.blob_path(settings, row.sha256).exists()
+    assert Account.get_by_id(acc.id).deleted_at is None, "the record it was on stays"
+
 
 # ----------------------------------------------------------------------------- destroy
 

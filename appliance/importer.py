@@ -455,14 +455,13 @@ class _Context:
         self.entity, self.user = entity, user
         self.seats = {u.email: u for u in User.select(User.id, User.email, User.team).where(User.active)}
         self.teams = {u.id: u.team_id for u in self.seats.values()}
-        level = permissions.level(user, entity, "create")
+        self.level = level = permissions.level(user, entity, "create")
         if level == "all":
             self.assignable = None  # any active seat
         elif level == "team" and user.team_id is not None:
             self.assignable = {u.id for u in self.seats.values() if u.team_id == user.team_id} | {user.id}
         else:
             self.assignable = {user.id}
-        self.level = level
         self.accounts = self._by_name(Account, self._cells(table, mapping, "account"))
         self.contacts = self._by_name(Contact, self._cells(table, mapping, "contact"))
         self.existing = self._existing_keys()
@@ -497,7 +496,7 @@ class _Context:
         return found
 
     def _existing_keys(self) -> dict[tuple, str]:
-        """{duplicate key: "account #12 Acme"} of the records the seat can see."""
+        """{duplicate key: "#12 Acme"} of the records the seat can see."""
         model = RECORD_MODELS[self.entity]
         columns = [getattr(model, name) for name in _KEY_COLUMNS[self.entity]]
         keys = {}
@@ -543,7 +542,7 @@ def validate(table: Table, mapping: list[str], entity: str, user: User, skip_dup
 
     def column_of(name: str) -> str:
         """The file's header for a field (a last name may come from the full name column)."""
-        for candidate in (name, "full_name"):
+        for candidate in ((name, "full_name") if name in ("last_name", "first_name") else (name,)):
             if candidate in mapping:
                 return headers[mapping.index(candidate)]
         return str(known[name].label)

@@ -136,7 +136,7 @@ def main() -> None:
     for entity, count, dups, read_s, dry_s, import_s in results:
         print(f"{entity:8} {count:>8,} {dups:>5,} | {read_s:>5.1f}s {dry_s:>7.1f}s {import_s:>6.1f}s |"
               f" {count / import_s:>13,.0f} | {import_s / bare_s:>18.1f} {import_s / real_table_s:>19.1f}")
-    print("\nimport = dry run again + INSERTs of the records and of one audit row each, in one transaction")
+    print("\nimport = the dry run again, then COPY of the records and of one audit row each, in one transaction")
 
 
 if __name__ == "__main__":

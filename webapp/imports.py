@@ -19,6 +19,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, abort, current_app, flash, g, redirect, render_template, request, url_for
 from flask_babel import gettext as _
+from flask_babel import ngettext
 from flask_babel import lazy_gettext as _l
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileField, FileRequired
@@ -150,7 +151,7 @@ def review(entity: str, token: str):
                 plan, status = exc.plan, 400
             else:
                 shutil.rmtree(job, ignore_errors=True)
-                flash(_("Imported %(n)d records.", n=len(plan.records)), "success")
+                flash(ngettext("Imported %(num)d record.", "Imported %(num)d records.", len(plan.records)), "success")
                 return redirect(url_for(module.endpoint + ".index"))
         else:
             if request.form.get("action") == "import":

@@ -4,7 +4,8 @@
 token included), then loops through a mix of what a sales or support seat does, with
 1-3 s of think time: dashboard, a list searched and filtered, a record opened, a note or an
 activity added, a field edited, an opportunity moved to another stage, a ticket handed
-over, the global search, now and then a new lead. Every request carries a ``name`` so the
+over, the global search, now and then a new lead or a small attachment (a 20 KB PDF,
+different each time, so every upload writes a file). Every request carries a ``name`` so the
 statistics are per action, whatever the record id.
 
 Seats are the demo data set's: seat number k is ``seatKKKK@demo.invalid`` (seat 1 is the
@@ -353,9 +354,30 @@ class CrmSeat(FastHttpUser):
         self.page(f"/search/?q={random.choice(GLOBAL_SEARCH)}", "global search")
 
     @task(1)
+    def maybe_upload_attachment(self):
+        # Now and then, as maybe_create_lead: a small file on an account the seat has seen.
+        if random.random() > 0.25:
+            return
+        rid = self.record("accounts")
+        if rid is None or self.page(f"/accounts/{rid}", "detail") is None:
+            return
+        body, content_type = _multipart({"csrf_token": self.csrf or ""},
+                                        "file", f"offer-{random.randrange(10**9)}.pdf", _small_pdf())
+        with self.client.post(f"/attachments/account/{rid}", data=body, headers={"Content-Type": content_type},
+                              name="upload attachment", allow_redirects=False, catch_response=True) as resp:
+            if resp.status_code != 302 or "/auth/login" in resp.headers.get("Location", ""):
+                resp.failure(f"upload attachment: {resp.status_code} {resp.headers.get('Location', '')}")
+                return
+        html = self.page(f"/accounts/{rid}", "detail")
+        if html is not None and "attached." not in html:
+            # The flash says why it was refused (the quota, say): an error for the benchmark.
+            self.environment.events.request.fire(request_type="POST", name="upload attachment refused",
+                                                 response_time=0, response_length=0, exception=Exception(
+                                                     "the upload was not attached"), context={})
+
+    @task(1)
     def maybe_create_lead(self):
         # Now and then: one in four times this task is picked.
-        # TODO: upload a small attachment here too, once attachments exist (issue 7).
         if random.random() > 0.25:
             return
         html = self.page("/leads/new", "lead form")
@@ -367,6 +389,22 @@ class CrmSeat(FastHttpUser):
                        "email": f"load{n}@bench.example", "phone": f"+86 15{n:09d}", "source": "web",
                        "status": "new"})
         self.post("/leads/new", fields, "create lead")
+
+
+def _small_pdf() -> bytes:
+    """About 20 KB that pass the upload's type check, different each call."""
+    return b"%PDF-1.4\n" + os.urandom(10_000).hex().encode()
+
+
+def _multipart(fields: dict, file_field: str, filename: str, data: bytes) -> tuple[bytes, str]:
+    """A multipart/form-data body as a browser sends it (FastHttpUser posts bytes as given)."""
+    boundary = f"----crmbench{random.randrange(10**12)}"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+             for name, value in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; filename="{filename}"\r\n'
+                 f"Content-Type: application/pdf\r\n\r\n".encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
 class CeilingUser(FastHttpUser):

@@ -36,6 +36,7 @@ from peewee import fn
 
 from appliance.config import Settings
 from appliance.errors import ApplianceError
+from appliance.files import fsync_dir
 from webapp.models import Attachment, User, database, get_state, set_state, utcnow
 
 log = logging.getLogger(__name__)
@@ -294,7 +295,7 @@ def attach(settings: Settings, actor: User | str, owner: User, parent_type: str,
                 target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 os.replace(incoming.path, target)
                 placed = target
-                _fsync_dir(target.parent)
+                fsync_dir(target.parent)
             row = Attachment.create(parent_type=parent_type, parent_id=parent_id, owner=owner.id, filename=name,
                                     content_type=content_type, size=incoming.size, sha256=incoming.sha256,
                                     created_at=utcnow())
@@ -404,7 +405,7 @@ def shred(path: Path) -> bool:
     finally:
         os.close(fd)
     path.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
 
 
@@ -433,13 +434,6 @@ def _remove_stale(folder: Path) -> None:
         except FileNotFoundError:
             pass
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _size(n: int) -> str:

@@ -55,6 +55,7 @@ from appliance import encryption
 from appliance.config import Settings, read_secret
 from appliance.encryption import BackupKey
 from appliance.errors import ApplianceError, BackupError, BackupIntegrityError
+from appliance.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +169,6 @@ def _size(n: float) -> str:
         n /= 1000
     return f"{n:.1f} TB"
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -307,7 +301,7 @@ def wal_push(wal_path: str | os.PathLike, wal_name: str, archive_dir: str | os.P
             out.flush()
             os.fsync(out.fileno())
         os.rename(tmp, dest)
-        _fsync_dir(archive_dir)
+        fsync_dir(archive_dir)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -614,10 +608,10 @@ def take_backup(settings: Settings, kind: str = "base", *, progress: Progress | 
             manifest["files"] = sorted(manifest["files"] + [entry], key=lambda f: f["path"])
             say("manifest")
             _write_manifest(partial, manifest, key)
-            _fsync_dir(partial)
+            fsync_dir(partial)
             final = root / backup_id
             os.rename(partial, final)
-            _fsync_dir(root)
+            fsync_dir(root)
         except OSError as exc:
             shutil.rmtree(partial, ignore_errors=True)
             if exc.errno == errno.ENOSPC:

@@ -58,6 +58,7 @@ from urllib.parse import urlsplit
 
 from appliance.config import Settings
 from appliance.errors import ApplianceError
+from appliance.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -557,12 +558,8 @@ def append_probe(directory: Path, probe: Probe, data_dir: Path | None = None) ->
 
 
 def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    with contextlib.suppress(OSError):  # best effort: the ledger line itself is already flushed
+        fsync_dir(directory)
 
 
 def parse_ledger(data: bytes) -> tuple[list[Probe], int]:

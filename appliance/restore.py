@@ -50,9 +50,9 @@ from typing import Callable, Iterator
 import appliance
 from appliance import backup as backup_mod
 from appliance import encryption
-from appliance.backup import _fsync_dir
 from appliance.config import Settings
 from appliance.errors import RestoreError
+from appliance.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def _exchange(a: Path, b: Path) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(a), None, str(b))
-    _fsync_dir(a.parent)
+    fsync_dir(a.parent)
 
 
 def _chown_tree(path: Path, user: str) -> None:
@@ -440,7 +440,7 @@ def _write_journal(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data), encoding="utf-8")
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _finish_interrupted(settings: Settings, cluster: ClusterControl, say: Progress) -> None:
@@ -697,7 +697,7 @@ def _swap_and_start(cluster: ClusterControl, new_dir: Path, journal: Path, hooks
             os.rename(new_dir, previous)
         else:
             os.rename(new_dir, cluster.data_dir)
-        _fsync_dir(cluster.data_dir.parent)
+        fsync_dir(cluster.data_dir.parent)
         _write_journal(journal, {"phase": "swapped", "previous": str(previous) if had_previous else "",
                                  "timeline": timeline, "work": str(work)})
         step.detail = f"previous data kept in {previous}" if had_previous else "there was no previous data"

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from appliance import config, importer, seats  # noqa: E402
 from appliance.db import migrate, open_database  # noqa: E402
+from tests.conftest import make_settings  # noqa: E402
 from tests.pgcluster import start_cluster  # noqa: E402
 
 FAMILY = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗"
@@ -86,13 +87,10 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            password = cluster.create_app_database("crm_bench", "crm")
-            config.write_secret(tmp / "pw", password)
-            config.write_secret(tmp / "key", secrets.token_urlsafe(48))
-            settings = config.from_mapping({
-                "database": {"port": cluster.port, "name": "crm_bench", "password_file": str(tmp / "pw")},
-                "web": {"public_url": "http://127.0.0.1", "secret_key_file": str(tmp / "key")},
-                "seats": {"licensed": 10}}, source="<bench>")
+            # The tests' settings (database crm_test, secrets in tmp), as bench/diagnostics_bundle.py does.
+            config.write_secret(tmp / "db-password", cluster.create_app_database("crm_test", "crm"))
+            config.write_secret(tmp / "secret-key", secrets.token_urlsafe(48))
+            settings = make_settings(cluster, tmp, seats={"licensed": 10})
             db = open_database(settings)
             migrate(db)
             from webapp.models import User

@@ -181,7 +181,9 @@ def test_every_main_page_renders_in_chinese(make_seat, browser_for):
     b = browser_for(make_seat("boss@corp.cn", role="boss"))
     expected = {"/accounts/": "客户", "/opportunities/board": "销售漏斗", "/admin/seats": "席位",
                 "/admin/audit": "审计日志", "/admin/logins": "登录日志", "/admin/roles": "角色与团队",
-                "/tickets/new": "新建工单", "/search/?q=x": "未找到与“x”相关的结果。"}
+                "/tickets/new": "新建工单", "/search/?q=x": "未找到与“x”相关的结果。",
+                "/admin/quota": "附件空间", "/admin/company": "公司资料", "/admin/announcements": "公告",
+                "/admin/deleted/": "已删除项目", "/import/contact": "导入联系人"}
     for path in ["/", "/contacts/", "/leads/", "/opportunities/", "/tickets/", "/activities/",
                  "/accounts/new", "/contacts/new", "/leads/new", "/opportunities/new", "/activities/new",
                  *expected]:

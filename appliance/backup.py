@@ -650,23 +650,56 @@ def _base_backup(settings: Settings, conn: _Connection, facts: dict, key: Backup
             tool.kill()
             raise
     files = [_file_entry(rel, writer)]
-    archive_dir = settings.backup.wal_archive_dir
-    say("backup label and WAL from the archive")
-    info = _find_backup_history(archive_dir, label, key, since)
-    segment_size = facts["wal_segment_size"]
-    start_tli, start_seg = segment_of(info["start_wal"], segment_size)
-    _, stop_seg = segment_of(info["stop_wal"], segment_size)
-    (partial / "wal").mkdir()
-    for segno in range(start_seg, stop_seg + 1):
-        name = segment_name(start_tli, segno, segment_size)
-        src = _wait_for_archived(archive_dir, name)
-        files.append(_copy_archived(src, partial / "wal" / (name + ARCHIVE_SUFFIX), f"wal/{name}{ARCHIVE_SUFFIX}", key))
-    say("row counts at a restore point (for the restore drill)")
-    counts = _row_counts(conn, label)
+    # The backup has stopped (pg_basebackup returns after the stop), so the drill's restore
+    # point and row counts can be taken now: PostgreSQL scans on its own core while this
+    # process copies the WAL from the archive.
+    say("row counts at a restore point (for the restore drill), beside the WAL copies")
+    counting = _Background(_row_counts, conn, label)
+    try:
+        archive_dir = settings.backup.wal_archive_dir
+        say("backup label and WAL from the archive")
+        info = _find_backup_history(archive_dir, label, key, since)
+        segment_size = facts["wal_segment_size"]
+        start_tli, start_seg = segment_of(info["start_wal"], segment_size)
+        _, stop_seg = segment_of(info["stop_wal"], segment_size)
+        (partial / "wal").mkdir()
+        for segno in range(start_seg, stop_seg + 1):
+            name = segment_name(start_tli, segno, segment_size)
+            src = _wait_for_archived(archive_dir, name)
+            files.append(_copy_archived(src, partial / "wal" / (name + ARCHIVE_SUFFIX), f"wal/{name}{ARCHIVE_SUFFIX}",
+                                        key))
+    except BaseException:
+        counting.join()  # the copy's error is the one to report
+        raise
+    counts = counting.result()
     return {"compression": compression, "label": label, "row_counts": counts,
             "start": {"lsn": info["start_lsn"], "wal": info["start_wal"], "timeline": start_tli},
             "stop": {"lsn": info["stop_lsn"], "wal": info["stop_wal"], "timeline": info["stop_timeline"]},
             "files": files}
+
+
+class _Background:
+    """``func(*args)`` on a thread; ``result()`` waits for it and returns its value or raises its error."""
+
+    def __init__(self, func, *args):
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(func, args), name=func.__name__, daemon=True)
+        self._thread.start()
+
+    def _run(self, func, args) -> None:
+        try:
+            self._value = func(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self):
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _row_counts(conn: _Connection, name: str) -> dict | None:

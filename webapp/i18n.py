@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from flask import current_app, g, request, session
-from flask_babel import get_locale
+import datetime as dt
+import decimal
+
+from flask import current_app, g, request, session, url_for
+from flask_babel import format_datetime, get_locale
 from flask_babel import lazy_gettext as _l
+from markupsafe import Markup
+
+from webapp import permissions
+from webapp.models import OwnedRecord, User
 
 
 def select_locale() -> str:
@@ -69,8 +76,7 @@ def choice_label(value) -> str:
 
 
 def template_helpers() -> dict:
-    from webapp import permissions
-    from webapp.crud import MODULES
+    from webapp.crud import MODULES  # crud imports this module
 
     return {
         "may_read": lambda record: permissions.allows(g.user, record, "read"),
@@ -86,7 +92,40 @@ def template_helpers() -> dict:
         "notice_level": lambda level: NOTICE_LEVELS.get(level, level),
         "job_outcome": lambda outcome: JOB_OUTCOMES.get(outcome, outcome),
         "file_size": file_size,
+        "show_value": show_value,
     }
+
+
+_CHOICE_FIELDS = ("status", "stage", "priority", "kind")
+
+
+def show_value(value, name: str = ""):
+    """How a value is shown on a page (the ``show`` macro in _macros.html calls this).
+
+    Python rather than a Jinja macro: a list page shows hundreds of values, and a macro
+    call costs several times a function call. A linked record outside the seat's read
+    level shows as its number only, never its name.
+    """
+    from webapp.crud import MODULES  # crud imports this module
+
+    if value is None or value == "":
+        return Markup('<span class="muted">—</span>')
+    if isinstance(value, OwnedRecord):
+        if permissions.allows(g.user, value, "read"):
+            href = url_for(MODULES[value.entity].endpoint + ".detail", record_id=value.id)
+            return Markup('<a href="%s">%s</a>') % (href, value.title)
+        return Markup('<span class="muted">#%s</span>') % value.id
+    if isinstance(value, User):
+        return value.name
+    if isinstance(value, dt.datetime):
+        return format_datetime(value, "yyyy-MM-dd HH:mm")
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return "{:,.2f}".format(value)
+    if name in _CHOICE_FIELDS:
+        return Markup('<span class="tag tag-%s">%s</span>') % (value, choice_label(value))
+    return value
 
 
 def file_size(n: int) -> str:

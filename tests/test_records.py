@@ -457,3 +457,27 @@ def test_a_save_without_the_lookup_field_keeps_the_link_instead_of_failing(agent
     assert resp.status_code == 302
     contact = Contact.get_by_id(contact.id)
     assert contact.last_name == "Wang Wei" and contact.account_id == acc.id
+
+
+def test_the_owner_select_writes_the_same_html_as_wtforms_own(app):
+    """ManyOptionsSelect is only faster (docs/performance.md): escaping, the selected option
+    and extra attributes come out exactly as WTForms' Select writes them."""
+    from flask_wtf import FlaskForm
+    from wtforms import SelectField
+    from wtforms.fields.choices import SelectChoice
+
+    from webapp.forms import ManyOptionsSelect
+
+    class Pair(FlaskForm):
+        stock = SelectField("Owner", coerce=int)
+        fast = SelectField("Owner", coerce=int, widget=ManyOptionsSelect())
+
+    with app.test_request_context():
+        form = Pair(meta={"csrf": False})
+        choices = [SelectChoice(i, f"王 <b>&\"'{i}") for i in range(1, 300)]
+        form.stock.choices = form.fast.choices = choices
+        form.stock.data = form.fast.data = 150
+        for extra in ({}, {"aria-invalid": "true"}, {"required": True}):
+            stock = str(form.stock(**extra)).replace('id="stock" name="stock"', "")
+            fast = str(form.fast(**extra)).replace('id="fast" name="fast"', "")
+            assert fast == stock and "<option selected value=\"150\">" in fast and "&lt;b&gt;" in fast

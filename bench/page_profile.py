@@ -5,7 +5,7 @@ agent through the real form, then, in-process through the Flask test client, tim
 page of the mix and profiles them all with cProfile. The function-call count is the
 steady figure on a noisy host: compare it before and after a change, with the milliseconds.
 
-    .venv/bin/python bench/page_profile.py [--scale 0.1] [--repeat 40] [--top 40]
+    .venv/bin/python bench/page_profile.py [--scale 0.1] [--repeat 40] [--top 40] [--sort tottime] [--page /accounts/]
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.1, help="demo data scale [0.1]")
     parser.add_argument("--repeat", type=int, default=40, help="requests per page timed [40]")
     parser.add_argument("--top", type=int, default=40, help="profile lines shown [40]")
+    parser.add_argument("--sort", default="cumulative", help="profile order: cumulative, tottime, ncalls [cumulative]")
+    parser.add_argument("--page", action="append", default=[], metavar="PATH",
+                        help="profile only these pages (repeatable; {account} is an account's id)")
     args = parser.parse_args()
 
     cluster = start_cluster()
@@ -58,7 +61,8 @@ def main() -> None:
         assert client.post("/auth/login", data={"email": AGENT, "password": PASSWORD,
                                                 "csrf_token": token}).status_code == 302
         account = re.search(r'href="/accounts/(\d+)"', client.get("/accounts/").get_data(as_text=True)).group(1)
-        pages = ["/", "/accounts/", f"/accounts/{account}", "/contacts/?q=王", "/opportunities/", "/search/?q=华信"]
+        pages = ["/", "/accounts/", "/accounts/{account}", "/contacts/?q=王", "/opportunities/", "/search/?q=华信"]
+        pages = [page.format(account=account) for page in (args.page or pages)]
         print(f"{'page':32} {'ms':>7} {'calls':>9}")
         for path in pages:
             for _ in range(3):
@@ -78,7 +82,7 @@ def main() -> None:
                 client.get(path)
         profile.disable()
         out = io.StringIO()
-        pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(args.top)
+        pstats.Stats(profile, stream=out).sort_stats(args.sort).print_stats(args.top)
         print(out.getvalue())
         db.close_all()
     finally:

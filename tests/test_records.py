@@ -389,42 +389,62 @@ def test_dashboard_shows_my_pipeline_and_recent_changes(agent, browser_for):
     assert "12,345.00" in html and "Big one" in html
 
 
-def test_list_page_costs_the_same_queries_for_1_row_or_10(agent, browser_for):
-    """No query per row: owners and accounts come in the page's own query."""
+def _statements(b, path) -> list[str]:
+    """The SQL statements one page view runs (peewee logs each one at DEBUG)."""
     import logging
 
+    logger = logging.getLogger("peewee")
+    seen = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if record.name == "peewee":  # queries only, not peewee.pool's connection lines
+                seen.append(record.getMessage())
+
+    handler = Collect()
+    # The announcement banner is cached for a few seconds per process; start every
+    # request with it expired so that two requests differ only in what they show.
+    company._forget_cached()
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        assert b.get(path).status_code == 200
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    return seen
+
+
+def test_list_page_costs_the_same_queries_for_1_row_or_10(agent, browser_for):
+    """No query per row: owners and accounts come in the page's own query."""
     b = browser_for(agent)
     acc = audit.create(agent.user, Account, {"name": "Parent"})
-
-    def queries_for(path):
-        logger = logging.getLogger("peewee")
-        seen = []
-
-        class Count(logging.Handler):
-            def emit(self, record):
-                if record.name == "peewee":  # queries only, not peewee.pool's connection lines
-                    seen.append(record.getMessage())
-
-        handler = Count()
-        # The announcement banner is cached for a few seconds per process; start both
-        # requests with it expired so they differ only in their row count.
-        company._forget_cached()
-        logger.addHandler(handler)
-        old = logger.level
-        logger.setLevel(logging.DEBUG)
-        try:
-            assert b.get(path).status_code == 200
-        finally:
-            logger.removeHandler(handler)
-            logger.setLevel(old)
-        return len(seen)
-
     audit.create(agent.user, Opportunity, {"name": "Deal 0", "account": acc.id})
-    one = queries_for("/opportunities/")
+    one = len(_statements(b, "/opportunities/"))
     for i in range(1, 10):
         audit.create(agent.user, Opportunity, {"name": f"Deal {i}", "account": acc.id})
-    ten = queries_for("/opportunities/")
+    ten = len(_statements(b, "/opportunities/"))
     assert one == ten, f"{one} queries for 1 row, {ten} for 10"
+
+
+def test_a_record_page_loads_its_links_in_its_own_query(agent, browser_for):
+    """The owner, account and contact a record points at come with the record, not one query
+    each; and no page query but the login's reads a seat's password hash."""
+    b = browser_for(agent)
+    acc = audit.create(agent.user, Account, {"name": "Parent"})
+    con = audit.create(agent.user, Contact, {"first_name": "Li", "last_name": "Wei", "account": acc.id})
+    bare = audit.create(agent.user, Opportunity, {"name": "Bare deal"})
+    linked = audit.create(agent.user, Opportunity, {"name": "Linked deal", "account": acc.id, "contact": con.id})
+    assert b.post(f"/notes/opportunity/{linked.id}", {"body": "Called"}).status_code == 302
+    bare_statements = _statements(b, f"/opportunities/{bare.id}")
+    linked_statements = _statements(b, f"/opportunities/{linked.id}")
+    assert len(linked_statements) == len(bare_statements), "\n".join(linked_statements)
+    html = b.get(f"/opportunities/{linked.id}").get_data(as_text=True)
+    assert "Parent" in html and "Li Wei" in html and agent.user.name in html
+    login_query, *page_queries = linked_statements
+    assert "password_hash" in login_query
+    assert not [q for q in page_queries if "password_hash" in q]
 
 
 def test_editing_keeps_a_link_to_a_record_the_editor_cannot_see(make_seat, browser_for):

@@ -29,7 +29,7 @@ def _back_to(record):
 
 def for_record(user: User, record) -> list[dict]:
     """The record's files, newest first, each with whether the seat may delete it."""
-    rows = (Attachment.select(Attachment, User).join(User, on=(Attachment.owner == User.id))
+    rows = (Attachment.select(Attachment, *permissions.seat_columns()).join(User, on=(Attachment.owner == User.id))
             .where(Attachment.parent_type == record.entity, Attachment.parent_id == record.id,
                    Attachment.deleted_at.is_null())
             .order_by(Attachment.created_at.desc(), Attachment.id.desc()))

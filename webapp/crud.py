@@ -26,7 +26,7 @@ from flask import (Blueprint, Response, abort, current_app, flash, g, redirect, 
                    stream_with_context, url_for)
 from flask_babel import gettext as _
 import peewee
-from peewee import JOIN, DateField, DateTimeField, DecimalField, ForeignKeyField, IntegerField, Tuple
+from peewee import DateField, DateTimeField, DecimalField, IntegerField, Tuple
 
 from webapp import audit, permissions
 from webapp.i18n import choice_label
@@ -74,6 +74,11 @@ class Module:
     default_sort: str = "updated_at"
     #: set by make_blueprint
     endpoint: str = ""
+
+    @property
+    def detail_links(self) -> list[str]:
+        """The foreign keys a record page shows (loaded with the record in one query)."""
+        return [name for name, _ in self.detail_fields]
 
 
 MODULES: dict[str, Module] = {}
@@ -185,21 +190,10 @@ def filtered(module: Module, user: User, args, action: str = "read"):
     return query, text, active
 
 
-def with_related(query, model, names):
-    """Load the records that the named foreign keys point at in the same query (no query per row)."""
-    for name in names:
-        fk = model._meta.fields.get(name)
-        if isinstance(fk, ForeignKeyField):
-            target = fk.rel_model.alias()
-            query = (query.select_extend(target)
-                     .join_from(model, target, JOIN.LEFT_OUTER, on=(fk == target.id), attr=name))
-    return query
-
-
 def list_page(module: Module, user: User, args, page_size: int) -> Page:
     model = module.model
     query, text, active = filtered(module, user, args)
-    query = with_related(query, model, [c.name for c in module.columns])
+    query = permissions.with_related(query, model, [c.name for c in module.columns])
     sortable = {c.name for c in module.columns if c.sortable} | {module.default_sort}
     sort = args.get("sort") if args.get("sort") in sortable else module.default_sort
     direction = args.get("dir") if args.get("dir") in ("asc", "desc") else (
@@ -233,7 +227,7 @@ def list_page(module: Module, user: User, args, page_size: int) -> Page:
 def timeline(user: User, record: OwnedRecord, limit: int = 50) -> list[dict]:
     """Notes, activities (through the gate) and audit entries of one record, newest first."""
     items = []
-    notes = (Note.select(Note, User).join(User)
+    notes = (Note.select(Note, *permissions.seat_columns()).join(User)
              .where(Note.parent_type == record.entity, Note.parent_id == record.id, Note.deleted_at.is_null())
              .order_by(Note.created_at.desc()).limit(limit))
     for note in notes:
@@ -373,7 +367,8 @@ def make_blueprint(module: Module) -> Blueprint:
         """:raise 404: missing, deleted or not visible to the seat."""
         from webapp import attachments
 
-        record = permissions.get_or_404(g.user, model, record_id)
+        record = permissions.get_or_404(g.user, model, record_id,
+                                        related=module.detail_links)
         return render_template("detail.html", module=module, record=record,
                                attachments=attachments.for_record(g.user, record),
                                max_upload_mb=current_app.extensions["crm_settings"].attachments.max_upload_mb,

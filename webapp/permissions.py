@@ -9,8 +9,10 @@ missing one.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from flask import abort
-from peewee import SQL
+from peewee import JOIN, SQL, ForeignKeyField
 
 from webapp import models
 from webapp.models import Note, OwnedRecord, Role, User
@@ -99,15 +101,38 @@ def valid_id(record_id) -> bool:
     return isinstance(record_id, int) and 0 < record_id <= _MAX_ID
 
 
-def get_or_404(user: User, model: type[OwnedRecord], record_id: int, action: str = "read") -> OwnedRecord:
-    """Load one record the seat may read, else 404 as if it did not exist.
+def seat_columns(user_model=User) -> tuple:
+    """The columns of a seat that a page showing it needs."""
+    return (user_model.id, user_model.name)
+
+
+def with_related(query, model, names):
+    """Load the records that the named foreign keys point at in the same query (no query per row).
+
+    A seat comes with its id and name only: that is all a page shows of it, and its password
+    hash has no business leaving the database.
+    """
+    for name in names:
+        fk = model._meta.fields.get(name)
+        if isinstance(fk, ForeignKeyField):
+            target = fk.rel_model.alias()
+            columns = seat_columns(target) if fk.rel_model is User else (target,)
+            query = (query.select_extend(*columns)
+                     .join_from(model, target, JOIN.LEFT_OUTER, on=(fk == target.id), attr=name))
+    return query
+
+
+def get_or_404(user: User, model: type[OwnedRecord], record_id: int, action: str = "read",
+               related: Iterable[str] = ()) -> OwnedRecord:
+    """Load one record the seat may read, else 404 as if it did not exist; the records its
+    ``related`` foreign keys point at come in the same query.
 
     :raise 404: missing, deleted, or outside the seat's read level.
     :raise 403: readable, but the seat may not ``action`` it.
     """
     if not valid_id(record_id):
         abort(404)
-    record = visible(user, model, "read").where(model.id == record_id).first()
+    record = with_related(visible(user, model, "read"), model, related).where(model.id == record_id).first()
     if record is None:
         abort(404)
     if action != "read" and not allows(user, record, action):

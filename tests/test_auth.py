@@ -223,3 +223,23 @@ def test_duplicate_seat_email_is_refused_case_insensitively(settings, db):
     with pytest.raises(SeatError, match="already exists"):
         seats.add_seat(settings, "dup@corp.CN", "Dup", "agent")
     assert re.fullmatch(r"dup@corp\.cn", User.get().email)
+
+
+def test_the_session_cookie_is_reissued_every_few_minutes_not_on_every_page(make_seat, browser_for):
+    """Its lifetime ([web] session_hours) counts from the seat's last activity, give or take
+    SESSION_REFRESH_SECONDS, without signing a cookie for every response."""
+    from webapp import auth
+
+    seat = make_seat("a@corp.cn")
+    b = browser_for(seat)
+    assert b.get("/").status_code == 200
+    quiet = b.get("/accounts/")
+    assert quiet.status_code == 200 and "Set-Cookie" not in quiet.headers
+    with b.client.session_transaction() as sess:
+        issued = sess["t"]
+        sess["t"] = issued - auth.SESSION_REFRESH_SECONDS
+    renewed = b.get("/accounts/")
+    assert renewed.status_code == 200 and "crm_session=" in renewed.headers["Set-Cookie"]
+    assert "Expires=" in renewed.headers["Set-Cookie"]
+    with b.client.session_transaction() as sess:
+        assert sess["t"] >= issued

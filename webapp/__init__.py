@@ -41,6 +41,10 @@ def create_app(settings: Settings, database=None) -> Flask:
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=web.public_url.lower().startswith("https://"),
         PERMANENT_SESSION_LIFETIME=dt.timedelta(hours=web.session_hours),
+        # Not on every response: signing the cookie cost 5% of the app's CPU under load.
+        # auth.load_user re-issues it every few minutes instead, which keeps the lifetime
+        # counting from the seat's last activity.
+        SESSION_REFRESH_EACH_REQUEST=False,
         # The CSRF token lives as long as the session that holds it.
         WTF_CSRF_TIME_LIMIT=None,
         MAX_CONTENT_LENGTH=(settings.attachments.max_upload_mb + 1) * 1024 * 1024,

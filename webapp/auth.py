@@ -8,6 +8,7 @@ the check runs before every request (deny by default), not per view. A seat whos
 from __future__ import annotations
 
 import datetime as dt
+import time
 from urllib.parse import urlsplit
 
 from flask import (Blueprint, current_app, flash, g, redirect, render_template, request, session,
@@ -41,6 +42,11 @@ def init_app(app) -> None:
     app.before_request(load_user)
 
 
+# How often an active seat's session cookie is re-issued (its lifetime, [web] session_hours,
+# counts from the last re-issue), instead of on every response.
+SESSION_REFRESH_SECONDS = 300
+
+
 def load_user():
     """Put the session's seat in ``g.user``; send anyone else to the login page."""
     g.user = None
@@ -49,6 +55,9 @@ def load_user():
         user = User.select(User, Role).join(Role).where(User.id == uid).first()
         if user is not None and user.active and user.session_version == version:
             g.user = user
+            now = int(time.time())
+            if now - session.get("t", 0) >= SESSION_REFRESH_SECONDS:
+                session["t"] = now  # a changed session is signed and sent again, with its lifetime
         else:
             session.clear()
     if g.user is None and request.endpoint not in PUBLIC_ENDPOINTS and request.endpoint is not None:

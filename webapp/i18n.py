@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
+import zoneinfo
 
 from flask import current_app, g, request, session, url_for
-from flask_babel import format_datetime, get_locale
+from flask_babel import get_locale
 from flask_babel import lazy_gettext as _l
 from markupsafe import Markup
 
@@ -118,7 +120,7 @@ def show_value(value, name: str = ""):
     if isinstance(value, User):
         return value.name
     if isinstance(value, dt.datetime):
-        return format_datetime(value, "yyyy-MM-dd HH:mm")
+        return local_minutes(value)
     if isinstance(value, dt.date):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
@@ -126,6 +128,23 @@ def show_value(value, name: str = ""):
     if name in _CHOICE_FIELDS:
         return Markup('<span class="tag tag-%s">%s</span>') % (value, choice_label(value))
     return value
+
+
+@functools.lru_cache(maxsize=8)
+def _zone(name: str) -> zoneinfo.ZoneInfo:
+    return zoneinfo.ZoneInfo(name)
+
+
+def local_minutes(value: dt.datetime) -> str:
+    """A stored time (naive means UTC) as seats read it: in [web] timezone, to the minute.
+
+    The same text as ``format_datetime(value, "yyyy-MM-dd HH:mm")`` (a test compares them,
+    across daylight-saving changes) at a tenth of its cost: a list page shows dozens.
+    """
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    t = value.astimezone(_zone(current_app.config["BABEL_DEFAULT_TIMEZONE"]))
+    return f"{t.year:04d}-{t.month:02d}-{t.day:02d} {t.hour:02d}:{t.minute:02d}"
 
 
 def file_size(n: int) -> str:

@@ -219,14 +219,21 @@ class CrmSeat(FastHttpUser):
         """GET a page, fail on anything but 200 (a redirect to the login page means the session was lost).
 
         A ticket handed to someone else meanwhile (by a manager, or the boss) is no longer the agent's to
-        see: its 404 is the gate at work, not an error, and the seat forgets that ticket.
+        see: its 404 is the gate at work, not an error, and the seat forgets that ticket. A seat without
+        a session (its login failed, or was lost) logs in again first, as a person would.
         """
+        if not self.logged_in:
+            self.login()
+            if not self.logged_in:
+                return None
         with self.client.get(path, name=name, allow_redirects=False, catch_response=True) as resp:
             if resp.status_code == 404 and path.startswith("/tickets/"):
                 resp.success()
                 return None
             if resp.status_code != 200:
                 resp.failure(f"{name}: {resp.status_code} {resp.headers.get('Location', '')}")
+                if "/auth/login" in resp.headers.get("Location", ""):
+                    self.logged_in = False
                 return None
             html = resp.text or ""
             token = _CSRF.search(html)
@@ -247,6 +254,8 @@ class CrmSeat(FastHttpUser):
             location = resp.headers.get("Location", "")
             if resp.status_code != 302 or "/auth/login" in location:
                 resp.failure(f"{name}: {resp.status_code} {location} {(resp.text or '')[:200]!r}")
+                if "/auth/login" in location:
+                    self.logged_in = False
                 return False
         self.page(urlsplit(location).path or "/", follow_name)
         return True

@@ -505,3 +505,22 @@ def test_the_owner_select_writes_the_same_html_as_wtforms_own(app):
             stock = str(form.stock(**extra)).replace('id="stock" name="stock"', "")
             fast = str(form.fast(**extra)).replace('id="fast" name="fast"', "")
             assert fast == stock and "<option selected value=\"150\">" in fast and "&lt;b&gt;" in fast
+
+
+def test_a_record_loaded_as_a_link_has_its_title_and_the_gates_columns(agent, make_seat, db):
+    """with_related loads a linked record with permissions.link_columns only: its title (made of
+    the model's title_fields) and what permissions.allows decides on must be all there."""
+    from webapp import permissions
+    from webapp.models import RECORD_MODELS
+
+    other = make_seat("other@corp.cn", role="agent")
+    values = {"account": {"name": "Acme"}, "contact": {"first_name": "Li", "last_name": "Wei"},
+              "lead": {"first_name": "Zhao", "last_name": "Min"}, "opportunity": {"name": "Deal"},
+              "ticket": {"subject": "Broken"}, "activity": {"subject": "Call back", "kind": "call"}}
+    assert set(values) == set(RECORD_MODELS)
+    for entity, model in RECORD_MODELS.items():
+        full = audit.create(agent.user, model, values[entity])
+        link = model.select(*permissions.link_columns(model, model)).where(model.id == full.id).get()
+        assert link.title == full.title and link.title.strip(), entity
+        for seat in (agent.user, other.user):
+            assert permissions.allows(seat, link, "read") == permissions.allows(seat, full, "read"), entity

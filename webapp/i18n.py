@@ -102,7 +102,7 @@ _CHOICE_FIELDS = ("status", "stage", "priority", "kind")
 
 
 def show_value(value, name: str = ""):
-    """How a value is shown on a page (the ``show`` macro in _macros.html calls this).
+    """How a value is shown on a page (templates call it as ``show_value``).
 
     Python rather than a Jinja macro: a list page shows hundreds of values, and a macro
     call costs several times a function call. A linked record outside the seat's read

@@ -115,6 +115,9 @@ class OwnedRecord(BaseModel):
 
     #: The name used by permissions, audit rows and URLs.
     entity = ""
+    #: The columns ``title`` is made of: a record shown as a link on another's page is loaded
+    #: with these, its id and the permission gate's columns only.
+    title_fields: tuple[str, ...] = ()
 
     @property
     def title(self) -> str:
@@ -133,6 +136,7 @@ class Account(OwnedRecord):
     description = TextField(default="")
 
     entity = "account"
+    title_fields = ("name",)
 
     @property
     def title(self) -> str:
@@ -150,6 +154,7 @@ class Contact(OwnedRecord):
     description = TextField(default="")
 
     entity = "contact"
+    title_fields = ("first_name", "last_name")
 
     @property
     def title(self) -> str:
@@ -174,6 +179,7 @@ class Lead(OwnedRecord):
     converted_at = DateTimeField(null=True)
 
     entity = "lead"
+    title_fields = ("first_name", "last_name")
 
     @property
     def title(self) -> str:
@@ -198,6 +204,7 @@ class Opportunity(OwnedRecord):
     lead = ForeignKeyField(Lead, null=True, on_delete="SET NULL")
 
     entity = "opportunity"
+    title_fields = ("name",)
 
     @property
     def title(self) -> str:
@@ -226,6 +233,7 @@ class Ticket(OwnedRecord):
     contact = ForeignKeyField(Contact, null=True, on_delete="SET NULL")
 
     entity = "ticket"
+    title_fields = ("subject",)
 
     @property
     def title(self) -> str:
@@ -247,6 +255,7 @@ class Activity(OwnedRecord):
     parent_id = IntegerField(null=True)
 
     entity = "activity"
+    title_fields = ("subject",)
 
     @property
     def title(self) -> str:

@@ -106,17 +106,28 @@ def seat_columns(user_model=User) -> tuple:
     return (user_model.id, user_model.name)
 
 
+def link_columns(alias, model: type[OwnedRecord]) -> tuple:
+    """The columns of a record that a page showing it as a link needs: its id and title, and
+    what the gate decides on (``allows``)."""
+    return tuple(getattr(alias, name) for name in ("id", "owner", "team", "deleted_at", *model.title_fields))
+
+
 def with_related(query, model, names):
     """Load the records that the named foreign keys point at in the same query (no query per row).
 
     A seat comes with its id and name only: that is all a page shows of it, and its password
-    hash has no business leaving the database.
+    hash has no business leaving the database. A record comes with what shows it as a link.
     """
     for name in names:
         fk = model._meta.fields.get(name)
         if isinstance(fk, ForeignKeyField):
             target = fk.rel_model.alias()
-            columns = seat_columns(target) if fk.rel_model is User else (target,)
+            if fk.rel_model is User:
+                columns = seat_columns(target)
+            elif issubclass(fk.rel_model, OwnedRecord):
+                columns = link_columns(target, fk.rel_model)
+            else:
+                columns = (target,)
             query = (query.select_extend(*columns)
                      .join_from(model, target, JOIN.LEFT_OUTER, on=(fk == target.id), attr=name))
     return query

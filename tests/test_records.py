@@ -389,6 +389,40 @@ def test_dashboard_shows_my_pipeline_and_recent_changes(agent, browser_for):
     assert "12,345.00" in html and "Big one" in html
 
 
+def test_recent_changes_are_the_newest_the_seat_may_read_across_modules(make_seat, browser_for):
+    """The dashboard's one UNION ALL statement gives what reading each module through the gate
+    and merging would: the newest ten, newest first, nothing outside the seat's level."""
+    import datetime as dt
+
+    from webapp import dashboard, permissions
+    from webapp.models import RECORD_MODELS
+
+    manager = make_seat("m@corp.cn", role="manager", team="East")
+    east = make_seat("e@corp.cn", role="agent", team="East")
+    west = make_seat("w@corp.cn", role="agent", team="West")
+    values = {"account": {"name": "Acme"}, "contact": {"first_name": "Li", "last_name": "Wei"},
+              "lead": {"first_name": "Zhao", "last_name": "Min"}, "opportunity": {"name": "Deal"},
+              "ticket": {"subject": "Broken"}, "activity": {"subject": "Call back", "kind": "call"}}
+    start = dt.datetime(2026, 1, 1)
+    n = 0
+    for seat in (east, west, manager):
+        for entity, model in RECORD_MODELS.items():
+            for _ in range(2):
+                record = audit.create(seat.user, model, values[entity])
+                n += 1
+                model.update(updated_at=start + dt.timedelta(minutes=7 * n % 61, seconds=n)).where(
+                    model.id == record.id).execute()
+    for seat in (east, west, manager):
+        expected = sorted((r for m in RECORD_MODELS.values() for r in permissions.visible(seat.user, m)),
+                          key=lambda r: r.updated_at, reverse=True)[:10]
+        got = dashboard.recent_changes(seat.user)
+        assert [(r.entity, r.id, r.updated_at, r.title) for r in got] == \
+            [(r.entity, r.id, r.updated_at, r.title) for r in expected], seat.email
+        assert all(permissions.allows(seat.user, r, "read") for r in got)
+    html = browser_for(west).get("/").get_data(as_text=True)
+    assert "Zhao Min" in html and "Li Wei" in html
+
+
 def _statements(b, path) -> list[str]:
     """The SQL statements one page view runs (peewee logs each one at DEBUG)."""
     import logging

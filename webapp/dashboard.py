@@ -1,9 +1,10 @@
 """The seat's start page: open activities and tickets, pipeline by stage, recent changes."""
 
-import heapq
+import functools
+import operator
 
 from flask import Blueprint, g, render_template
-from peewee import fn
+from peewee import SQL, Value, fn
 
 from webapp import permissions
 from webapp.crud import MODULES
@@ -33,13 +34,30 @@ def my_pipeline(user) -> list[dict]:
 
 
 def recent_changes(user, limit=10) -> list:
-    """The most recently changed records the seat can read, across modules."""
-    per_module = []
+    """The most recently changed records the seat can read, across modules, newest first.
+
+    One statement: each module's newest ``limit`` through the gate, as links (id, title and
+    the gate's columns), joined with UNION ALL and cut to ``limit`` by PostgreSQL.
+    """
+    parts = []
     for entity, model in RECORD_MODELS.items():
-        if permissions.can(user, entity, "read"):
-            per_module.append(permissions.visible(user, model).order_by(model.updated_at.desc()).limit(limit))
-    merged = heapq.merge(*[list(q) for q in per_module], key=lambda r: r.updated_at, reverse=True)
-    return [r for _, r in zip(range(limit), merged)]
+        if not permissions.can(user, entity, "read"):
+            continue
+        first, *rest = model.title_fields
+        columns = (model.id, model.owner, model.team, model.deleted_at, model.updated_at,
+                   getattr(model, first).alias("title_1"),
+                   (getattr(model, rest[0]) if rest else Value("")).alias("title_2"), Value(entity).alias("entity"))
+        parts.append(permissions.visible(user, model).select(*columns).order_by(model.updated_at.desc()).limit(limit))
+    if not parts:
+        return []
+    newest = functools.reduce(operator.add, parts).order_by(SQL("updated_at").desc()).limit(limit)
+    records = []
+    for row in newest.tuples():
+        rid, owner, team, deleted_at, updated_at, title_1, title_2, entity = row
+        model = RECORD_MODELS[entity]
+        titles = dict(zip(model.title_fields, (title_1, title_2)))
+        records.append(model(id=rid, owner=owner, team=team, deleted_at=deleted_at, updated_at=updated_at, **titles))
+    return records
 
 
 @bp.route("/")

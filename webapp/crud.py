@@ -234,6 +234,7 @@ def timeline(user: User, record: OwnedRecord, limit: int = 50) -> list[dict]:
         items.append({"kind": "note", "at": note.created_at, "note": note,
                       "can_delete": permissions.may_delete_note(user, note, record)})
     acts = (permissions.visible(user, Activity)
+            .select(*permissions.link_columns(Activity, Activity), Activity.kind, Activity.status, Activity.updated_at)
             .where(Activity.parent_type == record.entity, Activity.parent_id == record.id)
             .order_by(Activity.updated_at.desc()).limit(limit))
     for act in acts:
@@ -250,8 +251,10 @@ def timeline(user: User, record: OwnedRecord, limit: int = 50) -> list[dict]:
 def related_lists(module: Module, user: User, record) -> list[dict]:
     out = []
     for rel in module.related:
-        rows = list(permissions.visible(user, rel.model).where(getattr(rel.model, rel.fk) == record.id)
-                    .order_by(rel.model.updated_at.desc()).limit(21))
+        model = rel.model
+        shown = [getattr(model, name) for name in ("stage", "status") if name in model._meta.fields]
+        rows = list(permissions.visible(user, model).select(*permissions.link_columns(model, model), *shown)
+                    .where(getattr(model, rel.fk) == record.id).order_by(model.updated_at.desc()).limit(21))
         out.append({"entity": rel.entity, "rows": rows[:20], "more": len(rows) > 20, "fk": rel.fk,
                     "module": MODULES[rel.entity]})
     return out

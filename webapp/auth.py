@@ -47,12 +47,18 @@ def init_app(app) -> None:
 SESSION_REFRESH_SECONDS = 300
 
 
+# What a request needs of its seat (g.user): not the password hash, lock-out counters or
+# login times, which only the login and the administration pages read (from their own queries).
+SESSION_USER_COLUMNS = (User.id, User.email, User.name, User.role, User.team, User.locale, User.active,
+                        User.session_version)
+
+
 def load_user():
     """Put the session's seat in ``g.user``; send anyone else to the login page."""
     g.user = None
     uid, version = session.get("uid"), session.get("v")
     if uid is not None:
-        user = User.select(User, Role).join(Role).where(User.id == uid).first()
+        user = User.select(*SESSION_USER_COLUMNS, Role).join(Role).where(User.id == uid).first()
         if user is not None and user.active and user.session_version == version:
             g.user = user
             now = int(time.time())

@@ -243,3 +243,22 @@ def test_the_session_cookie_is_reissued_every_few_minutes_not_on_every_page(make
     assert "Expires=" in renewed.headers["Set-Cookie"]
     with b.client.session_transaction() as sess:
         assert sess["t"] >= issued
+
+
+def test_a_sessions_csrf_token_is_signed_once_and_stays_valid(make_seat, browser_for):
+    """webapp._reuse_signed_csrf_tokens: later pages carry the token signed for the first one,
+    and a form posted with it is accepted; another session gets another token."""
+    import time
+
+    seat = make_seat("a@corp.cn")
+    b = browser_for(seat)
+    tokens = [b.csrf("/")]
+    time.sleep(1.1)  # a token signed anew now would carry another timestamp
+    tokens += [b.csrf(path) for path in ("/accounts/", "/accounts/new")]
+    assert tokens[0] == tokens[1] == tokens[2]
+    resp = b.client.post("/accounts/new", data={"csrf_token": tokens[0], "name": "Acme", "owner": seat.user.id})
+    assert resp.status_code == 302, resp.get_data(as_text=True)[:300]
+    other = browser_for(make_seat("b@corp.cn"))
+    assert other.csrf("/") != tokens[0]
+    resp = other.client.post("/accounts/new", data={"csrf_token": tokens[0], "name": "Stolen", "owner": seat.user.id})
+    assert resp.status_code == 400

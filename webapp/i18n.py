@@ -77,14 +77,14 @@ def choice_label(value) -> str:
     return CHOICE_LABELS.get(value, value if value is not None else "")
 
 
-def template_helpers() -> dict:
+def template_globals() -> dict:
+    """Helpers every template may call; set once on the Jinja environment, not per page."""
     from webapp.crud import MODULES  # crud imports this module
 
     return {
         "may_read": lambda record: permissions.allows(g.user, record, "read"),
         "modules": MODULES,
         "getattr": getattr,
-        "current_locale": str(get_locale() or "en"),
         "entity_name": lambda e: ENTITY_NAMES.get(e, e),
         "entity_plural": lambda e: ENTITY_PLURALS.get(e, e),
         "choice_label": choice_label,
@@ -96,6 +96,11 @@ def template_helpers() -> dict:
         "file_size": file_size,
         "show_value": show_value,
     }
+
+
+def template_locale() -> dict:
+    """The page's language (a context processor: it changes per request)."""
+    return {"current_locale": str(get_locale() or "en")}
 
 
 _CHOICE_FIELDS = ("status", "stage", "priority", "kind")

@@ -158,4 +158,3 @@ def _reuse_signed_csrf_tokens(app) -> None:
                 signed_tokens.clear()
             signed_tokens[(app.secret_key, raw)] = signed
         return response
-

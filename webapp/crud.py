@@ -373,8 +373,7 @@ def make_blueprint(module: Module) -> Blueprint:
         """:raise 404: missing, deleted or not visible to the seat."""
         from webapp import attachments
 
-        record = permissions.get_or_404(g.user, model, record_id,
-                                        related=module.detail_links)
+        record = permissions.get_or_404(g.user, model, record_id, related=module.detail_links)
         return render_template("detail.html", module=module, record=record,
                                attachments=attachments.for_record(g.user, record),
                                max_upload_mb=current_app.extensions["crm_settings"].attachments.max_upload_mb,

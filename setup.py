@@ -62,6 +62,9 @@ setup(
         # The seat load test and capacity figures: bench/load/run.py (docs/performance.md).
         "bench": [
             "locust>=2.20,<3",
+            # Samples the running server's workers (--gil: CPU only) without slowing them
+            # the way cProfile does; how docs/performance.md found where the CPU goes.
+            "py-spy>=0.3,<0.5",
         ],
     },
     entry_points={"console_scripts": ["crm-appliance = installer.cli:main"]},

@@ -316,8 +316,12 @@ class Phase:
 
 
 def run_locust(app: Appliance, label: str, users: int, steady: float, spawn_rate: float,
-               user_class: str = "CrmSeat", think: tuple[float, float] = (1, 3)) -> Phase:
-    """One locust run: ``users`` log in at ``spawn_rate``; statistics restart when all are in, then ``steady`` s."""
+               user_class: str = "CrmSeat", think: tuple[float, float] = (1, 3),
+               profile: Path | None = None) -> Phase:
+    """One locust run: ``users`` log in at ``spawn_rate``; statistics restart when all are in, then ``steady`` s.
+
+    With ``profile``, py-spy samples the app's workers during the steady state (see ``py_spy``).
+    """
     ramp = users / spawn_rate
     prefix = app.work / f"locust-{re.sub(r'[^a-z0-9]+', '-', label.lower())}"
     ramp_file = Path(f"{prefix}_ramp.json")
@@ -336,7 +340,13 @@ def run_locust(app: Appliance, label: str, users: int, steady: float, spawn_rate
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler.locust_pid = proc.pid
+    spy = None
+    if profile is not None:
+        spy = threading.Timer(ramp + 5, py_spy, (app.server.pid, max(5.0, steady - 10), profile))
+        spy.start()
     output, _ = proc.communicate(timeout=limit + 60)
+    if spy is not None:
+        spy.join()
     seconds = time.monotonic() - started
     cpu = sampler.stop()
     stats = {}
@@ -366,6 +376,45 @@ def run_locust(app: Appliance, label: str, users: int, steady: float, spawn_rate
         f"({phase.worst[0]}), {failures} failures; cores used: app {cpu['app']}, postgres {cpu['postgres']}, "
         f"locust {cpu['locust']}; login p95 {login.get('95%', '-')} ms during the ramp")
     return phase
+
+
+# ----------------------------------------------------------------------------- where the CPU goes
+
+def py_spy(server_pid: int, seconds: float, raw_file: Path) -> None:
+    """Sample every worker with py-spy for ``seconds``: only threads holding the GIL (--gil),
+    so the samples are CPU, not threads waiting for the GIL or for PostgreSQL; 47 Hz keeps
+    py-spy's own cost small on 2 cores."""
+    exe = VENV_BIN / "py-spy"
+    if not exe.exists():
+        log("  py-spy is not installed (pip install -e '.[bench]'): no profile")
+        return
+    subprocess.run([str(exe), "record", "--pid", str(server_pid), "--subprocesses", "--gil", "--nonblocking",
+                    "--rate", "47", "--duration", str(int(seconds)), "--format", "raw", "--output", str(raw_file)],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def profile_summary(raw_file: Path, top: int = 25) -> str:
+    """Share of the samples per function, itself and with what it calls (py-spy's raw format:
+    one folded stack per line, then its sample count)."""
+    if not raw_file.exists():
+        return "(no profile was written)"
+    own, within, total = {}, {}, 0
+    for line in raw_file.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";") if not f.startswith("process ")]
+        if not frames or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            within[frame] = within.get(frame, 0) + n
+    lines = [f"{total} samples of threads holding the GIL"]
+    for title, table in (("itself", own), ("with what it calls", within)):
+        lines.append(f"-- {title}")
+        for frame, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"{100 * n / total:5.1f}%  {frame[:130]}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- queries per page
@@ -460,6 +509,9 @@ def main() -> int:
     parser.add_argument("--wait-max", type=float, default=600, help="seconds to wait for it at most [600]")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (locust CSVs, server log)")
+    parser.add_argument("--profile", type=Path, metavar="RAW",
+                        help="record the app's workers with py-spy --gil during the saturated mix into this file "
+                             "and print where the CPU goes")
     parser.add_argument("--quick", action="store_true",
                         help="development: 20 and 40 seats, 15 s phases, scales 0.2 and 0.4")
     args = parser.parse_args()
@@ -548,7 +600,7 @@ def main() -> int:
         slots = workers * threads
         users = args.saturate_users or 2 * slots
         sat_mix = run_locust(app, "saturated mix", users, min(args.steady, 45), args.spawn_rate * 2,
-                             think=(0, 0))
+                             think=(0, 0), profile=args.profile)
         ceiling = run_locust(app, "ceiling", users, min(args.steady, 45), args.spawn_rate * 2,
                              user_class="CeilingUser")
         compare = []
@@ -635,6 +687,10 @@ def main() -> int:
                 print(f"{name:<16}" + "".join(f"{v if v is not None else '-':>10}" for v in values) + f"{growth:>7.2f}x")
             print(f"{'load before':<16}" + "".join(f"{runs[s].load_before[0]:>10}" for s in scales))
     print()
+    if args.profile:
+        print(f"== where the app's CPU goes in the saturated mix (py-spy --gil, {args.profile})")
+        print(profile_summary(args.profile))
+        print()
     print("== SQL statements per page (query counter) and the slowest statement's plan")
     for scale, rows in queries.items():
         for r in rows:

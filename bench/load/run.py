@@ -639,6 +639,23 @@ def main() -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
+    # Every figure is saved before anything is printed: a printing error loses nothing.
+    if args.json:
+        def phase_json(p: Phase) -> dict:
+            return {"users": p.users, "rps": p.rps, "failures": p.failures, "cpu": p.cpu, "ramp": p.ramp,
+                    "ramp_peak_rss_mib": p.ramp_peak_rss / 2**20, "ramp_peak_pss_mib": p.ramp_peak_pss / 2**20,
+                    "load_before": p.load_before, "load_after": p.load_after, "peak_rss_mib": p.peak_rss / 2**20,
+                    "peak_pss_mib": p.peak_pss / 2**20,
+                    "actions": {n: {k: r[k] for k in ("Request Count", "Failure Count", "50%", "95%", "99%",
+                                                      "Requests/s")} for n, r in p.stats.items()}}
+        results.update({"capacity": capacity, "phases": {str(s): phase_json(p) for s, p in phases.items()},
+                        "saturated_mix": phase_json(sat_mix), "ceiling": phase_json(ceiling),
+                        "scales": {str(s): phase_json(p) for s, p in by_scale.items()},
+                        "scales_second_run": {str(s): phase_json(p) for s, p in warm_by_scale.items()},
+                        "compare": [{"workers": w, "threads": t, "saturated": phase_json(a)} for w, t, a in compare],
+                        "queries": {str(s): q for s, q in queries.items()}})
+        args.json.write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str))
+
     # ------------------------------------------------------------------------- print
     print()
     print(f"== {args.mix_seats} seats, scale {scales[0]:g}: {workers} workers x {threads} threads, "
@@ -682,7 +699,7 @@ def main() -> int:
             print(f"== p95 (ms) at {args.mix_seats} seats by data set scale, {label}")
             print(f"{'action':<16}" + "".join(f"{'scale ' + format(s, 'g'):>10}" for s in scales) + f"{'growth':>8}")
             for name in SCALE_ACTIONS + ("all requests",):
-                values = [runs[s].p(name) if name != "all requests" else runs[s].total["95%"] for s in scales]
+                values = [runs[s].p("Aggregated" if name == "all requests" else name) for s in scales]
                 growth = (values[-1] / values[0]) if values[0] and values[-1] else float("nan")
                 print(f"{name:<16}" + "".join(f"{v if v is not None else '-':>10}" for v in values) + f"{growth:>7.2f}x")
             print(f"{'load before':<16}" + "".join(f"{runs[s].load_before[0]:>10}" for s in scales))
@@ -697,21 +714,6 @@ def main() -> int:
             print(f"scale {scale:g} {r['role']:<7} {r['page']:<13} {r['queries']:>3} queries {r['sql_ms']:>7.1f} ms SQL "
                   f"{r['page_ms']:>7.1f} ms page | slowest {r['slowest_ms']:.1f} ms: {r['slowest_plan'][:160]}")
 
-    if args.json:
-        def phase_json(p: Phase) -> dict:
-            return {"users": p.users, "rps": p.rps, "failures": p.failures, "cpu": p.cpu, "ramp": p.ramp,
-                    "ramp_peak_rss_mib": p.ramp_peak_rss / 2**20, "ramp_peak_pss_mib": p.ramp_peak_pss / 2**20,
-                    "load_before": p.load_before, "load_after": p.load_after, "peak_rss_mib": p.peak_rss / 2**20,
-                    "peak_pss_mib": p.peak_pss / 2**20,
-                    "actions": {n: {k: r[k] for k in ("Request Count", "Failure Count", "50%", "95%", "99%",
-                                                      "Requests/s")} for n, r in p.stats.items()}}
-        results.update({"capacity": capacity, "phases": {str(s): phase_json(p) for s, p in phases.items()},
-                        "saturated_mix": phase_json(sat_mix), "ceiling": phase_json(ceiling),
-                        "scales": {str(s): phase_json(p) for s, p in by_scale.items()},
-                        "scales_second_run": {str(s): phase_json(p) for s, p in warm_by_scale.items()},
-                        "compare": [{"workers": w, "threads": t, "saturated": phase_json(a)} for w, t, a in compare],
-                        "queries": {str(s): q for s, q in queries.items()}})
-        args.json.write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str))
     return 0
 
 

@@ -417,6 +417,25 @@ def profile_summary(raw_file: Path, top: int = 25) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- PostgreSQL's share
+
+def top_statements(cluster, database: str, top: int = 12) -> list[dict]:
+    """The statements PostgreSQL spent the most time on in ``database`` over all phases
+    (pg_stat_statements: normalised text, share of all statements' time, calls, mean, blocks)."""
+    out = cluster.psql(
+        "SELECT round(s.total_exec_time)::bigint, round((100 * s.total_exec_time / sum(s.total_exec_time) OVER ())"
+        "::numeric, 1), s.calls, round(s.mean_exec_time::numeric, 2), s.rows, "
+        "s.shared_blks_hit + s.shared_blks_read, replace(replace(left(s.query, 1500), E'\\n', ' '), '|', '/') "
+        "FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+        f"WHERE d.datname = '{database}' ORDER BY s.total_exec_time DESC LIMIT {top}", database=database)
+    rows = []
+    for line in out.splitlines():
+        total, share, calls, mean, nrows, blocks, query = line.split("|", 6)
+        rows.append({"total_ms": int(total), "share": float(share), "calls": int(calls), "mean_ms": float(mean),
+                     "rows": int(nrows), "blocks": int(blocks), "query": query})
+    return rows
+
+
 # ----------------------------------------------------------------------------- queries per page
 
 def query_report(config_path: Path, password: str) -> list[dict]:
@@ -531,6 +550,8 @@ def main() -> int:
     configs = [(workers, threads)] + [tuple(int(x) for x in c.lower().split("x")) for c in args.compare.split(",") if c]
     # Room for the largest configuration's pools, plus demo-data, psql and the query report.
     pg["max_connections"] = str(max(int(pg["max_connections"]), max(w * t for w, t in configs) + 20))
+    # Which statements PostgreSQL spends its time on, over every phase (printed at the end).
+    pg["shared_preload_libraries"] = "pg_stat_statements"
     # Every simulated user logs in as a seat of its own: the data set holds as many seats as
     # the largest phase has users (the saturation phases use 2 x the request slots).
     max_seats = max(steps + [args.mix_seats] + [args.saturate_users or 2 * w * t for w, t in configs])
@@ -568,6 +589,9 @@ def main() -> int:
         cluster.psql("CHECKPOINT")
         for scale, path in databases.items():
             cluster.psql("VACUUM ANALYZE", database=config.load(path).database.name)
+            cluster.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements", database=config.load(path).database.name)
+        # Cluster-wide, but callable only where the extension is: the builds are not the mix.
+        cluster.psql("SELECT pg_stat_statements_reset()", database=config.load(path).database.name)
 
         base = databases[scales[0]]
         app.start(base)
@@ -628,6 +652,8 @@ def main() -> int:
             app.stop()
 
         # 5. Queries per page.
+        statements = {scale: top_statements(cluster, config.load(path).database.name)
+                      for scale, path in databases.items()}
         queries = {scale: query_report(path, password) for scale, path in databases.items()}
         results["load_at_end"] = load_avg()
     finally:
@@ -653,7 +679,8 @@ def main() -> int:
                         "scales": {str(s): phase_json(p) for s, p in by_scale.items()},
                         "scales_second_run": {str(s): phase_json(p) for s, p in warm_by_scale.items()},
                         "compare": [{"workers": w, "threads": t, "saturated": phase_json(a)} for w, t, a in compare],
-                        "queries": {str(s): q for s, q in queries.items()}})
+                        "queries": {str(s): q for s, q in queries.items()},
+                        "statements": {str(s): q for s, q in statements.items()}})
         args.json.write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str))
 
     # ------------------------------------------------------------------------- print
@@ -707,6 +734,14 @@ def main() -> int:
     if args.profile:
         print(f"== where the app's CPU goes in the saturated mix (py-spy --gil, {args.profile})")
         print(profile_summary(args.profile))
+        print()
+    for scale, rows in statements.items():
+        print(f"== where PostgreSQL's time went at scale {scale:g}, all phases (pg_stat_statements, top {len(rows)}; "
+              f"% of all statements' time)")
+        for r in rows:
+            print(f"{r['total_ms']:>8} ms {r['share']:5.1f}% {r['calls']:>7} calls "
+                  f"{r['mean_ms']:>8.2f} ms mean {r['blocks']:>10} blocks | "
+                  f"{re.sub(r'^SELECT .+? FROM ', 'SELECT ... FROM ', r['query'])[:220]}")
         print()
     print("== SQL statements per page (query counter) and the slowest statement's plan")
     for scale, rows in queries.items():

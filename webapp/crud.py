@@ -196,7 +196,7 @@ def list_page(module: Module, user: User, args, page_size: int) -> Page:
     sortable = {c.name for c in module.columns if c.sortable} | {module.default_sort}
     sort = args.get("sort") if args.get("sort") in sortable else module.default_sort
     # The columns the page shows, its title, its paging key and the gate's: not descriptions.
-    shown = {"id", "owner", "team", "deleted_at", sort, *model.title_fields, *(c.name for c in module.columns)}
+    shown = {*permissions.GATE_FIELDS, sort, *model.title_fields, *(c.name for c in module.columns)}
     query = query.select(*[f for name, f in model._meta.fields.items() if name in shown])
     query = permissions.with_related(query, model, [c.name for c in module.columns])
     direction = args.get("dir") if args.get("dir") in ("asc", "desc") else (

@@ -44,7 +44,7 @@ def recent_changes(user, limit=10) -> list:
         if not permissions.can(user, entity, "read"):
             continue
         first, *rest = model.title_fields
-        columns = (model.id, model.owner, model.team, model.deleted_at, model.updated_at,
+        columns = (*(getattr(model, name) for name in permissions.GATE_FIELDS), model.updated_at,
                    getattr(model, first).alias("title_1"),
                    (getattr(model, rest[0]) if rest else Value("")).alias("title_2"), Value(entity).alias("entity"))
         parts.append(permissions.visible(user, model).select(*columns).order_by(model.updated_at.desc()).limit(limit))
@@ -52,11 +52,10 @@ def recent_changes(user, limit=10) -> list:
         return []
     newest = functools.reduce(operator.add, parts).order_by(SQL("updated_at").desc()).limit(limit)
     records = []
-    for row in newest.tuples():
-        rid, owner, team, deleted_at, updated_at, title_1, title_2, entity = row
+    for *gate_values, updated_at, title_1, title_2, entity in newest.tuples():
         model = RECORD_MODELS[entity]
-        titles = dict(zip(model.title_fields, (title_1, title_2)))
-        records.append(model(id=rid, owner=owner, team=team, deleted_at=deleted_at, updated_at=updated_at, **titles))
+        records.append(model(**dict(zip(permissions.GATE_FIELDS, gate_values)), updated_at=updated_at,
+                             **dict(zip(model.title_fields, (title_1, title_2)))))
     return records
 
 

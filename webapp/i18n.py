@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-import functools
 import zoneinfo
 
 from flask import current_app, g, request, session, url_for
@@ -135,11 +134,6 @@ def show_value(value, name: str = ""):
     return value
 
 
-@functools.lru_cache(maxsize=8)
-def _zone(name: str) -> zoneinfo.ZoneInfo:
-    return zoneinfo.ZoneInfo(name)
-
-
 def local_minutes(value: dt.datetime) -> str:
     """A stored time (naive means UTC) as seats read it: in [web] timezone, to the minute.
 
@@ -148,7 +142,7 @@ def local_minutes(value: dt.datetime) -> str:
     """
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.timezone.utc)
-    t = value.astimezone(_zone(current_app.config["BABEL_DEFAULT_TIMEZONE"]))
+    t = value.astimezone(zoneinfo.ZoneInfo(current_app.config["BABEL_DEFAULT_TIMEZONE"]))  # ZoneInfo caches
     return f"{t.year:04d}-{t.month:02d}-{t.day:02d} {t.hour:02d}:{t.minute:02d}"
 
 

@@ -106,10 +106,14 @@ def seat_columns(user_model=User) -> tuple:
     return (user_model.id, user_model.name)
 
 
+#: A record's id and what ``allows`` decides on: every record a page loads has these.
+GATE_FIELDS = ("id", "owner", "team", "deleted_at")
+
+
 def link_columns(alias, model: type[OwnedRecord]) -> tuple:
     """The columns of a record that a page showing it as a link needs: its id and title, and
     what the gate decides on (``allows``)."""
-    return tuple(getattr(alias, name) for name in ("id", "owner", "team", "deleted_at", *model.title_fields))
+    return tuple(getattr(alias, name) for name in (*GATE_FIELDS, *model.title_fields))
 
 
 def with_related(query, model, names):

@@ -4,8 +4,8 @@ The order keeps the current data safe until the restored data has proved itself:
 
     verify     the backup (every checksum, every byte decrypted, the key, the manifest's
                signature), its compatibility, and the WAL archive's continuity to the target
-    extract    into a NEW data directory beside the current one; pg_verifybackup checks it;
-               the backup's own WAL goes into pg_wal; recovery is configured
+    extract    into a NEW data directory beside the current one (tar of the verified,
+               decrypted stream); the backup's own WAL goes into pg_wal; recovery is configured
     replay     a second postmaster on the new directory (private socket, no TCP) replays
                archived WAL to the target and promotes; the current cluster keeps running
     attachments  files missing from <data_dir>/attachments are added (never replaced)
@@ -530,8 +530,6 @@ def _extract(info: backup_mod.BackupInfo, manifest: dict, key: encryption.Backup
     with open(src, "rb") as fh:
         _pipe_to(_as_user(cluster.run_as, ["tar", "-x", "-f", "-", "-C", str(new_dir), *tar_opts]),
                  encryption.decrypt_chunks(fh, key, str(src)), f"extracting {src} with tar")
-    _run(_as_user(cluster.run_as, [str(cluster.bin_dir / "pg_verifybackup"), "-n", "-q", str(new_dir)]),
-         f"pg_verifybackup of the restored data in {new_dir}")
     # The backup's own WAL (start to stop) makes it consistent even if the archive lost it.
     wal_dir = new_dir / "pg_wal"
     for entry in manifest["files"]:

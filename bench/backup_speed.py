@@ -4,10 +4,13 @@ Builds a throwaway cluster that archives its WAL with our wal-push, fills it wit
 tables plus a table of random text (which compresses like real records do, unlike
 pgbench's padding), and attachment files of random bytes. Then times, on the same data:
 
-- raw ``pg_basebackup -Ft -X none -c fast --compress=zstd:1`` into a directory plus ``tar``
-  of the attachments and ``sync`` of that tar (baseline: pg_basebackup and pg_dump fsync what
-  they write, and a backup still in the page cache is not one yet; ours fsyncs every file) against ``take_backup(kind="base")`` (the same stream,
-  encrypted in chunks, plus WAL copies, attachments, row counts and the manifest);
+- raw ``pg_basebackup -Ft -X none -c fast`` into a directory, with the server compressing as
+  ours does (``--compress=server-zstd:level=1,workers=N``) and, as a second baseline, with
+  pg_basebackup's own client-side ``--compress=zstd:1``, each plus ``tar`` of the attachments
+  and ``sync`` of that tar (pg_basebackup and pg_dump fsync what they write, and a backup still
+  in the page cache is not one yet; ours fsyncs every file) against
+  ``take_backup(kind="base")`` (the same stream, encrypted in chunks, plus WAL copies,
+  attachments, row counts and the manifest);
 - ``sha256sum`` of the raw backup (baseline) against ``verify`` (checksums and decryption);
 - raw ``pg_dump -Fd -j N -Z 1`` plus ``tar`` and ``sync`` of the attachments (baseline) against
   ``take_backup(kind="logical")`` (the same dump, encrypted file by file, plus
@@ -152,21 +155,23 @@ def main() -> None:
 
         # ------------------------------------------------------------------ base backup and verify
         raw_dir = work / "raw"
-        raw_cmd = [f"{bindir}/pg_basebackup", *connect, "-D", str(raw_dir), "-F", "t", "-X", "none", "-c", "fast",
-                   "--compress=zstd:1"]
+        jobs = backup.parallel_jobs()
+        raw_cmd = [f"{bindir}/pg_basebackup", *connect, "-D", str(raw_dir), "-F", "t", "-X", "none", "-c", "fast"]
+        ours_compress = "--compress=" + backup.COMPRESSION["zstd"][0].format(jobs=jobs)
 
         def tar_attachments() -> None:
             subprocess.run(["tar", "-cf", str(att_tar), "-C", str(root), "."], check=True)
             subprocess.run(["sync", str(att_tar)], check=True)  # fsync: on disk, as the tools' own output
 
-        def raw_base() -> None:
+        def raw_base(compress: str) -> None:
             shutil.rmtree(raw_dir, ignore_errors=True)
-            subprocess.run(raw_cmd, check=True, capture_output=True, env=env_vars)
+            subprocess.run(raw_cmd + [compress], check=True, capture_output=True, env=env_vars)
             tar_attachments()
 
-        raw_times, ours_times, raw_verify_times, ours_verify_times = [], [], [], []
+        raw_times, raw_client_times, ours_times, raw_verify_times, ours_verify_times = [], [], [], [], []
         for _ in range(args.repeat):
-            raw_times.append(timed(raw_base)[0])
+            raw_client_times.append(timed(lambda: raw_base("--compress=zstd:1"))[0])
+            raw_times.append(timed(lambda: raw_base(ours_compress))[0])
             seconds, info = timed(lambda: backup.take_backup(env.settings, "base"))
             ours_times.append(seconds)
             raw_verify_times.append(timed(lambda: subprocess.run(
@@ -175,11 +180,11 @@ def main() -> None:
             ours_verify_times.append(seconds)
         raw_size = sum(p.stat().st_size for p in raw_dir.iterdir())
         base_info = info
-        print(f"base backup runs: raw {', '.join(f'{t:.1f}' for t in raw_times)} s; "
+        print(f"base backup runs: raw (client zstd:1) {', '.join(f'{t:.1f}' for t in raw_client_times)} s; "
+              f"raw ({ours_compress}) {', '.join(f'{t:.1f}' for t in raw_times)} s; "
               f"ours {', '.join(f'{t:.1f}' for t in ours_times)} s")
 
         # ------------------------------------------------------------------ logical dump and pg_restore
-        jobs = backup.dump_jobs()
         raw_dump = work / "raw-dump"
 
         def raw_logical() -> None:
@@ -267,8 +272,10 @@ def main() -> None:
         wal_mb = replay_bytes / 1e6
         best = min
         rows_out = [
-            ("raw pg_basebackup + tar attachments", best(raw_times), mb, None),
+            ("raw pg_basebackup client zstd:1 + tar", best(raw_client_times), mb, None),
+            ("raw pg_basebackup server zstd + tar", best(raw_times), mb, None),
             ("crm-appliance backup (base)", best(ours_times), mb, best(ours_times) / best(raw_times)),
+            ("  the same against client zstd:1", best(ours_times), mb, best(ours_times) / best(raw_client_times)),
             ("raw sha256sum of the raw backup", best(raw_verify_times), checked.stored_bytes / 1e6, None),
             ("crm-appliance backup verify", best(ours_verify_times), checked.stored_bytes / 1e6,
              best(ours_verify_times) / best(raw_verify_times)),

@@ -8,9 +8,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # PostgreSQL server and client, Debian's Python with venv, Chromium for the browser tests,
 # a CJK font so screenshots of the Chinese UI show characters, and sshd, which the e2e test
-# starts on 127.0.0.1 to install over ssh as to another host, and zstd, which restores read
-# base backups with.
-PACKAGES=(postgresql python3 python3-venv chromium fonts-wqy-microhei openssh-server zstd)
+# starts on 127.0.0.1 to install over ssh as to another host, and zstd and lz4, which restores
+# read base backups with.
+PACKAGES=(postgresql python3 python3-venv chromium fonts-wqy-microhei openssh-server zstd lz4)
 
 echo "==> Installing system packages: ${PACKAGES[*]}"
 if [[ $(id -u) -eq 0 ]]; then

@@ -27,6 +27,7 @@ See docs/backup.md.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import datetime as dt
@@ -1213,13 +1214,15 @@ def verify(settings: Settings, backup_id: str = "latest", *, key: BackupKey | No
     key = key or encryption.load_key(settings.backup.key_file)
     started = time.monotonic()
     with catalogue_lock(settings.backup.dir, exclusive=False) if lock else contextlib.nullcontext():
-        stored = plain = 0
         try:
             manifest = read_manifest(info.path, key)
             _check_file_set(info.path, manifest)
-            for entry in manifest["files"]:
-                plain += _verify_file(info.path, entry, key)
-                stored += entry["size"]
+            # Files on parallel threads (hashing and reading release the GIL), largest first;
+            # map() keeps that order, so of two bad files the larger one's error is raised.
+            largest_first = sorted(manifest["files"], key=lambda entry: -entry["size"])
+            with concurrent.futures.ThreadPoolExecutor(parallel_jobs()) as pool:
+                plain = sum(pool.map(lambda entry: _verify_file(info.path, entry, key), largest_first))
+            stored = sum(entry["size"] for entry in manifest["files"])
         except BackupError as exc:
             _record_verify(info.path, ok=False, error=str(exc), seconds=time.monotonic() - started)
             raise

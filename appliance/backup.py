@@ -72,6 +72,7 @@ PARTIAL_PREFIX = ".partial-"
 ATTACHMENTS_FILE = "attachments.tar.enc"
 ARCHIVE_SUFFIX = ".gz.enc"
 RESTORE_HISTORY = "restore-history.jsonl"
+TOOL_APPLICATION_NAME = "crm-appliance-backup"  # pg_basebackup's and pg_dump's, in pg_stat_activity
 # pg_basebackup's --compress value, the file suffix, and GNU tar's option to read it back.
 # The server compresses: only compressed bytes cross the socket and pg_basebackup passes them
 # through, where client-side compression sent the whole cluster over the socket and
@@ -436,7 +437,7 @@ def _tool_env(conn: _Connection, directory: Path) -> Iterator[dict]:
         with os.fdopen(fd, "w") as fh:
             fh.write(f"{esc(conn.host)}:{conn.port}:*:{esc(conn.user)}:{esc(conn.password)}\n")
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env.update(PGPASSFILE=path, LC_ALL="C", PGCONNECT_TIMEOUT=str(conn.timeout), PGAPPNAME="crm-appliance-backup")
+        env.update(PGPASSFILE=path, LC_ALL="C", PGCONNECT_TIMEOUT=str(conn.timeout), PGAPPNAME=TOOL_APPLICATION_NAME)
         yield env
     finally:
         os.unlink(path)
@@ -654,6 +655,9 @@ def _base_backup(settings: Settings, conn: _Connection, facts: dict, key: Backup
                       "-D", "-", "-F", "t", "-X", "none", "-c", "fast", "-l", label, f"--compress={method}",
                       "--no-manifest"],
                      env, stdout=subprocess.PIPE)
+        # The drill's restore point and row counts must follow the backup's end; they start as
+        # soon as the server has written it, while it waits for the archiver (up to a second).
+        counting = _Background(_row_counts_once_stopped, conn, label, tool)
         try:
             with _encrypted_output(partial / rel, key) as writer:
                 while block := tool.proc.stdout.read(encryption.CHUNK_SIZE):
@@ -661,16 +665,12 @@ def _base_backup(settings: Settings, conn: _Connection, facts: dict, key: Backup
             tool.finish()
         except BaseException:
             tool.kill()
+            counting.join()  # pg_basebackup's error is the one to report
             raise
     files = [_file_entry(rel, writer)]
-    # The backup has stopped (pg_basebackup returns after the stop), so the drill's restore
-    # point and row counts can be taken now: PostgreSQL scans on its own core while this
-    # process copies the WAL from the archive.
-    say("row counts at a restore point (for the restore drill), beside the WAL copies")
-    counting = _Background(_row_counts, conn, label)
     try:
         archive_dir = settings.backup.wal_archive_dir
-        say("backup label and WAL from the archive")
+        say("backup label and WAL from the archive, beside the row counts at a restore point (for the restore drill)")
         info = _find_backup_history(archive_dir, label, key, since)
         segment_size = facts["wal_segment_size"]
         start_tli, start_seg = segment_of(info["start_wal"], segment_size)
@@ -685,6 +685,12 @@ def _base_backup(settings: Settings, conn: _Connection, facts: dict, key: Backup
         counting.join()  # the copy's error is the one to report
         raise
     counts = counting.result()
+    if counts is not None and lsn_to_int(counts["lsn"]) <= lsn_to_int(info["stop_lsn"]):
+        # Made before the backup's end: recovery could not stop there. Again, under a name
+        # of its own (recovery stops at the first restore point of a name).
+        log.warning("the restore point for %s came before the backup's end (%s <= %s): counting again",
+                    label, counts["lsn"], info["stop_lsn"])
+        counts = _row_counts(conn, f"{label} after its end")
     return {"compression": compression, "label": label, "row_counts": counts,
             "start": {"lsn": info["start_lsn"], "wal": info["start_wal"], "timeline": start_tli},
             "stop": {"lsn": info["stop_lsn"], "wal": info["stop_wal"], "timeline": info["stop_timeline"]},
@@ -713,6 +719,27 @@ class _Background:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+def _row_counts_once_stopped(conn: _Connection, name: str, tool: _Tool) -> dict | None:
+    """``_row_counts`` once the server has written the backup's end: its walsender then waits
+    for the archiver (wait event BackupWaitWalArchive, polled in 1 s steps by the server), or
+    once pg_basebackup has exited. None, without counting, if pg_basebackup failed."""
+    import psycopg2
+
+    with contextlib.closing(psycopg2.connect(host=conn.host, port=conn.port, user=conn.user, password=conn.password,
+                                             dbname=conn.dbname, connect_timeout=conn.timeout)) as pg:
+        pg.autocommit = True
+        with pg.cursor() as cur:
+            while tool.proc.poll() is None:
+                cur.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND backend_type = 'walsender' "
+                            "AND wait_event = 'BackupWaitWalArchive'", (TOOL_APPLICATION_NAME,))
+                if cur.fetchone():
+                    break
+                time.sleep(0.05)
+    if tool.proc.poll() not in (None, 0):
+        return None
+    return _row_counts(conn, name)
 
 
 def _row_counts(conn: _Connection, name: str) -> dict | None:

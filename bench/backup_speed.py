@@ -66,6 +66,7 @@ def generate(env, scale: int, text_mb: int, attachments_mb: int) -> int:
     env.sql("CREATE TABLE notes_bench (id bigserial PRIMARY KEY, body text)")
     env.sql(f"INSERT INTO notes_bench (body) SELECT string_agg(md5(random()::text), ' ') FROM "
             f"generate_series(1, {rows}) g, generate_series(1, 10) k GROUP BY g")
+    env.sql("VACUUM (ANALYZE) notes_bench")  # pgbench -i vacuums its own; no autovacuum during the timed runs
     env.sql("CHECKPOINT", "postgres")
     root = backup.attachments_dir(env.settings)
     for i in range(attachments_mb):

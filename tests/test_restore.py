@@ -247,6 +247,26 @@ def test_restore_drill_checks_a_scratch_copy_against_the_manifest(env):
     assert not list(Path("/var/tmp").glob("crm-drill-*"))
 
 
+def test_row_counts_are_taken_after_the_backups_end_even_if_started_early(env, monkeypatch):
+    """The counts start while pg_basebackup runs, once the server has written the backup's end;
+    a restore point made before that end (recovery could not stop there) is made again, under
+    a name of its own, and the drill reaches it."""
+    info = backup.take_backup(env.settings, "base")
+    manifest = backup.read_manifest(info.path, env.key)
+    assert manifest["row_counts"]["restore_point"] == f"crm-appliance {info.id}"
+    assert backup.lsn_to_int(manifest["row_counts"]["lsn"]) > backup.lsn_to_int(manifest["stop"]["lsn"])
+    monkeypatch.setattr(backup, "_row_counts_once_stopped", lambda conn, name, tool: backup._row_counts(conn, name))
+    _insert(env, "counted-early")
+    early = backup.take_backup(env.settings, "base")
+    manifest = backup.read_manifest(early.path, env.key)
+    counts = manifest["row_counts"]
+    assert counts["restore_point"] == f"crm-appliance {early.id} after its end"
+    assert backup.lsn_to_int(counts["lsn"]) > backup.lsn_to_int(manifest["stop"]["lsn"])
+    env.switch_wal()
+    result = restore.drill(env.settings, early.id)
+    assert result.tables["public.probe"] == [counts["tables"]["public.probe"]] * 2 and "passed" in str(result)
+
+
 # ============================================================================= refusals: nothing changes
 
 

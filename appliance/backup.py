@@ -10,8 +10,8 @@ Two kinds of backup, each a directory ``<[backup] dir>/<id>/`` with a signed ``m
     after its stop.
 ``logical``
     ``pg_dump -Fd`` of the CRM database plus ``pg_dumpall --globals-only``, readable by stock
-    ``pg_restore`` after ``decrypt``. Each file of the dump is encrypted as soon as
-    ``pg_dump`` closes it, while it goes on with the next tables.
+    ``pg_restore`` after ``decrypt``. Each file of the dump is encrypted while ``pg_dump``
+    writes it.
 
 PostgreSQL's ``archive_command`` calls ``wal_push`` (as the postgres user, with its own copy
 of the key) and ``restore_command`` calls ``wal_fetch``; both go through
@@ -43,11 +43,11 @@ import re
 import select
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
-import struct
 import threading
 import time
 import zlib
@@ -76,8 +76,8 @@ TOOL_APPLICATION_NAME = "crm-appliance-backup"  # pg_basebackup's and pg_dump's,
 # pg_basebackup's --compress value, the file suffix, and GNU tar's option to read it back.
 # The server compresses: only compressed bytes cross the socket and pg_basebackup passes them
 # through, where client-side compression sent the whole cluster over the socket and
-# compressed it on one thread in pg_basebackup (bench/backup_speed.py: a quarter less CPU
-# in all, and with zstd's workers the backup took 1.2 s less than pg_basebackup's default, or more).
+# compressed it on one thread in pg_basebackup (bench/backup_speed.py: about a third less CPU
+# for the whole backup, and the server's zstd workers compress in parallel).
 COMPRESSION = {
     "zstd": ("server-zstd:level=1,workers={jobs}", ".zst", ["--zstd"]),
     "lz4": ("server-lz4", ".lz4", ["--use-compress-program=lz4"]),
@@ -844,22 +844,24 @@ def _logical_backup(settings: Settings, conn: _Connection, facts: dict, key: Bac
                     backup_id: str, say: Progress) -> dict:
     bindir = pg_bin(facts["version_num"])
     # pg_dump -Fd can only write a directory: the plaintext stays inside the 0700 partial
-    # directory, each file is encrypted once pg_dump has closed it, and all are removed at the end.
+    # directory, each file is encrypted while pg_dump writes it, and all are removed at the end.
     plain = partial / ".plain-dump"
     plain.mkdir(mode=0o700)  # pg_dump -Fd accepts an empty directory; the watch needs it first
     (partial / "dump").mkdir()
     jobs = str(parallel_jobs())
     files = []
     with _tool_env(conn, partial) as env:
-        say(f"pg_dump -Fd -j {jobs} of database {conn.dbname!r}, each file encrypted as pg_dump closes it")
+        say(f"pg_dump -Fd -j {jobs} of database {conn.dbname!r}, each file encrypted as pg_dump writes it")
         start_lsn = _current_lsn(conn)
         encrypting = _DumpEncryption(plain, partial / "dump", key)
-        tool = _Tool([str(bindir / "pg_dump"), "-h", conn.host, "-p", str(conn.port), "-U", conn.user, "-w",
-                      "-d", conn.dbname, "-F", "d", "-j", jobs, "-Z", "1", "--no-sync", "-f", str(plain)], env)
+        tool = None
         try:
+            tool = _Tool([str(bindir / "pg_dump"), "-h", conn.host, "-p", str(conn.port), "-U", conn.user, "-w",
+                          "-d", conn.dbname, "-F", "d", "-j", jobs, "-Z", "1", "--no-sync", "-f", str(plain)], env)
             tool.finish()
         except BaseException:
-            tool.kill()
+            if tool is not None:
+                tool.kill()
             encrypting.abandon()
             raise
         stop_lsn = _current_lsn(conn)
@@ -982,7 +984,7 @@ class _DumpEncryption:
         """After pg_dump exited: seal what is left or changed, remove the plaintext, return the entries."""
         self._halt()
         if self._error is not None:
-            self.abandon()
+            self._close_files()
             raise self._error
         entries = []
         for src in sorted(self.plain.iterdir()):
@@ -999,6 +1001,9 @@ class _DumpEncryption:
     def abandon(self) -> None:
         """pg_dump failed: stop the thread and close the files (the partial directory goes with them)."""
         self._halt()
+        self._close_files()
+
+    def _close_files(self) -> None:
         for src, out, _ in self._open.values():
             src.close()
             out.close()

@@ -604,6 +604,24 @@ def test_disk_filling_up_during_a_backup_leaves_nothing(env, tmp_path):
         shutil.rmtree(big.parent, ignore_errors=True)
 
 
+def test_a_failing_pg_dump_leaves_nothing(env, tmp_path, monkeypatch):
+    """pg_dump dies part-way (here a stand-in that writes one file and fails): its error, and no
+    partial backup, plaintext or encrypting thread left behind."""
+    import threading
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "pg_dump").write_text('#!/bin/sh\nfor arg; do out=$arg; done\n'  # -f DIR comes last
+                                    'head -c 3000000 /dev/urandom > "$out/4001.dat.gz"\n'
+                                    'echo "pg_dump: error: server closed the connection unexpectedly" >&2\nexit 1\n')
+    (bindir / "pg_dump").chmod(0o755)
+    monkeypatch.setattr(backup, "pg_bin", lambda version: bindir)
+    with pytest.raises(BackupError, match="pg_dump failed with exit status 1: .*server closed the connection"):
+        backup.take_backup(env.settings, "logical")
+    assert not [p for p in env.settings.backup.dir.iterdir() if p.name.startswith(backup.PARTIAL_PREFIX)]
+    assert not [t for t in threading.enumerate() if t.name == "dump-encryption"]
+
+
 def test_a_killed_backup_is_never_listed_and_prune_clears_it(env):
     before = [b.id for b in backup.list_backups(env.settings)]
     script = ("import sys; from appliance import backup, config; "

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -136,6 +137,8 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark creates a throwaway cluster with pg_createcluster")
+    # SIGTERM (kill, a timeout) ends the run through the finally below, which drops the cluster.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"stopped by signal {signum}"))
 
     env = make_backup_env()
     target = None

@@ -411,6 +411,14 @@ class _Connection:
     def describe(self) -> str:
         return f"PostgreSQL at {self.host}:{self.port} as {self.user!r}"
 
+    def open(self):
+        """A psycopg2 connection to the CRM database as the backup role."""
+        import psycopg2
+
+        return psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password,
+                                dbname=self.dbname, connect_timeout=self.timeout,
+                                application_name=TOOL_APPLICATION_NAME)
+
 
 def _connection(settings: Settings) -> _Connection:
     cfg = settings.backup
@@ -448,8 +456,7 @@ def _server_facts(conn: _Connection) -> dict:
     import psycopg2
 
     try:
-        pg = psycopg2.connect(host=conn.host, port=conn.port, user=conn.user, password=conn.password,
-                              dbname=conn.dbname, connect_timeout=conn.timeout, application_name="crm-appliance-backup")
+        pg = conn.open()
     except psycopg2.OperationalError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise BackupError(f"cannot connect to {conn.describe()} database {conn.dbname!r}: {first}; check that "
@@ -725,10 +732,7 @@ def _row_counts_once_stopped(conn: _Connection, name: str, tool: _Tool) -> dict 
     """``_row_counts`` once the server has written the backup's end: its walsender then waits
     for the archiver (wait event BackupWaitWalArchive, polled in 1 s steps by the server), or
     once pg_basebackup has exited. None, without counting, if pg_basebackup failed."""
-    import psycopg2
-
-    with contextlib.closing(psycopg2.connect(host=conn.host, port=conn.port, user=conn.user, password=conn.password,
-                                             dbname=conn.dbname, connect_timeout=conn.timeout)) as pg:
+    with contextlib.closing(conn.open()) as pg:
         pg.autocommit = True
         with pg.cursor() as cur:
             while tool.proc.poll() is None:
@@ -754,8 +758,7 @@ def _row_counts(conn: _Connection, name: str) -> dict | None:
     import psycopg2
     from psycopg2 import sql
 
-    with contextlib.closing(psycopg2.connect(host=conn.host, port=conn.port, user=conn.user, password=conn.password,
-                                             dbname=conn.dbname, connect_timeout=conn.timeout)) as pg:
+    with contextlib.closing(conn.open()) as pg:
         pg.set_session(isolation_level="REPEATABLE READ")
         with pg.cursor() as cur:
             try:
@@ -1011,10 +1014,7 @@ class _DumpEncryption:
 
 
 def _current_lsn(conn: _Connection) -> str:
-    import psycopg2
-
-    with contextlib.closing(psycopg2.connect(host=conn.host, port=conn.port, user=conn.user, password=conn.password,
-                                             dbname=conn.dbname, connect_timeout=conn.timeout)) as pg:
+    with contextlib.closing(conn.open()) as pg:
         with pg.cursor() as cur:
             cur.execute("SELECT pg_current_wal_lsn()::text")
             return cur.fetchone()[0]

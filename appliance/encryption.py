@@ -291,14 +291,3 @@ class HashingReader(io.RawIOBase):
         self.size += len(data)
         return data
 
-
-def encrypt_file(src: Path, dest: Path, key: BackupKey) -> EncryptingWriter:
-    """Encrypt one file to ``dest`` (fsynced); returns the writer with sizes and checksums."""
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
-        writer = EncryptingWriter(fout, key)
-        while block := fin.read(CHUNK_SIZE):
-            writer.write(block)
-        writer.close()
-        fout.flush()
-        os.fsync(fout.fileno())
-    return writer

@@ -64,7 +64,8 @@ from appliance.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: files no longer carry plain_sha256 (GCM's tags prove the plaintext); format 1 is still read.
+FORMAT_VERSION = 2
 KINDS = ("base", "logical")
 MANIFEST = "manifest.json"
 STATUS = "status.json"
@@ -557,7 +558,7 @@ def _new_id(root: Path, kind: str, started: dt.datetime) -> str:
 
 def _file_entry(rel: str, writer: encryption.EncryptingWriter) -> dict:
     return {"path": rel, "size": writer.stored_size, "sha256": writer.stored_sha256.hexdigest(),
-            "plain_size": writer.plain_size, "plain_sha256": writer.plain_sha256.hexdigest()}
+            "plain_size": writer.plain_size}
 
 
 @contextlib.contextmanager
@@ -819,12 +820,11 @@ def _wait_for_archived(archive_dir: Path, name: str) -> Path:
 
 def _copy_archived(src: Path, dest: Path, rel: str, key: BackupKey) -> dict:
     """Copy an archived file as is, checking on the way that it decrypts (the archive may be damaged)."""
-    stored, plain = hashlib.sha256(), hashlib.sha256()
+    stored = hashlib.sha256()
     plain_size = 0
     with open(src, "rb") as fin, open(dest, "xb") as fout:
         reader = encryption.HashingReader(fin)
         for chunk in encryption.decrypt_chunks(reader, key, str(src)):
-            plain.update(chunk)
             plain_size += len(chunk)
         fin.seek(0)
         while block := fin.read(encryption.CHUNK_SIZE):
@@ -834,8 +834,7 @@ def _copy_archived(src: Path, dest: Path, rel: str, key: BackupKey) -> dict:
         os.fsync(fout.fileno())
     if stored.hexdigest() != reader.sha256.hexdigest():
         raise BackupError(f"{src} changed while it was copied")
-    return {"path": rel, "size": reader.size, "sha256": stored.hexdigest(), "plain_size": plain_size,
-            "plain_sha256": plain.hexdigest()}
+    return {"path": rel, "size": reader.size, "sha256": stored.hexdigest(), "plain_size": plain_size}
 
 
 def parallel_jobs() -> int:
@@ -1216,21 +1215,30 @@ def _check_file_set(directory: Path, manifest: dict) -> None:
                                    f"after it was written; remove it or do not trust this backup")
 
 
+def _plain_digest(entry: dict):
+    """A SHA-256 to check the decrypted content against, for a format 1 entry that records one."""
+    return hashlib.sha256() if "plain_sha256" in entry else None
+
+
 def _verify_file(directory: Path, entry: dict, key: BackupKey) -> int:
-    """Decrypt one file without writing it out; check stored and decrypted size and SHA-256."""
+    """Decrypt one file without writing it out; check its stored size and SHA-256, every chunk's
+    tag and the decrypted size."""
     path = directory / entry["path"]
-    plain, plain_size = hashlib.sha256(), 0
+    plain, plain_size = _plain_digest(entry), 0
     with open(path, "rb") as fh:
         reader = encryption.HashingReader(fh)
         for chunk in encryption.decrypt_chunks(reader, key, str(path)):
-            plain.update(chunk)
+            if plain is not None:
+                plain.update(chunk)
             plain_size += len(chunk)
         reader.read()  # anything after the final chunk would have failed authentication already
     if reader.size != entry["size"] or reader.sha256.hexdigest() != entry["sha256"]:
         raise BackupIntegrityError(f"{path}: expected {entry['size']} bytes with SHA-256 {entry['sha256'][:16]}..., "
                                    f"found {reader.size} bytes with {reader.sha256.hexdigest()[:16]}...: the file "
                                    f"was changed")
-    if plain_size != entry["plain_size"] or plain.hexdigest() != entry["plain_sha256"]:
+    if plain_size != entry["plain_size"]:
+        raise BackupIntegrityError(f"{path}: decrypts to {plain_size} bytes, the manifest says {entry['plain_size']}")
+    if plain is not None and plain.hexdigest() != entry["plain_sha256"]:
         raise BackupIntegrityError(f"{path}: the decrypted content differs from the manifest (SHA-256 "
                                    f"{plain.hexdigest()[:16]}..., expected {entry['plain_sha256'][:16]}...)")
     return plain_size
@@ -1359,12 +1367,14 @@ def decrypt(settings: Settings, backup_id: str, output: str | os.PathLike, *, wi
             else:
                 dest = output / rel[: -len(".enc")]
                 dest.parent.mkdir(exist_ok=True)
-                digest = hashlib.sha256()
+                digest, size = _plain_digest(entry), 0
                 with open(src, "rb") as fin, open(dest, "xb") as out:
                     for chunk in encryption.decrypt_chunks(fin, key, str(src)):
-                        digest.update(chunk)
+                        if digest is not None:
+                            digest.update(chunk)
+                        size += len(chunk)
                         out.write(chunk)
-                if digest.hexdigest() != entry["plain_sha256"]:
+                if size != entry["plain_size"] or (digest is not None and digest.hexdigest() != entry["plain_sha256"]):
                     raise BackupIntegrityError(f"{src}: the decrypted content differs from the manifest")
             written.append(str(dest.relative_to(output)))
         wal_files = sum(1 for w in written if w.startswith("wal/"))

@@ -101,7 +101,11 @@ def _nonce(index: int, final: bool) -> bytes:
 
 
 class EncryptingWriter:
-    """A write-only file object that encrypts into ``raw`` and hashes both sides.
+    """A write-only file object that encrypts into ``raw``, counting the plaintext and hashing
+    what it stores (the checksum ``sha256sum`` can check without the key).
+
+    The plaintext is not hashed: the chunks' tags already prove, under the key, that the file
+    decrypts to exactly what was written, and hashing it too cost a third of a backup's CPU.
 
     ``close()`` seals the final chunk; until then the file is incomplete and would fail
     authentication. It does not close ``raw``.
@@ -120,7 +124,6 @@ class EncryptingWriter:
         self._closed = False
         self._error: BaseException | None = None
         self.stored_sha256 = hashlib.sha256()
-        self.plain_sha256 = hashlib.sha256()
         self.stored_size = 0
         self.plain_size = 0
         self._emit(self._header)
@@ -142,7 +145,6 @@ class EncryptingWriter:
             raise ValueError("write to a closed EncryptingWriter")
         view = memoryview(data).cast("B")
         n = len(view)
-        self.plain_sha256.update(view)
         self.plain_size += n
         size, buf, pos = self._chunk_size, self._buf, 0
         # A full chunk is held back until more data shows it is not the last one; whole chunks

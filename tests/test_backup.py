@@ -10,6 +10,7 @@ the scheduler will. ``BackupEnv`` is shared with tests/test_restore.py.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import secrets
@@ -166,7 +167,6 @@ def env():
 
 def _attachments(env: BackupEnv, count: int = 3) -> dict[str, bytes]:
     """Content-addressed files as issue 6 will store them: attachments/ab/<sha256>."""
-    import hashlib
 
     root = backup.attachments_dir(env.settings)
     files = {}
@@ -218,7 +218,6 @@ def test_stream_encryption_round_trip_and_detects_every_change(tmp_path):
 def test_stream_encryption_is_the_same_whatever_the_write_sizes(tmp_path):
     """Writes that straddle, fill or span chunks (bytes, bytearray, memoryview) give the same
     chunks: full ones, then a last one of 1 to chunk_size bytes; so decrypt reads them all."""
-    import hashlib
     import io
     import random
 
@@ -236,7 +235,6 @@ def test_stream_encryption_is_the_same_whatever_the_write_sizes(tmp_path):
             blob = out.getvalue()
             assert b"".join(encryption.decrypt_chunks(io.BytesIO(blob), key, "f")) == data
             assert len(blob) == encryption.HEADER.size + size + max(1, -(-size // 4096)) * encryption.TAG_SIZE
-            assert writer.plain_sha256.hexdigest() == hashlib.sha256(data).hexdigest()
             assert writer.stored_sha256.hexdigest() == hashlib.sha256(blob).hexdigest()
             assert writer.plain_size == writer.tell() == size and writer.stored_size == len(blob)
 
@@ -281,7 +279,7 @@ def test_dump_encryption_follows_closed_files_and_redoes_what_changed_after(tmp_
     assert decrypted("3003.dat.gz") == b"followed while it grows"
     assert decrypted("toc.dat") == b"table of contents"
     assert entries[1]["plain_size"] == len(b"first part and what came after")
-    assert entries[0]["plain_sha256"] == __import__("hashlib").sha256(closed).hexdigest()
+    assert entries[0]["plain_size"] == len(closed)
     assert not plain.exists()
 
 
@@ -300,7 +298,7 @@ def test_key_rules(tmp_path):
     key = encryption.load_key(path)
     text = path.read_text().strip()
     assert len(key.fingerprint) == 64 and text not in key.fingerprint
-    assert key.fingerprint != __import__("hashlib").sha256(text.encode()).hexdigest()  # not a plain hash of the key
+    assert key.fingerprint != hashlib.sha256(text.encode()).hexdigest()  # not a plain hash of the key
 
 
 # ============================================================================= WAL archive
@@ -383,7 +381,7 @@ def test_base_backup_manifest_and_catalogue(env):
     for entry in manifest["files"]:
         stored = (info.path / entry["path"]).read_bytes()
         assert len(stored) == entry["size"] and stored.startswith(encryption.MAGIC)
-        assert __import__("hashlib").sha256(stored).hexdigest() == entry["sha256"]
+        assert hashlib.sha256(stored).hexdigest() == entry["sha256"]
         assert NEEDLE.encode() not in stored
     assert oct(info.path.stat().st_mode & 0o777) == "0o700"
     listed = backup.list_backups(env.settings)
@@ -401,7 +399,7 @@ def test_decrypt_gives_what_stock_tools_read(env, tmp_path):
     assert (out / "base.tar.zst").exists() and (out / "attachments.tar").exists() and (out / "manifest.json").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     entry = next(f for f in manifest["files"] if f["path"] == "base.tar.zst.enc")
-    assert __import__("hashlib").sha256((out / "base.tar.zst").read_bytes()).hexdigest() == entry["plain_sha256"]
+    assert (out / "base.tar.zst").stat().st_size == entry["plain_size"] and "plain_sha256" not in entry
     listing = subprocess.run(["tar", "--zstd", "-tf", str(out / "base.tar.zst")], capture_output=True, text=True,
                              check=True).stdout.split()
     assert "PG_VERSION" in listing and "global/pg_control" in listing and "backup_label" in listing
@@ -412,6 +410,27 @@ def test_decrypt_gives_what_stock_tools_read(env, tmp_path):
     assert len(attachments) == manifest["attachments"]["files"] >= 3
     with pytest.raises(BackupError, match="not empty"):
         backup.decrypt(env.settings, info.id, out)
+
+
+def test_a_format_1_backup_is_still_checked_against_its_plaintext_checksums(env, tmp_path):
+    """Format 1 manifests also recorded each file's SHA-256 after decryption: verify and decrypt
+    still check it, so a backup taken before format 2 loses none of its checks."""
+    info = backup.take_backup(env.settings, "logical")
+    manifest = backup.read_manifest(info.path, env.key)
+    for entry in manifest["files"]:
+        with open(info.path / entry["path"], "rb") as fh:
+            entry["plain_sha256"] = hashlib.sha256(b"".join(encryption.decrypt_chunks(fh, env.key, "f"))).hexdigest()
+    manifest["format"] = 1
+    backup._write_manifest(info.path, manifest, env.key)
+    backup.verify(env.settings, info.id)
+    backup.decrypt(env.settings, info.id, tmp_path / "intact")
+    entry = next(f for f in manifest["files"] if f["path"] == backup.ATTACHMENTS_FILE)
+    entry["plain_sha256"] = hashlib.sha256(b"something else").hexdigest()
+    backup._write_manifest(info.path, manifest, env.key)  # signed again: only the checksum is wrong
+    with pytest.raises(BackupIntegrityError, match="decrypted content differs from the manifest"):
+        backup.verify(env.settings, info.id)
+    with pytest.raises(BackupIntegrityError, match="decrypted content differs from the manifest"):
+        backup.decrypt(env.settings, info.id, tmp_path / "damaged")
 
 
 @pytest.mark.parametrize("compression", ["lz4", "gzip", "none"])

@@ -3,7 +3,7 @@
 Two kinds of backup, each a directory ``<[backup] dir>/<id>/`` with a signed ``manifest.json``:
 
 ``base``
-    ``pg_basebackup`` of the whole cluster (tar format, compressed by pg_basebackup,
+    ``pg_basebackup`` of the whole cluster (tar format, compressed by the server,
     streamed through our encryption: no plaintext on disk), the WAL segments from the
     backup's start to its stop (copied from the archive, so the backup is consistent on its
     own), and the attachments. With the WAL archive it can be restored to any point in time
@@ -21,7 +21,8 @@ exact lines ``archive_command_line`` and ``restore_command_line`` give.
 A backup is written under ``.partial-<id>`` and renamed to ``<id>`` only when complete and
 fsynced, so a partial backup is never listed. The manifest records the format, the appliance
 and schema versions, PostgreSQL's version, the start and stop LSN and time, every file's size
-and SHA-256 (stored and decrypted) and the key's fingerprint; an HMAC under the key seals it.
+and SHA-256 as stored and its size decrypted, and the key's fingerprint; an HMAC under the key
+seals it.
 See docs/backup.md.
 """
 
@@ -561,10 +562,47 @@ def _file_entry(rel: str, writer: encryption.EncryptingWriter) -> dict:
             "plain_size": writer.plain_size}
 
 
+class _Writeback:
+    """A file being written whose pages go to disk as they come, not all at the closing fsync.
+
+    The kernel keeps dirty pages until 10% of memory is dirty or 30 s have passed, so a
+    backup's files sat in the page cache and their fsync at the end wrote them all, on the
+    backup's critical path (0.2 s for each 400 MB file here). Every ``WRITEBACK_BYTES``
+    this starts the writes of what came since, without waiting for them
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, as PostgreSQL's checkpoint_flush_after does).
+    Only a hint: the fsync at the end is what makes the file durable.
+    """
+
+    WRITEBACK_BYTES = 8 << 20
+    SYNC_FILE_RANGE_WRITE = 2
+    _sync_file_range = None
+
+    def __init__(self, fh: BinaryIO):
+        self._fh = fh
+        self._written = self._started = 0
+        if _Writeback._sync_file_range is None:
+            function = ctypes.CDLL(None, use_errno=True).sync_file_range
+            function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            _Writeback._sync_file_range = function
+
+    def write(self, data) -> int:
+        n = self._fh.write(data)
+        self._written += n
+        if self._written - self._started >= self.WRITEBACK_BYTES:
+            self._fh.flush()
+            self._sync_file_range(self._fh.fileno(), self._started, self._written - self._started,
+                                  self.SYNC_FILE_RANGE_WRITE)
+            self._started = self._written
+        return n
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
 @contextlib.contextmanager
 def _encrypted_output(path: Path, key: BackupKey) -> Iterator[encryption.EncryptingWriter]:
     with open(path, "xb") as fh:
-        writer = encryption.EncryptingWriter(fh, key)
+        writer = encryption.EncryptingWriter(_Writeback(fh), key)
         yield writer
         writer.close()
         fh.flush()
@@ -899,10 +937,12 @@ class _ClosedFiles:
             if self._fd >= 0:
                 os.close(self._fd)
             raise OSError(err, f"cannot watch the directory: {os.strerror(err)}", str(directory))
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def wait(self, timeout: float) -> list[str]:
-        """The names closed since the last call, waiting up to ``timeout`` seconds for one."""
-        if not select.select([self._fd], [], [], timeout)[0]:
+        """The names closed since the last call, waiting up to ``timeout`` seconds for one or
+        until ``wake``."""
+        if self._fd not in select.select([self._fd, self._wake_read], [], [], timeout)[0]:
             return []
         data, names, pos = os.read(self._fd, 1 << 16), [], 0
         while pos < len(data):
@@ -912,8 +952,13 @@ class _ClosedFiles:
             pos += length
         return names
 
+    def wake(self) -> None:
+        """End the current and every later ``wait`` at once."""
+        os.write(self._wake_write, b"x")
+
     def close(self) -> None:
-        os.close(self._fd)
+        for fd in (self._fd, self._wake_read, self._wake_write):
+            os.close(fd)
 
 
 def _identity(st: os.stat_result) -> tuple:
@@ -963,7 +1008,7 @@ class _DumpEncryption:
         if name not in self._open:
             src = open(self.plain / name, "rb")
             out = open(self.dest / f"{name}.enc", "wb")
-            self._open[name] = (src, out, encryption.EncryptingWriter(out, self.key))
+            self._open[name] = (src, out, encryption.EncryptingWriter(_Writeback(out), self.key))
         src, _, writer = self._open[name]
         while block := src.read(encryption.CHUNK_SIZE):
             writer.write(block)
@@ -979,6 +1024,7 @@ class _DumpEncryption:
 
     def _halt(self) -> None:
         self._stop.set()
+        self._closed.wake()  # not after the poll's 0.2 s: pg_dump has exited, the backup waits on this
         self._thread.join()
         self._closed.close()
 

@@ -239,6 +239,31 @@ def test_stream_encryption_is_the_same_whatever_the_write_sizes(tmp_path):
             assert writer.plain_size == writer.tell() == size and writer.stored_size == len(blob)
 
 
+def test_writeback_starts_the_disk_writes_of_everything_written(tmp_path, monkeypatch):
+    """Every WRITEBACK_BYTES the kernel is asked, successfully, to start writing the range just
+    written, so the closing fsync finds little left; the file's content is untouched."""
+    calls = []
+    real = backup._Writeback(open(os.devnull, "wb"))._sync_file_range
+
+    def recording(fd, offset, nbytes, flags):
+        calls.append((offset, nbytes, flags, real(fd, offset, nbytes, flags)))
+        return calls[-1][-1]
+
+    monkeypatch.setattr(backup._Writeback, "_sync_file_range", staticmethod(recording))
+    data = os.urandom(3 * backup._Writeback.WRITEBACK_BYTES + 12345)
+    with open(tmp_path / "f", "wb") as fh:
+        out = backup._Writeback(fh)
+        for pos in range(0, len(data), 1000003):  # writes that do not line up with the ranges
+            assert out.write(data[pos:pos + 1000003]) == len(data[pos:pos + 1000003])
+        out.flush()
+    assert (tmp_path / "f").read_bytes() == data
+    assert len(calls) >= 2 and all(c[3] == 0 for c in calls), calls  # 0: the kernel took each range
+    assert calls[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in zip(calls, calls[1:]))
+    assert all(c[1] >= backup._Writeback.WRITEBACK_BYTES and c[2] == backup._Writeback.SYNC_FILE_RANGE_WRITE
+               for c in calls)
+    assert len(data) - (calls[-1][0] + calls[-1][1]) < backup._Writeback.WRITEBACK_BYTES
+
+
 def test_dump_encryption_follows_closed_files_and_redoes_what_changed_after(tmp_path):
     """The logical backup encrypts pg_dump's files as they grow and seals each when closed; finish()
     completes the ones still open, and encrypts again whatever changed after it was sealed."""

@@ -19,8 +19,9 @@ pgbench's padding), and attachment files of random bytes. Then times, on the sam
   the same ``pg_restore -j N`` (into a second throwaway cluster, a fresh database each time);
 - WAL replay: after the last base backup, updates in a loop write ``--wal-mb`` of WAL; the
   stock emergency procedure (``tar --zstd -x`` of the decrypted base backup, then a server
-  replaying the decrypted WAL with ``restore_command = 'cp ...'``) against ``restore`` (verify,
-  extract, replay through our ``wal-fetch``, swap, start: the RTO). The replay rate is MB of
+  replaying the decrypted WAL with ``restore_command = 'cp ...'``, and again with the same WAL
+  kept gzip-compressed as our archive keeps it, ``restore_command = 'gunzip ...'``) against
+  ``restore`` (verify, extract, replay with the WAL decrypted ahead, swap, start: the RTO). The replay rate is MB of
   WAL from the backup's stop to the end, per second of the replay step (server start, replay,
   promotion, and for ours the checkpoint and stop after it).
 
@@ -35,6 +36,7 @@ Prints seconds, MB/s and each of ours as a ratio of its baseline.
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import shutil
 import signal
@@ -68,7 +70,11 @@ def generate(env, scale: int, text_mb: int, attachments_mb: int) -> int:
     env.sql("CREATE TABLE notes_bench (id bigserial PRIMARY KEY, body text)")
     env.sql(f"INSERT INTO notes_bench (body) SELECT string_agg(md5(random()::text), ' ') FROM "
             f"generate_series(1, {rows}) g, generate_series(1, 10) k GROUP BY g")
-    env.sql("VACUUM (ANALYZE) notes_bench")  # pgbench -i vacuums its own; no autovacuum during the timed runs
+    env.sql("VACUUM (ANALYZE) notes_bench")  # pgbench -i vacuums its own
+    # No autovacuum during the timed runs: after the WAL is written, and in every restored copy
+    # (whose statistics start empty), it would scan the tables beside whichever step runs then.
+    env.sql("ALTER SYSTEM SET autovacuum = off", "postgres")
+    env.sql("SELECT pg_reload_conf()", "postgres")
     env.sql("CHECKPOINT", "postgres")
     root = backup.attachments_dir(env.settings)
     for i in range(attachments_mb):
@@ -93,12 +99,13 @@ def write_wal(env, megabytes: int) -> None:
         END $$""")
 
 
-def raw_replay(cluster: restore.DebianCluster, plain: Path, data: Path, run_dir: Path) -> tuple[float, float | None]:
-    """Start a server on ``data`` replaying ``plain/wal`` with cp; seconds to promotion (and stop),
-    and the redo time the server logs."""
+def raw_replay(cluster: restore.DebianCluster, restore_command: str, data: Path,
+               run_dir: Path) -> tuple[float, float | None]:
+    """Start a server on ``data`` replaying WAL with ``restore_command``; seconds to promotion
+    (and stop), and the redo time the server logs."""
     port = free_port()
     with open(data / "postgresql.auto.conf", "a") as conf:
-        conf.write(f"restore_command = 'cp {plain}/wal/%f \"%p\"'\nrecovery_target_action = 'promote'\n"
+        conf.write(f"restore_command = '{restore_command}'\nrecovery_target_action = 'promote'\n"
                    f"recovery_target_timeline = 'latest'\n")
     (data / "recovery.signal").touch()
     give_to_postgres(data)
@@ -264,36 +271,50 @@ def main() -> None:
         cluster = restore.DebianCluster(env.cluster.version, env.cluster.name)
         plain = work / "base-plain"
         decrypt_seconds, _ = timed(lambda: backup.decrypt(env.settings, base_info.id, plain))
+        # The stock procedure for an archive kept compressed as ours is (gzip -1, as wal-push):
+        # the same WAL, gzipped, and restore_command gunzip.
+        plain_gz = work / "wal-gz"
+        plain_gz.mkdir()
+        for src in (plain / "wal").iterdir():
+            (plain_gz / f"{src.name}.gz").write_bytes(gzip.compress(src.read_bytes(), 1))
         give_to_postgres(plain)
+        give_to_postgres(plain_gz)
+        commands = {"cp": f'cp {plain}/wal/%f "%p"', "gunzip": f'gunzip -c {plain_gz}/%f.gz > "%p"'}
         raw_data, run_dir = work / "raw-data", work / "raw-run"
         run_dir.mkdir()
         give_to_postgres(run_dir)
         # Each run replays the same WAL: a restore promotes to a new timeline at the end of the
         # archive, and the next run (of either) replays the old one up to that end again.
-        raw_runs, ours_runs = [], []
+        raw_runs, raw_gz_runs, ours_runs = [], [], []
         for _ in range(args.repeat):
-            shutil.rmtree(raw_data, ignore_errors=True)
-            raw_data.mkdir(mode=0o700)
-            give_to_postgres(raw_data)
-            os.sync()
-            extract_s, _ = timed(lambda: subprocess.run(
-                AS_PG + ["tar", "--zstd", "-xf", str(plain / "base.tar.zst"), "-C", str(raw_data)], check=True, cwd="/"))
-            raw_runs.append((extract_s, *raw_replay(cluster, plain, raw_data, run_dir)))
+            for command, runs in (("cp", raw_runs), ("gunzip", raw_gz_runs)):
+                shutil.rmtree(raw_data, ignore_errors=True)
+                raw_data.mkdir(mode=0o700)
+                give_to_postgres(raw_data)
+                os.sync()
+                extract_s, _ = timed(lambda: subprocess.run(
+                    AS_PG + ["tar", "--zstd", "-xf", str(plain / "base.tar.zst"), "-C", str(raw_data)], check=True,
+                    cwd="/"))
+                runs.append((extract_s, *raw_replay(cluster, commands[command], raw_data, run_dir)))
             os.sync()
             ours_runs.append(timed(lambda: restore.restore(env.settings, base_info.id, cluster=cluster,
                                                            remove_previous=True)))
         shutil.rmtree(raw_data, ignore_errors=True)
         shutil.rmtree(plain, ignore_errors=True)
-        raw_extract = min(r[0] for r in raw_runs)
+        shutil.rmtree(plain_gz, ignore_errors=True)
+        raw_extract = min(r[0] for r in raw_runs + raw_gz_runs)
         raw_replay_s = min(r[1] for r in raw_runs)
+        raw_gz_replay = min(r[1] for r in raw_gz_runs)
         raw_redo = min((r[2] for r in raw_runs if r[2]), default=None)
         raw_both = min(r[0] + r[1] for r in raw_runs)
+        raw_gz_both = min(r[0] + r[1] for r in raw_gz_runs)
         ours_restore, result = min(ours_runs, key=lambda run: run[0])
         step_runs = [{s.name: s.seconds for s in r.steps} for _, r in ours_runs]
         steps = {name: min(r[name] for r in step_runs) for name in step_runs[0]}
         ours_both = min(r["extract"] + r["replay"] for r in step_runs)
         ours_parts = ", ".join(f"{r['extract']:.1f} + {r['replay']:.1f}" for r in step_runs)
         print(f"restore runs: raw extract + replay {', '.join(f'{r[0]:.1f} + {r[1]:.1f}' for r in raw_runs)} s; "
+              f"with gunzip {', '.join(f'{r[0]:.1f} + {r[1]:.1f}' for r in raw_gz_runs)} s; "
               f"ours {', '.join(f'{t:.1f}' for t, _ in ours_runs)} s (extract + replay {ours_parts} s)")
 
         # ------------------------------------------------------------------ report
@@ -319,8 +340,12 @@ def main() -> None:
             ("crm-appliance restore: extract step", steps["extract"], db_bytes / 1e6, steps["extract"] / raw_extract),
             ("raw replay, restore_command cp (WAL)", raw_replay_s, wal_mb, None),
             ("crm-appliance restore: replay (WAL)", steps["replay"], wal_mb, steps["replay"] / raw_replay_s),
+            ("raw replay, restore_command gunzip (WAL)", raw_gz_replay, wal_mb, None),
+            ("  ours against gunzip", steps["replay"], wal_mb, steps["replay"] / raw_gz_replay),
             ("raw extract + replay", raw_both, db_bytes / 1e6, None),
             ("crm-appliance restore: extract + replay", ours_both, db_bytes / 1e6, ours_both / raw_both),
+            ("raw extract + replay with gunzip", raw_gz_both, db_bytes / 1e6, None),
+            ("  ours against extract + gunzip replay", ours_both, db_bytes / 1e6, ours_both / raw_gz_both),
             ("crm-appliance restore (RTO)", ours_restore, db_bytes / 1e6, ours_restore / raw_both),
         ]
         print(f"\n{'':40}{'seconds':>9}{'MB/s':>9}{'ratio':>8}")

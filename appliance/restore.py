@@ -641,6 +641,8 @@ def _postmaster_alive(data_dir: Path) -> bool:
     try:
         pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
         os.kill(pid, 0)
+    except PermissionError:  # it runs, as another user
+        return True
     except (OSError, ValueError):  # no file yet or any more, half written, or no such process
         return False
     return True

@@ -491,3 +491,21 @@ def test_a_damaged_segment_stops_the_prefetch_and_is_left_to_wal_fetch(tmp_path,
             time.sleep(0.01)
         assert sorted(p.name for p in spool.iterdir()) == [], "nothing half-written, nothing after it"
     assert prefetch.error.startswith(segments[0][0])
+
+
+def test_postmaster_alive_reads_the_pid_file_and_asks_the_kernel(tmp_path):
+    """The replay's wait for promotion looks at postmaster.pid instead of starting pg_ctl: a
+    running process is alive; an exited one, no file, a half-written file are not."""
+    data = tmp_path / "data"
+    data.mkdir()
+    assert not restore._postmaster_alive(data)  # not started yet
+    (data / "postmaster.pid").write_text("")
+    assert not restore._postmaster_alive(data)  # being written
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        (data / "postmaster.pid").write_text(f"{child.pid}\n{data}\n1700000000\n5432\n")
+        assert restore._postmaster_alive(data)
+    finally:
+        child.kill()
+        child.wait()
+    assert not restore._postmaster_alive(data)  # its pid file left behind after a crash

@@ -1261,33 +1261,45 @@ def _check_file_set(directory: Path, manifest: dict) -> None:
                                    f"after it was written; remove it or do not trust this backup")
 
 
-def _plain_digest(entry: dict):
-    """A SHA-256 to check the decrypted content against, for a format 1 entry that records one."""
-    return hashlib.sha256() if "plain_sha256" in entry else None
+class _PlainCheck:
+    """The decrypted content of one file against its manifest entry: the size, and the SHA-256
+    that format 1 entries also record."""
+
+    def __init__(self, entry: dict):
+        self.entry, self.size = entry, 0
+        self._digest = hashlib.sha256() if "plain_sha256" in entry else None
+
+    def update(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self._digest is not None:
+            self._digest.update(chunk)
+
+    def check(self, path: Path) -> None:
+        if self.size != self.entry["plain_size"]:
+            raise BackupIntegrityError(f"{path}: decrypts to {self.size} bytes, the manifest says "
+                                       f"{self.entry['plain_size']}")
+        if self._digest is not None and self._digest.hexdigest() != self.entry["plain_sha256"]:
+            raise BackupIntegrityError(f"{path}: the decrypted content differs from the manifest (SHA-256 "
+                                       f"{self._digest.hexdigest()[:16]}..., expected "
+                                       f"{self.entry['plain_sha256'][:16]}...)")
 
 
 def _verify_file(directory: Path, entry: dict, key: BackupKey) -> int:
     """Decrypt one file without writing it out; check its stored size and SHA-256, every chunk's
     tag and the decrypted size."""
     path = directory / entry["path"]
-    plain, plain_size = _plain_digest(entry), 0
+    plain = _PlainCheck(entry)
     with open(path, "rb") as fh:
         reader = encryption.HashingReader(fh)
         for chunk in encryption.decrypt_chunks(reader, key, str(path)):
-            if plain is not None:
-                plain.update(chunk)
-            plain_size += len(chunk)
+            plain.update(chunk)
         reader.read()  # anything after the final chunk would have failed authentication already
     if reader.size != entry["size"] or reader.sha256.hexdigest() != entry["sha256"]:
         raise BackupIntegrityError(f"{path}: expected {entry['size']} bytes with SHA-256 {entry['sha256'][:16]}..., "
                                    f"found {reader.size} bytes with {reader.sha256.hexdigest()[:16]}...: the file "
                                    f"was changed")
-    if plain_size != entry["plain_size"]:
-        raise BackupIntegrityError(f"{path}: decrypts to {plain_size} bytes, the manifest says {entry['plain_size']}")
-    if plain is not None and plain.hexdigest() != entry["plain_sha256"]:
-        raise BackupIntegrityError(f"{path}: the decrypted content differs from the manifest (SHA-256 "
-                                   f"{plain.hexdigest()[:16]}..., expected {entry['plain_sha256'][:16]}...)")
-    return plain_size
+    plain.check(path)
+    return plain.size
 
 
 def verify(settings: Settings, backup_id: str = "latest", *, key: BackupKey | None = None,
@@ -1413,15 +1425,12 @@ def decrypt(settings: Settings, backup_id: str, output: str | os.PathLike, *, wi
             else:
                 dest = output / rel[: -len(".enc")]
                 dest.parent.mkdir(exist_ok=True)
-                digest, size = _plain_digest(entry), 0
+                plain = _PlainCheck(entry)
                 with open(src, "rb") as fin, open(dest, "xb") as out:
                     for chunk in encryption.decrypt_chunks(fin, key, str(src)):
-                        if digest is not None:
-                            digest.update(chunk)
-                        size += len(chunk)
+                        plain.update(chunk)
                         out.write(chunk)
-                if size != entry["plain_size"] or (digest is not None and digest.hexdigest() != entry["plain_sha256"]):
-                    raise BackupIntegrityError(f"{src}: the decrypted content differs from the manifest")
+                plain.check(src)
             written.append(str(dest.relative_to(output)))
         wal_files = sum(1 for w in written if w.startswith("wal/"))
         if with_archive and manifest["kind"] == "base":

@@ -20,6 +20,7 @@ def index():
             if not permissions.can(g.user, entity, "read"):
                 continue
             query, _, _ = filtered(module, g.user, {"q": text})
+            query = query.select(*permissions.link_columns(module.model, module.model))  # a link each, no more
             rows = list(query.order_by(module.model.updated_at.desc()).limit(PER_MODULE + 1))
             if rows:
                 results.append({"module": module, "rows": rows[:PER_MODULE], "more": len(rows) > PER_MODULE})
@@ -33,5 +34,6 @@ def lookup(entity: str):
     if module is None or not permissions.can(g.user, entity, "read"):
         abort(404)
     query, _, _ = filtered(module, g.user, {"q": request.args.get("q", "")})
+    query = query.select(*permissions.link_columns(module.model, module.model))
     rows = query.order_by(module.model.updated_at.desc()).limit(10)
     return jsonify([{"id": r.id, "label": f"{r.title} (#{r.id})"} for r in rows])

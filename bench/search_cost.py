@@ -1,0 +1,113 @@
+"""SQL time of every search the seat load test makes, per role, on demo data sets.
+
+Each data set is named by an appliance config whose database holds ``crm-appliance
+demo-data`` (as ``bench/load/run.py`` builds them; its seats log in with the password in
+``--password-file``). For an agent (seat 10), a manager (seat 2) and the boss (seat 1), the
+lists searched with each word of ``bench/load/locustfile.py`` (with and without "mine") and
+the global search for each of its words are requested through the Flask test client: once
+to warm the caches, then ``--repeat`` times; the best run's SQL time counts (milliseconds in
+``execute_sql``, the statements of the page). Printed: every search per data set, the
+slowest, and the sums per kind, with the growth from the first data set to each other::
+
+    .venv/bin/python bench/search_cost.py --password-file F scale1.toml scale10.toml
+
+Single requests on an otherwise idle server: what a search costs PostgreSQL and the
+driver, not how it queues under load (the load test measures that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench" / "load"))
+
+import locustfile  # noqa: E402  (the load test's words and filters)
+from appliance import config  # noqa: E402
+from appliance.db import open_database  # noqa: E402
+from webapp import create_app  # noqa: E402
+
+ROLES = (("agent", 10), ("manager", 2), ("boss", 1))
+
+
+def searches() -> list[tuple[str, str]]:
+    """(kind, path) of every search the load mix makes."""
+    paths = []
+    for prefix, (filters, words) in locustfile.MODULES.items():
+        for word in words:
+            paths.append(("list search", f"/{prefix}/?q={quote(word)}"))
+            if "mine" in filters:
+                paths.append(("list search", f"/{prefix}/?q={quote(word)}&mine=1"))
+    paths += [("global search", f"/search/?q={quote(word)}") for word in locustfile.GLOBAL_SEARCH]
+    return paths
+
+
+def measure(config_path: Path, password: str, repeat: int) -> dict[tuple[str, str, str], float]:
+    """(role, kind, path) -> best SQL milliseconds of the page."""
+    settings = config.load(config_path)
+    db = open_database(settings)
+    spent: list[float] = []
+    real_execute = db.execute_sql
+
+    def timed_execute(sql, params=None, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return real_execute(sql, params, *args, **kwargs)
+        finally:
+            spent.append((time.perf_counter() - started) * 1000)
+
+    db.execute_sql = timed_execute
+    app = create_app(settings, database=db)
+    out = {}
+    try:
+        for role, seat in ROLES:
+            client = app.test_client()
+            html = client.get("/auth/login").get_data(as_text=True)
+            token = re.search(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"', html).group(1)
+            resp = client.post("/auth/login", data={"email": f"seat{seat:04d}@demo.invalid",
+                                                    "password": password, "csrf_token": token})
+            if resp.status_code != 302:
+                raise SystemExit(f"{config_path}: seat {seat} cannot log in with the password in the file")
+            for kind, path in searches():
+                client.get(path)
+                best = None
+                for _ in range(repeat):
+                    spent.clear()
+                    if client.get(path).status_code != 200:
+                        raise SystemExit(f"{config_path}: {path} did not answer 200 for the {role}")
+                    best = min(best if best is not None else float("inf"), sum(spent))
+                out[(role, kind, path)] = best
+    finally:
+        db.close_all()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="+", type=Path, help="appliance configs, one per data set")
+    parser.add_argument("--password-file", type=Path, required=True, help="the demo seats' password")
+    parser.add_argument("--repeat", type=int, default=3, help="timed requests per search [3]")
+    args = parser.parse_args()
+    password = args.password_file.read_text().strip()
+    results = [measure(path, password, args.repeat) for path in args.configs]
+    names = [path.stem for path in args.configs]
+    keys = list(results[0])
+    print(f"{'role':8} {'kind':14} " + " ".join(f"{n[:10]:>10}" for n in names) + "  path")
+    for key in sorted(keys, key=lambda k: -results[-1][k]):
+        print(f"{key[0]:8} {key[1]:14} " + " ".join(f"{r[key]:10.2f}" for r in results) + f"  {key[2]}")
+    print("\nSQL ms summed per kind (and growth from the first data set)")
+    for kind in ("list search", "global search", "all"):
+        sums = [sum(v for k, v in r.items() if kind in ("all", k[1])) for r in results]
+        growth = " ".join(f"{s / sums[0]:.2f}x" for s in sums[1:])
+        print(f"  {kind:14} " + " ".join(f"{s:10.0f}" for s in sums) + f"  {growth}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,14 @@ bp = Blueprint("search", __name__, url_prefix="/search")
 PER_MODULE = 10
 
 
+def newest_matches(module, text: str, limit: int) -> list:
+    """The seat's newest visible records of ``module`` matching ``text``, each read as a link
+    (id, title, the gate's columns), no more."""
+    query, _, _ = filtered(module, g.user, {"q": text})
+    query = query.select(*permissions.link_columns(module.model, module.model))
+    return list(query.order_by(module.model.updated_at.desc()).limit(limit))
+
+
 @bp.route("/")
 def index():
     """Up to ten matches per module, each module through the permission gate."""
@@ -19,9 +27,7 @@ def index():
         for entity, module in MODULES.items():
             if not permissions.can(g.user, entity, "read"):
                 continue
-            query, _, _ = filtered(module, g.user, {"q": text})
-            query = query.select(*permissions.link_columns(module.model, module.model))  # a link each, no more
-            rows = list(query.order_by(module.model.updated_at.desc()).limit(PER_MODULE + 1))
+            rows = newest_matches(module, text, PER_MODULE + 1)
             if rows:
                 results.append({"module": module, "rows": rows[:PER_MODULE], "more": len(rows) > PER_MODULE})
     return render_template("search.html", q=text, results=results)
@@ -33,7 +39,5 @@ def lookup(entity: str):
     module = MODULES.get(entity)
     if module is None or not permissions.can(g.user, entity, "read"):
         abort(404)
-    query, _, _ = filtered(module, g.user, {"q": request.args.get("q", "")})
-    query = query.select(*permissions.link_columns(module.model, module.model))
-    rows = query.order_by(module.model.updated_at.desc()).limit(10)
+    rows = newest_matches(module, request.args.get("q", ""), 10)
     return jsonify([{"id": r.id, "label": f"{r.title} (#{r.id})"} for r in rows])

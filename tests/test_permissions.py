@@ -148,6 +148,9 @@ def test_activity_cannot_link_to_a_foreign_record(world):
                   token_from="/activities/new")
     assert resp.status_code == 400
     assert Activity.select().where(Activity.subject == "linked").count() == 0
+    # The link is a hidden field: its error must still reach the page, or the seat reads
+    # "correct the fields marked below" with no field marked (as after a ticket was handed over).
+    assert "The linked record does not exist or is not yours to see." in resp.get_data(as_text=True)
 
 
 def test_lookup_field_cannot_reach_a_foreign_account(world):

@@ -104,6 +104,9 @@ EDITS = {
 
 _CSRF = re.compile(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"')
 _OWNER = re.compile(r"Currently assigned to ([^<]+?)\.</p>")
+_ALERT = re.compile(r'<p class="error" role="alert">([^<]*)</p>')
+# An activity's record was handed to another seat between the form and the save: the gate at work.
+_LINK_GONE = "The linked record does not exist or is not yours to see."
 _RECORD_LINK = re.compile(r'href="/(accounts|contacts|leads|opportunities|tickets|activities)/(\d+)"')
 
 
@@ -255,8 +258,13 @@ class CrmSeat(FastHttpUser):
             if resp.status_code == 404 and path.startswith("/tickets/"):
                 resp.success()  # handed to someone else since its form was read: the gate, as in page()
                 return False
+            alerts = _ALERT.findall(resp.text or "") if resp.status_code == 400 else []
+            if _LINK_GONE in alerts and str(data.get("parent", "")).startswith("ticket:"):
+                resp.success()  # the ticket was handed over meanwhile, as the 404s above
+                return False
             if resp.status_code != 302 or "/auth/login" in location:
-                resp.failure(f"{name}: {resp.status_code} {location} {(resp.text or '')[:200]!r}")
+                said = " | ".join(alerts) or (resp.text or "")[:200]
+                resp.failure(f"{name}: {resp.status_code} {location} {said!r}")
                 if "/auth/login" in location:
                     self.logged_in = False
                 return False

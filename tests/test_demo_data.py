@@ -38,6 +38,15 @@ def test_the_data_set_has_the_planned_size_and_shape(settings, db):
     # Spread over the three years, not all made today.
     days = _sql(db, "SELECT extract(day FROM max(created_at) - min(created_at)) FROM contact")
     assert 900 < days <= 3 * 365
+    # Written as time passes, as in a real CRM: each row no more than a day older than the one
+    # before it (so the newest rows sit together, not scattered over the table), changed after
+    # it was written and never in the future.
+    for table in ("account", "contact", "lead", "opportunity", "ticket", "activity", "note"):
+        assert _sql(db, f"SELECT count(*) FROM {table} a JOIN {table} b ON b.id = a.id + 1 "
+                        "WHERE b.created_at < a.created_at - interval '1 day'") == 0, table
+    for table in ("account", "contact", "lead", "opportunity", "ticket", "activity"):
+        assert _sql(db, f"SELECT count(*) FROM {table} WHERE updated_at < created_at "
+                        "OR updated_at > now() AT TIME ZONE 'utc'") == 0, table
     assert _sql(db, "SELECT count(DISTINCT stage) FROM opportunity") == 6
 
 

@@ -5,7 +5,8 @@ case ("Smith") read each row it looked at through ``ILIKE`` and ``strpos(lower(.
 PostgreSQL lower-cased the row's whole text twice per row. A list search that walks the
 newest rows (a common word, or a manager's team) spends most of its time there.
 Stored lower-cased, the same search is a ``LIKE`` and a ``strpos`` on the text as stored
-(``webapp.crud.matches``): measured 35% less per row walked (docs/performance.md).
+(``webapp.crud.matches``): the list searches of the load test's mix took a quarter less
+SQL at the 50-seat data set, a sixth less at ten times it (docs/performance.md).
 
 The trigram index is unchanged in what it finds (pg_trgm lower-cases its trigrams
 anyway), and so are the results: the row's text and the word are lower-cased by the same

@@ -18,9 +18,7 @@ driver, not how it queues under load (the load test measures that).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
-import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -29,11 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench" / "load"))
 
 import locustfile  # noqa: E402  (the load test's words and filters)
-from appliance import config  # noqa: E402
-from appliance.db import open_database  # noqa: E402
-from webapp import create_app  # noqa: E402
-
-ROLES = (("agent", 10), ("manager", 2), ("boss", 1))
+from run import ROLES, instrumented_app, logged_in_client  # noqa: E402  (the load test's query report)
 
 
 def searches() -> list[tuple[str, str]]:
@@ -50,38 +44,19 @@ def searches() -> list[tuple[str, str]]:
 
 def measure(config_path: Path, password: str, repeat: int) -> dict[tuple[str, str, str], float]:
     """(role, kind, path) -> best SQL milliseconds of the page."""
-    settings = config.load(config_path)
-    db = open_database(settings)
-    spent: list[float] = []
-    real_execute = db.execute_sql
-
-    def timed_execute(sql, params=None, *args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return real_execute(sql, params, *args, **kwargs)
-        finally:
-            spent.append((time.perf_counter() - started) * 1000)
-
-    db.execute_sql = timed_execute
-    app = create_app(settings, database=db)
+    app, db, captured = instrumented_app(config_path)
     out = {}
     try:
         for role, seat in ROLES:
-            client = app.test_client()
-            html = client.get("/auth/login").get_data(as_text=True)
-            token = re.search(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"', html).group(1)
-            resp = client.post("/auth/login", data={"email": f"seat{seat:04d}@demo.invalid",
-                                                    "password": password, "csrf_token": token})
-            if resp.status_code != 302:
-                raise SystemExit(f"{config_path}: seat {seat} cannot log in with the password in the file")
+            client = logged_in_client(app, seat, password)
             for kind, path in searches():
                 client.get(path)
                 best = None
                 for _ in range(repeat):
-                    spent.clear()
+                    captured.clear()
                     if client.get(path).status_code != 200:
                         raise SystemExit(f"{config_path}: {path} did not answer 200 for the {role}")
-                    best = min(best if best is not None else float("inf"), sum(spent))
+                    best = min(best if best is not None else float("inf"), sum(ms for _, _, ms in captured))
                 out[(role, kind, path)] = best
     finally:
         db.close_all()

@@ -438,8 +438,13 @@ def top_statements(cluster, database: str, top: int = 12) -> list[dict]:
 
 # ----------------------------------------------------------------------------- queries per page
 
-def query_report(config_path: Path, password: str) -> list[dict]:
-    """Per page and role: SQL statements, their total time, and EXPLAIN ANALYZE of the slowest."""
+#: The seats whose pages are measured in-process: an agent, a manager and the boss of the demo data.
+ROLES = (("agent", 10), ("manager", 2), ("boss", 1))
+
+
+def instrumented_app(config_path: Path):
+    """The app on a data set's database, with a counter around ``execute_sql``: each
+    statement's (sql, params, milliseconds) is appended to the returned list."""
     from appliance.db import open_database
     from webapp import create_app
 
@@ -456,15 +461,29 @@ def query_report(config_path: Path, password: str) -> list[dict]:
             captured.append((sql, params, (time.perf_counter() - started) * 1000))
 
     db.execute_sql = counting_execute
-    app = create_app(settings, database=db)
+    return create_app(settings, database=db), db, captured
+
+
+def logged_in_client(app, seat: int, password: str):
+    """A test client logged in as demo seat ``seat`` through the login form."""
+    from appliance.demo_data import DEMO_DOMAIN
+
+    client = app.test_client()
+    html = client.get("/auth/login").get_data(as_text=True)
+    token = re.search(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"', html).group(1)
+    resp = client.post("/auth/login", data={"email": f"seat{seat:04d}@{DEMO_DOMAIN}", "password": password,
+                                            "csrf_token": token})
+    if resp.status_code != 302:
+        raise SystemExit(f"demo seat {seat} cannot log in with the password given (login answered {resp.status_code})")
+    return client
+
+
+def query_report(config_path: Path, password: str) -> list[dict]:
+    """Per page and role: SQL statements, their total time, and EXPLAIN ANALYZE of the slowest."""
+    app, db, captured = instrumented_app(config_path)
     out = []
-    for role, seat in (("agent", 10), ("manager", 2), ("boss", 1)):
-        client = app.test_client()
-        html = client.get("/auth/login").get_data(as_text=True)
-        token = re.search(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"', html).group(1)
-        resp = client.post("/auth/login", data={"email": f"seat{seat:04d}@demo.invalid", "password": password,
-                                                "csrf_token": token})
-        assert resp.status_code == 302, resp.status_code
+    for role, seat in ROLES:
+        client = logged_in_client(app, seat, password)
         ids = {}
         for prefix in ("accounts", "contacts", "opportunities", "tickets"):
             found = re.search(rf'href="/{prefix}/(\d+)"', client.get(f"/{prefix}/").get_data(as_text=True))

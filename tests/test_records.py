@@ -197,6 +197,46 @@ def test_a_two_character_word_is_looked_up_in_the_index_not_read_from_every_row(
     assert index_scans == [("account_search", 1)], index_scans
 
 
+@pytest.mark.parametrize("role,path", [("agent", "/contacts/?q=王"), ("manager", "/contacts/?q=王"),
+                                       ("boss", "/contacts/?q=王"), ("agent", "/search/?q=王")])
+def test_a_search_walk_tests_the_word_in_the_index_not_in_the_table(make_seat, browser_for, db, role, path):
+    """A common word is found by walking the seat's newest rows. The walk's index holds the
+    search text (and the gate's owner and team: migration 0008) and the page asks for its ids
+    alone, so the walk is an index-only scan that fetches none of the rows it passes from the
+    table (an agent's rows lie scattered over it); only the page's own rows are read, by id."""
+    seat = make_seat(f"{role}@corp.cn", role=role, team="East")
+    colleague = make_seat("colleague@corp.cn", role="agent", team="East")
+    outsider = make_seat("outsider@corp.cn", role="agent", team="West")
+    rows = [{"last_name": ("王" if i % 3 == 0 else "李") + str(i), "owner": owner.user.id,
+             "team": owner.user.team_id} for i in range(300) for owner in (seat, colleague, outsider)]
+    with db.atomic():
+        # The test cluster commits asynchronously; VACUUM marks a page all-visible only once
+        # its rows' commit is flushed (hint bits), as it would be on the appliance.
+        db.execute_sql("SET LOCAL synchronous_commit = on")
+        Contact.insert_many(rows).execute()
+    db.execute_sql("VACUUM ANALYZE contact")  # as autovacuum would: statistics and the visibility map
+    b = browser_for(seat)
+    statements = [(sql, params) for sql, params in _queries(b, path) if 'FROM "contact"' in sql]
+    assert len(statements) == 1, statements
+    with db.atomic():
+        for setting in ("enable_seqscan", "enable_bitmapscan"):  # too few rows for the planner to want an index
+            db.execute_sql(f"SET LOCAL {setting} = off")
+        plan = db.execute_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + statements[0][0], statements[0][1]).fetchone()[0]
+    nodes, scans = [plan[0]["Plan"]], []
+    while nodes:
+        node = nodes.pop()
+        nodes += node.get("Plans", [])
+        if node.get("Relation Name") == "contact":
+            scans.append((node["Node Type"], node["Index Name"], node.get("Heap Fetches")))
+    walks = [scan for scan in scans if scan[1] != "contact_pkey"]
+    assert len(walks) == 1 and walks[0][0] == "Index Only Scan" and walks[0][2] == 0, scans
+    # Rows were written i by i, each for the seat, the colleague, then the outsider.
+    sees = {"agent": 1, "manager": 2, "boss": 3}[role]  # the seat; and its team; and everyone
+    newest = [f"王{i}" for i in range(297, -1, -3) for owner in (2, 1, 0) if owner < sees]
+    shown = re.findall(r">(王\d+)</a>", b.get(path).get_data(as_text=True))
+    assert shown == newest[:len(shown)] and len(shown) == 10, shown
+
+
 # ----------------------------------------------------------------------------- paging
 
 def test_keyset_pages_walk_every_row_once_in_both_directions(agent, browser_for):
@@ -427,7 +467,12 @@ def test_recent_changes_are_the_newest_the_seat_may_read_across_modules(make_sea
 
 
 def _statements(b, path) -> list[str]:
-    """The SQL statements one page view runs (peewee logs each one at DEBUG)."""
+    """The SQL statements one page view runs, as text."""
+    return [str((sql, params)) for sql, params in _queries(b, path)]
+
+
+def _queries(b, path) -> list[tuple[str, list]]:
+    """(SQL, parameters) of each statement one page view runs (peewee logs each one at DEBUG)."""
     import logging
 
     logger = logging.getLogger("peewee")
@@ -436,7 +481,7 @@ def _statements(b, path) -> list[str]:
     class Collect(logging.Handler):
         def emit(self, record):
             if record.name == "peewee":  # queries only, not peewee.pool's connection lines
-                seen.append(record.getMessage())
+                seen.append(record.msg)
 
     handler = Collect()
     # The announcement banner is cached for a few seconds per process; start every

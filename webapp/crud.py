@@ -239,15 +239,24 @@ def filtered(module: Module, user: User, args, action: str = "read"):
     return query, text, active
 
 
+def first_rows(matching, order: tuple, limit: int, columns: list):
+    """The first ``limit`` rows of ``matching`` (a query of one model) in ``order``, read as
+    ``columns``: their ids first, then those rows.
+
+    Asking for the ids alone lets a walk over a seat's newest rows test the search word in
+    the walk's index (migration 0008) instead of fetching each row it passes from the table:
+    an agent's search for a common word passes hundreds of rows, scattered over the table.
+    """
+    model = matching.model
+    ids = matching.select(model.id).order_by(*order).limit(limit)
+    return model.select(*columns).where(model.id.in_(ids)).order_by(*order)
+
+
 def list_page(module: Module, user: User, args, page_size: int) -> Page:
     model = module.model
     query, text, active = filtered(module, user, args)
     sortable = {c.name for c in module.columns if c.sortable} | {module.default_sort}
     sort = args.get("sort") if args.get("sort") in sortable else module.default_sort
-    # The columns the page shows, its title, its paging key and the gate's: not descriptions.
-    shown = {*permissions.GATE_FIELDS, sort, *model.title_fields, *(c.name for c in module.columns)}
-    query = query.select(*[f for name, f in model._meta.fields.items() if name in shown])
-    query = permissions.with_related(query, model, [c.name for c in module.columns])
     direction = args.get("dir") if args.get("dir") in ("asc", "desc") else (
         "desc" if sort == module.default_sort else "asc")
     sort_field = getattr(model, sort)
@@ -260,7 +269,10 @@ def list_page(module: Module, user: User, args, page_size: int) -> Page:
         query = query.where(key > Tuple(value, rid)) if going_up else query.where(key < Tuple(value, rid))
     ascending = (direction == "asc") == forward
     order = (sort_field.asc(), model.id.asc()) if ascending else (sort_field.desc(), model.id.desc())
-    rows = list(query.order_by(*order).limit(page_size + 1))
+    # The columns the page shows, its title, its paging key and the gate's: not descriptions.
+    shown = {*permissions.GATE_FIELDS, sort, *model.title_fields, *(c.name for c in module.columns)}
+    query = first_rows(query, order, page_size + 1, [f for name, f in model._meta.fields.items() if name in shown])
+    rows = list(permissions.with_related(query, model, [c.name for c in module.columns]))
     more = len(rows) > page_size
     rows = rows[:page_size]
     if not forward:

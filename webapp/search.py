@@ -3,7 +3,7 @@
 from flask import Blueprint, abort, g, jsonify, render_template, request
 
 from webapp import permissions
-from webapp.crud import MAX_QUERY, MODULES, filtered
+from webapp.crud import MAX_QUERY, MODULES, filtered, first_rows
 
 bp = Blueprint("search", __name__, url_prefix="/search")
 
@@ -13,9 +13,10 @@ PER_MODULE = 10
 def newest_matches(module, text: str, limit: int) -> list:
     """The seat's newest visible records of ``module`` matching ``text``, each read as a link
     (id, title, the gate's columns), no more."""
+    model = module.model
     query, _, _ = filtered(module, g.user, {"q": text})
-    query = query.select(*permissions.link_columns(module.model, module.model))
-    return list(query.order_by(module.model.updated_at.desc()).limit(limit))
+    return list(first_rows(query, (model.updated_at.desc(), model.id.desc()), limit,
+                           permissions.link_columns(model, model)))
 
 
 @bp.route("/")

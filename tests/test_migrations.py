@@ -94,3 +94,20 @@ def test_the_search_column_holds_every_search_field_of_its_module(migrated_db):
                 "WHERE table_name = %s AND column_name = 'search_text'", (table,)).fetchone()[0]
             named = set(re.findall(r"COALESCE\(\(?(\w+)", expression, flags=re.I))
             assert named == set(module.search_fields), (table, expression)
+
+
+def test_the_walk_indexes_hold_every_column_a_list_narrows_by(migrated_db):
+    """A list walks ``{table}_owner`` or ``{table}_recent`` and asks for the page's ids alone
+    (migration 0008): the walk reads no table row only while its index holds the search text,
+    the gate's owner and team, and every choice filter of the module."""
+    from webapp.crud import MODULES
+    with migrated_db.connection_context():
+        for module in MODULES.values():
+            table = module.model._meta.table_name
+            narrowed = {"search_text"} | {module.model._meta.fields[f.field].column_name
+                                           for f in module.filters if f.values}
+            for index, gate in ((f"{table}_owner", {"owner_id"}), (f"{table}_recent", {"owner_id", "team_id"})):
+                columns = {name for (name,) in migrated_db.execute_sql(
+                    "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+                    "AND a.attnum = ANY(i.indkey) WHERE i.indexrelid = %s::regclass", (index,)).fetchall()}
+                assert narrowed | gate <= columns, (index, sorted((narrowed | gate) - columns))

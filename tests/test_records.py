@@ -198,25 +198,32 @@ def test_a_two_character_word_is_looked_up_in_the_index_not_read_from_every_row(
 
 
 @pytest.mark.parametrize("role,path", [("agent", "/contacts/?q=王"), ("manager", "/contacts/?q=王"),
-                                       ("boss", "/contacts/?q=王"), ("agent", "/search/?q=王")])
+                                       ("boss", "/contacts/?q=王"), ("agent", "/search/?q=王"),
+                                       ("agent", "/leads/?q=王&status=new"), ("manager", "/leads/?q=王&status=new")])
 def test_a_search_walk_tests_the_word_in_the_index_not_in_the_table(make_seat, browser_for, db, role, path):
-    """A common word is found by walking the seat's newest rows. The walk's index holds the
-    search text (and the gate's owner and team: migration 0008) and the page asks for its ids
-    alone, so the walk is an index-only scan that fetches none of the rows it passes from the
-    table (an agent's rows lie scattered over it); only the page's own rows are read, by id."""
+    """A common word is found by walking the seat's newest rows. The walk's index holds what
+    the list narrows by (the search text, the choice filters, the gate's owner and team:
+    migration 0008) and the page asks for its ids alone, so the walk is an index-only scan
+    that fetches none of the rows it passes from the table (an agent's rows lie scattered
+    over it); only the page's own rows are read, by id."""
+    model = Lead if path.startswith("/leads/") else Contact
+    table = model._meta.table_name
     seat = make_seat(f"{role}@corp.cn", role=role, team="East")
     colleague = make_seat("colleague@corp.cn", role="agent", team="East")
     outsider = make_seat("outsider@corp.cn", role="agent", team="West")
-    rows = [{"last_name": ("王" if i % 3 == 0 else "李") + str(i), "owner": owner.user.id,
-             "team": owner.user.team_id} for i in range(300) for owner in (seat, colleague, outsider)]
+    rows = [{"last_name": ("王" if i % 3 == 0 else "李") + str(i), "owner": owner.user.id, "team": owner.user.team_id}
+            for i in range(300) for owner in (seat, colleague, outsider)]
+    if model is Lead:
+        for n, row in enumerate(rows):
+            row["status"] = "new" if n // 3 % 2 == 0 else "contacted"  # i even: new
     with db.atomic():
         # The test cluster commits asynchronously; VACUUM marks a page all-visible only once
         # its rows' commit is flushed (hint bits), as it would be on the appliance.
         db.execute_sql("SET LOCAL synchronous_commit = on")
-        Contact.insert_many(rows).execute()
-    db.execute_sql("VACUUM ANALYZE contact")  # as autovacuum would: statistics and the visibility map
+        model.insert_many(rows).execute()
+    db.execute_sql(f'VACUUM ANALYZE "{table}"')  # as autovacuum would: statistics and the visibility map
     b = browser_for(seat)
-    statements = [(sql, params) for sql, params in _queries(b, path) if 'FROM "contact"' in sql]
+    statements = [(sql, params) for sql, params in _queries(b, path) if f'FROM "{table}"' in sql]
     assert len(statements) == 1, statements
     with db.atomic():
         for setting in ("enable_seqscan", "enable_bitmapscan"):  # too few rows for the planner to want an index
@@ -226,13 +233,14 @@ def test_a_search_walk_tests_the_word_in_the_index_not_in_the_table(make_seat, b
     while nodes:
         node = nodes.pop()
         nodes += node.get("Plans", [])
-        if node.get("Relation Name") == "contact":
+        if node.get("Relation Name") == table:
             scans.append((node["Node Type"], node["Index Name"], node.get("Heap Fetches")))
-    walks = [scan for scan in scans if scan[1] != "contact_pkey"]
+    walks = [scan for scan in scans if scan[1] != f"{table}_pkey"]
     assert len(walks) == 1 and walks[0][0] == "Index Only Scan" and walks[0][2] == 0, scans
     # Rows were written i by i, each for the seat, the colleague, then the outsider.
     sees = {"agent": 1, "manager": 2, "boss": 3}[role]  # the seat; and its team; and everyone
-    newest = [f"王{i}" for i in range(297, -1, -3) for owner in (2, 1, 0) if owner < sees]
+    step = 6 if model is Lead else 3  # 王 at every third i, and of those the new leads at every sixth
+    newest = [f"王{i}" for i in range(299 - 299 % step, -1, -step) for owner in (2, 1, 0) if owner < sees]
     shown = re.findall(r">(王\d+)</a>", b.get(path).get_data(as_text=True))
     assert shown == newest[:len(shown)] and len(shown) == 10, shown
 

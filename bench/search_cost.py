@@ -1,10 +1,11 @@
-"""SQL time of every search the seat load test makes, per role, on demo data sets.
+"""SQL time of every list and search the seat load test makes, per role, on demo data sets.
 
 Each data set is named by an appliance config whose database holds ``crm-appliance
 demo-data`` (as ``bench/load/run.py`` builds them; its seats log in with the password in
-``--password-file``). For an agent (seat 10), a manager (seat 2) and the boss (seat 1), the
-lists searched with each word of ``bench/load/locustfile.py`` (with and without "mine") and
-the global search for each of its words are requested through the Flask test client: once
+``--password-file``). For an agent (seat 10), a manager (seat 2) and the boss (seat 1), each
+module's list as the mix of ``bench/load/locustfile.py`` asks for it (bare; each filter
+value; each word, alone and with each filter value) and the global search for each of its
+words are requested through the Flask test client: once
 to warm the caches, then ``--repeat`` times; the best run's SQL time counts (milliseconds in
 ``execute_sql``, the statements of the page). Printed: every search per data set, the
 slowest, and the sums per kind, with the growth from the first data set to each other::
@@ -31,13 +32,16 @@ from run import ROLES, instrumented_app, logged_in_client  # noqa: E402  (the lo
 
 
 def searches() -> list[tuple[str, str]]:
-    """(kind, path) of every search the load mix makes."""
+    """(kind, path) of every list and search the load mix makes, named as the load test names
+    them: a list without parameters is "list"; with a word, a filter or both, "list search"."""
     paths = []
     for prefix, (filters, words) in locustfile.MODULES.items():
+        narrowing = [f"{name}={value}" for name, values in filters.items() for value in values]
+        paths.append(("list", f"/{prefix}/"))
+        paths += [("list search", f"/{prefix}/?{f}") for f in narrowing]
         for word in words:
             paths.append(("list search", f"/{prefix}/?q={quote(word)}"))
-            if "mine" in filters:
-                paths.append(("list search", f"/{prefix}/?q={quote(word)}&mine=1"))
+            paths += [("list search", f"/{prefix}/?q={quote(word)}&{f}") for f in narrowing]
     paths += [("global search", f"/search/?q={quote(word)}") for word in locustfile.GLOBAL_SEARCH]
     return paths
 
@@ -77,7 +81,7 @@ def main() -> int:
     for key in sorted(keys, key=lambda k: -results[-1][k]):
         print(f"{key[0]:8} {key[1]:14} " + " ".join(f"{r[key]:10.2f}" for r in results) + f"  {key[2]}")
     print("\nSQL ms summed per kind (and growth from the first data set)")
-    for kind in ("list search", "global search", "all"):
+    for kind in ("list", "list search", "global search", "all"):
         sums = [sum(v for k, v in r.items() if kind in ("all", k[1])) for r in results]
         growth = " ".join(f"{s / sums[0]:.2f}x" for s in sums[1:])
         print(f"  {kind:14} " + " ".join(f"{s:10.0f}" for s in sums) + f"  {growth}")

@@ -243,13 +243,15 @@ def first_rows(matching, order: tuple, limit: int, columns: list):
     """The first ``limit`` rows of ``matching`` (a query of one model) in ``order``, read as
     ``columns``: their ids first, then those rows.
 
-    Asking for the ids alone lets a walk over a seat's newest rows test the search word in
-    the walk's index (migration 0008) instead of fetching each row it passes from the table:
-    an agent's search for a common word passes hundreds of rows, scattered over the table.
+    Asking for the ids alone lets a walk over a seat's newest rows test the search word and
+    the filters in the walk's index (migration 0008) instead of fetching each row it passes
+    from the table: an agent's search for a common word passes hundreds of rows, scattered
+    over the table. ``= ANY(ARRAY(...))`` rather than ``IN (...)``: the same plan (the ids,
+    then the rows by primary key) at half the planning time, as the planner weighs no joins.
     """
     model = matching.model
     ids = matching.select(model.id).order_by(*order).limit(limit)
-    return model.select(*columns).where(model.id.in_(ids)).order_by(*order)
+    return model.select(*columns).where(model.id == peewee.fn.ANY(peewee.fn.ARRAY(ids))).order_by(*order)
 
 
 def list_page(module: Module, user: User, args, page_size: int) -> Page:
@@ -271,7 +273,11 @@ def list_page(module: Module, user: User, args, page_size: int) -> Page:
     order = (sort_field.asc(), model.id.asc()) if ascending else (sort_field.desc(), model.id.desc())
     # The columns the page shows, its title, its paging key and the gate's: not descriptions.
     shown = {*permissions.GATE_FIELDS, sort, *model.title_fields, *(c.name for c in module.columns)}
-    query = first_rows(query, order, page_size + 1, [f for name, f in model._meta.fields.items() if name in shown])
+    columns = [f for name, f in model._meta.fields.items() if name in shown]
+    if text or active:
+        query = first_rows(query, order, page_size + 1, columns)
+    else:  # nothing to test on the way: the walk reads just the page's rows
+        query = query.select(*columns).order_by(*order).limit(page_size + 1)
     rows = list(permissions.with_related(query, model, [c.name for c in module.columns]))
     more = len(rows) > page_size
     rows = rows[:page_size]

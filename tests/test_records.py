@@ -245,6 +245,24 @@ def test_a_search_walk_tests_the_word_in_the_index_not_in_the_table(make_seat, b
     assert shown == newest[:len(shown)] and len(shown) == 10, shown
 
 
+@pytest.mark.parametrize("role", ["agent", "manager", "boss"])
+def test_only_mine_lists_the_seats_own_records_and_names_the_owner_once(make_seat, browser_for, role):
+    """"Only mine" narrows the gate to the seat's own records rather than adding ``owner_id
+    = me`` to it: the same rows, but a condition the planner does not count twice."""
+    seat = make_seat(f"{role}@corp.cn", role=role, team="East")
+    colleague = make_seat("colleague@corp.cn", role="agent", team="East")
+    audit.create(seat.user, Account, {"name": "Mine Ltd"})
+    audit.create(colleague.user, Account, {"name": "Colleague Ltd"})
+    b = browser_for(seat)
+    for path in ("/accounts/?mine=1", "/accounts/?mine=1&q=Ltd"):
+        html = b.get(path).get_data(as_text=True)
+        assert "Mine Ltd" in html and "Colleague Ltd" not in html, path
+        statements = [sql for sql, _ in _queries(b, path) if 'FROM "account"' in sql]
+        assert len(statements) == 1 and statements[0].count('"owner_id" = %s') == 1, statements
+    if role != "agent":
+        assert "Colleague Ltd" in b.get("/accounts/").get_data(as_text=True)
+
+
 # ----------------------------------------------------------------------------- paging
 
 def test_keyset_pages_walk_every_row_once_in_both_directions(agent, browser_for):

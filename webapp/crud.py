@@ -216,7 +216,8 @@ def matches(model, text: str):
 def filtered(module: Module, user: User, args, action: str = "read"):
     """The module's visible records narrowed by the search text and filters in ``args``."""
     model = module.model
-    query = permissions.visible(user, model, action)
+    mine = any(flt.name == "mine" for flt in module.filters) and (args.get("mine") or "").strip() == "1"
+    query = permissions.visible(user, model, action, own_only=mine)
     text = (args.get("q") or "").strip()[:MAX_QUERY]
     if text:
         query = query.where(matches(model, text))
@@ -226,7 +227,7 @@ def filtered(module: Module, user: User, args, action: str = "read"):
         if not raw:
             continue
         if flt.name == "mine" and raw == "1":
-            query = query.where(model.owner == user.id)
+            pass  # the gate's own_only above
         elif flt.values:
             if raw not in flt.values:
                 abort(400, _("Unknown filter value."))

@@ -78,9 +78,20 @@ def _condition(user: User, model: type[OwnedRecord], action: str):
     return SQL("false")
 
 
-def visible(user: User, model: type[OwnedRecord], action: str = "read"):
-    """A SELECT of the live records of ``model`` the seat may ``action``."""
-    return model.select().where(model.deleted_at.is_null(), _condition(user, model, action))
+def visible(user: User, model: type[OwnedRecord], action: str = "read", own_only: bool = False):
+    """A SELECT of the live records of ``model`` the seat may ``action``; with ``own_only``,
+    of those the seat owns.
+
+    Every level but ``none`` includes the seat's own records, so ``own_only`` replaces the
+    level's condition instead of adding to it: ``(team_id = 3 OR owner_id = 7) AND owner_id
+    = 7`` says the same, but the planner multiplies the two into an estimate of almost no
+    rows and walks the wrong index (a manager's "mine" search at ten times the 50-seat data
+    set: 153 ms).
+    """
+    condition = _condition(user, model, action)
+    if own_only and level(user, model.entity, action) != "none":
+        condition = model.owner == user.id
+    return model.select().where(model.deleted_at.is_null(), condition)
 
 
 def allows(user: User, record: OwnedRecord, action: str) -> bool:

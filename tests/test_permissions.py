@@ -115,6 +115,20 @@ def test_board_shows_only_visible_cards(world):
         assert _markers(html, "opportunity") == VISIBLE[viewer], viewer
 
 
+def test_only_mine_on_the_board_and_the_dashboard_is_the_seats_own(world):
+    """A manager sees the team's cards, but "only mine" and the dashboard's "my" lists hold
+    the manager's own records alone (M owns none; A's ticket and activity are A's)."""
+    m = world["browser"]("M")
+    assert _markers(m.get("/opportunities/board").get_data(as_text=True), "opportunity") == {"A", "B"}
+    assert _markers(m.get("/opportunities/board?mine=1").get_data(as_text=True), "opportunity") == set()
+    assert _markers(world["browser"]("A").get("/opportunities/board?mine=1").get_data(as_text=True),
+                    "opportunity") == {"A"}
+    mine_part = m.get("/").get_data(as_text=True).split("Recent changes")[0]  # the "My ..." cards
+    assert _markers(mine_part, "ticket") == _markers(mine_part, "activity") == set()
+    a_mine_part = world["browser"]("A").get("/").get_data(as_text=True).split("Recent changes")[0]
+    assert _markers(a_mine_part, "ticket") == {"A"}
+
+
 def test_related_lists_go_through_the_gate(world):
     account = world["records"]["A"]["account"]
     html_a = world["browser"]("A").get(f"/accounts/{account.id}").get_data(as_text=True)

@@ -14,21 +14,21 @@ bp = Blueprint("dashboard", __name__)
 
 
 def my_open_activities(user, limit=10):
-    return list(permissions.visible(user, Activity)
-                .where(Activity.owner == user.id, Activity.status == "planned")
+    return list(permissions.visible(user, Activity, own_only=True)
+                .where(Activity.status == "planned")
                 .order_by(Activity.due_at.asc(nulls="LAST"), Activity.id).limit(limit))
 
 
 def my_open_tickets(user, limit=10):
-    return list(permissions.visible(user, Ticket)
-                .where(Ticket.owner == user.id, Ticket.status.not_in(("solved", "closed")))
+    return list(permissions.visible(user, Ticket, own_only=True)
+                .where(Ticket.status.not_in(("solved", "closed")))
                 .order_by(Ticket.updated_at.desc()).limit(limit))
 
 
 def my_pipeline(user) -> list[dict]:
-    rows = {r.stage: r for r in permissions.visible(user, Opportunity)
+    rows = {r.stage: r for r in permissions.visible(user, Opportunity, own_only=True)
             .select(Opportunity.stage, fn.COUNT(Opportunity.id).alias("n"), fn.SUM(Opportunity.amount).alias("total"))
-            .where(Opportunity.owner == user.id).group_by(Opportunity.stage)}
+            .group_by(Opportunity.stage)}
     return [{"stage": s, "count": rows[s].n if s in rows else 0,
              "total": rows[s].total if s in rows else 0} for s in OPPORTUNITY_STAGES]
 

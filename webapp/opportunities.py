@@ -37,9 +37,7 @@ _SETTLED_PROBABILITY = {"won": 100, "lost": 0}
 
 def board_columns(user, only_mine: bool = False) -> list[dict]:
     """Per stage: the newest visible cards, and count and total of all visible ones."""
-    base = permissions.visible(user, Opportunity)
-    if only_mine:
-        base = base.where(Opportunity.owner == user.id)
+    base = permissions.visible(user, Opportunity, own_only=only_mine)
     totals = {row.stage: (row.n, row.total) for row in
               base.select(Opportunity.stage, fn.COUNT(Opportunity.id).alias("n"),
                           fn.SUM(Opportunity.amount).alias("total")).group_by(Opportunity.stage)}

@@ -225,16 +225,7 @@ def test_a_search_walk_tests_the_word_in_the_index_not_in_the_table(make_seat, b
     b = browser_for(seat)
     statements = [(sql, params) for sql, params in _queries(b, path) if f'FROM "{table}"' in sql]
     assert len(statements) == 1, statements
-    with db.atomic():
-        for setting in ("enable_seqscan", "enable_bitmapscan"):  # too few rows for the planner to want an index
-            db.execute_sql(f"SET LOCAL {setting} = off")
-        plan = db.execute_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + statements[0][0], statements[0][1]).fetchone()[0]
-    nodes, scans = [plan[0]["Plan"]], []
-    while nodes:
-        node = nodes.pop()
-        nodes += node.get("Plans", [])
-        if node.get("Relation Name") == table:
-            scans.append((node["Node Type"], node["Index Name"], node.get("Heap Fetches")))
+    scans = _scans(db, *statements[0], table)
     walks = [scan for scan in scans if scan[1] != f"{table}_pkey"]
     assert len(walks) == 1 and walks[0][0] == "Index Only Scan" and walks[0][2] == 0, scans
     # Rows were written i by i, each for the seat, the colleague, then the outsider.
@@ -243,6 +234,37 @@ def test_a_search_walk_tests_the_word_in_the_index_not_in_the_table(make_seat, b
     newest = [f"王{i}" for i in range(299 - 299 % step, -1, -step) for owner in (2, 1, 0) if owner < sees]
     shown = re.findall(r">(王\d+)</a>", b.get(path).get_data(as_text=True))
     assert shown == newest[:len(shown)] and len(shown) == 10, shown
+
+
+def _scans(db, sql: str, params, table: str) -> list[tuple]:
+    """(node type, index, heap fetches) of each scan of ``table`` in the statement's plan, with
+    the planner kept off sequential and bitmap scans (a test's few rows would invite them)."""
+    with db.atomic():
+        for setting in ("enable_seqscan", "enable_bitmapscan"):
+            db.execute_sql(f"SET LOCAL {setting} = off")
+        plan = db.execute_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchone()[0]
+    nodes, scans = [plan[0]["Plan"]], []
+    while nodes:
+        node = nodes.pop()
+        nodes += node.get("Plans", [])
+        if node.get("Relation Name") == table:
+            scans.append((node["Node Type"], node["Index Name"], node.get("Heap Fetches")))
+    return scans
+
+
+def test_the_dashboard_pipeline_is_summed_from_the_owner_index(agent, browser_for, db):
+    """A seat's opportunities counted and summed by stage: the owner index holds the stage
+    and the amount (migration 0008), so all of the seat's opportunities are read from it,
+    none from the table (an agent's are scattered over it)."""
+    with db.atomic():
+        db.execute_sql("SET LOCAL synchronous_commit = on")  # see the search-walk test
+        Opportunity.insert_many([{"name": f"Deal {i}", "owner": agent.user.id, "amount": i,
+                                  "stage": ("proposal", "won")[i % 2]} for i in range(200)]).execute()
+    db.execute_sql("VACUUM ANALYZE opportunity")
+    b = browser_for(agent)
+    statements = [(sql, params) for sql, params in _queries(b, "/") if "GROUP BY" in sql and '"opportunity"' in sql]
+    assert len(statements) == 1, statements
+    assert _scans(db, *statements[0], "opportunity") == [("Index Only Scan", "opportunity_owner", 0)]
 
 
 @pytest.mark.parametrize("role", ["agent", "manager", "boss"])

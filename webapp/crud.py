@@ -216,28 +216,26 @@ def matches(model, text: str):
 def filtered(module: Module, user: User, args, action: str = "read"):
     """The module's visible records narrowed by the search text and filters in ``args``."""
     model = module.model
-    mine = any(flt.name == "mine" for flt in module.filters) and (args.get("mine") or "").strip() == "1"
-    query = permissions.visible(user, model, action, own_only=mine)
     text = (args.get("q") or "").strip()[:MAX_QUERY]
-    if text:
-        query = query.where(matches(model, text))
-    active = {}
+    conditions = [matches(model, text)] if text else []
+    active, mine = {}, False
     for flt in module.filters:
         raw = (args.get(flt.name) or "").strip()
         if not raw:
             continue
         if flt.name == "mine" and raw == "1":
-            pass  # the gate's own_only above
+            mine = True  # narrows the gate itself (own_only)
         elif flt.values:
             if raw not in flt.values:
                 abort(400, _("Unknown filter value."))
-            query = query.where(getattr(model, flt.field) == raw)
+            conditions.append(getattr(model, flt.field) == raw)
         else:
             if not raw.isdigit() or not permissions.valid_id(int(raw)):
                 abort(400, _("Unknown filter value."))
-            query = query.where(getattr(model, flt.field) == int(raw))
+            conditions.append(getattr(model, flt.field) == int(raw))
         active[flt.name] = raw
-    return query, text, active
+    query = permissions.visible(user, model, action, own_only=mine)
+    return (query.where(*conditions) if conditions else query), text, active
 
 
 def first_rows(matching, order: tuple, limit: int, columns: list):

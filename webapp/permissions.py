@@ -65,17 +65,17 @@ def can(user: User, entity: str, action: str) -> bool:
     return level(user, entity, action) != "none"
 
 
-def _condition(user: User, model: type[OwnedRecord], action: str):
+def _condition(user: User, model: type[OwnedRecord], action: str, own_only: bool = False):
     lvl = level(user, model.entity, action)
+    if lvl == "none":
+        return SQL("false")
+    if own_only or lvl == "own":  # every level but none includes the seat's own records
+        return model.owner == user.id
     if lvl == "all":
         return SQL("true")
-    if lvl == "team":
-        if user.team_id is None:
-            return model.owner == user.id
-        return (model.team == user.team_id) | (model.owner == user.id)
-    if lvl == "own":
+    if user.team_id is None:  # team
         return model.owner == user.id
-    return SQL("false")
+    return (model.team == user.team_id) | (model.owner == user.id)
 
 
 def visible(user: User, model: type[OwnedRecord], action: str = "read", own_only: bool = False):
@@ -89,10 +89,7 @@ def visible(user: User, model: type[OwnedRecord], action: str = "read", own_only
     in the index (a manager's "mine" search at ten times the 50-seat data set: 136 ms
     against 0.6 ms, docs/performance.md).
     """
-    condition = _condition(user, model, action)
-    if own_only and level(user, model.entity, action) != "none":
-        condition = model.owner == user.id
-    return model.select().where(model.deleted_at.is_null(), condition)
+    return model.select().where(model.deleted_at.is_null(), _condition(user, model, action, own_only))
 
 
 def allows(user: User, record: OwnedRecord, action: str) -> bool:

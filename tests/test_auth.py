@@ -13,6 +13,7 @@ import pytest
 from appliance import seats
 from appliance.errors import SeatError
 from tests.conftest import PASSWORD
+from webapp.forms import seat_label
 from webapp.models import LoginLog, SetPasswordToken, User, utcnow
 
 
@@ -120,9 +121,9 @@ def test_lock_out_after_repeated_failures(settings, make_seat, browser_for):
 def test_forms_without_csrf_token_are_rejected(make_seat, browser_for):
     seat = make_seat("a@corp.cn")
     b = browser_for(seat)
-    resp = b.client.post("/accounts/new", data={"name": "no token", "owner": seat.user.id})
+    resp = b.client.post("/accounts/new", data={"name": "no token", "owner": seat_label(seat.user)})
     assert resp.status_code == 400
-    resp = b.client.post("/accounts/new", data={"name": "bad token", "owner": seat.user.id, "csrf_token": "x"})
+    resp = b.client.post("/accounts/new", data={"name": "bad token", "owner": seat_label(seat.user), "csrf_token": "x"})
     assert resp.status_code == 400
     anon = browser_for(None)
     resp = anon.client.post("/auth/login", data={"email": "a@corp.cn", "password": PASSWORD})
@@ -256,9 +257,9 @@ def test_a_sessions_csrf_token_is_signed_once_and_stays_valid(make_seat, browser
     time.sleep(1.1)  # a token signed anew now would carry another timestamp
     tokens += [b.csrf(path) for path in ("/accounts/", "/accounts/new")]
     assert tokens[0] == tokens[1] == tokens[2]
-    resp = b.client.post("/accounts/new", data={"csrf_token": tokens[0], "name": "Acme", "owner": seat.user.id})
+    resp = b.client.post("/accounts/new", data={"csrf_token": tokens[0], "name": "Acme", "owner": seat_label(seat.user)})
     assert resp.status_code == 302, resp.get_data(as_text=True)[:300]
     other = browser_for(make_seat("b@corp.cn"))
     assert other.csrf("/") != tokens[0]
-    resp = other.client.post("/accounts/new", data={"csrf_token": tokens[0], "name": "Stolen", "owner": seat.user.id})
+    resp = other.client.post("/accounts/new", data={"csrf_token": tokens[0], "name": "Stolen", "owner": seat_label(seat.user)})
     assert resp.status_code == 400

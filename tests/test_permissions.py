@@ -15,6 +15,7 @@ import shutil
 import pytest
 
 from webapp import audit
+from webapp.forms import seat_label
 from webapp.models import RECORD_MODELS, Account, Activity, Contact, Lead, Note, Opportunity, Ticket
 
 ROUTES = {  # entity -> (url prefix, field holding the marker)
@@ -83,7 +84,7 @@ def test_list_detail_edit_delete_follow_the_level(world, viewer, entity):
         assert b.get(f"{prefix}/{record.id}/delete").status_code == expected, (viewer, owner, "delete form")
         if not allowed:
             # The writes are refused too, and nothing changes.
-            resp = b.post(f"{prefix}/{record.id}/edit", {"owner": world["seats"][viewer].user.id})
+            resp = b.post(f"{prefix}/{record.id}/edit", {"owner": seat_label(world["seats"][viewer].user)})
             assert resp.status_code == 404
             assert b.post(f"{prefix}/{record.id}/delete").status_code == 404
             fresh = RECORD_MODELS[entity].get_by_id(record.id)
@@ -145,7 +146,7 @@ def test_special_actions_on_foreign_records_are_404(world):
     assert b.post(f"/opportunities/{rec_b['opportunity'].id}/stage", {"stage": "won"}).status_code == 404
     assert b.get(f"/tickets/{rec_b['ticket'].id}/transfer").status_code == 404
     assert b.post(f"/tickets/{rec_b['ticket'].id}/transfer",
-                  {"to_user": world["seats"]["A"].user.id}).status_code == 404
+                  {"to_user": seat_label(world["seats"]["A"].user)}).status_code == 404
     assert b.post(f"/notes/account/{rec_b['account'].id}", {"body": "sneaky"}).status_code == 404
     assert b.post(f"/notes/{rec_b['note'].id}/delete").status_code == 404
     assert Opportunity.get_by_id(rec_b["opportunity"].id).stage == "prospecting"
@@ -158,7 +159,7 @@ def test_activity_cannot_link_to_a_foreign_record(world):
     b = world["browser"]("A")
     foreign = world["records"]["B"]["account"]
     resp = b.post("/activities/new", {"kind": "task", "subject": "linked", "status": "planned",
-                                      "owner": world["seats"]["A"].user.id, "parent": f"account:{foreign.id}"},
+                                      "owner": seat_label(world["seats"]["A"].user), "parent": f"account:{foreign.id}"},
                   token_from="/activities/new")
     assert resp.status_code == 400
     assert Activity.select().where(Activity.subject == "linked").count() == 0
@@ -167,11 +168,22 @@ def test_activity_cannot_link_to_a_foreign_record(world):
     assert "The linked record does not exist or is not yours to see." in resp.get_data(as_text=True)
 
 
+def test_the_seat_lookup_needs_a_login_and_gives_names_only(world, app):
+    """Any seat may assign a record to any active seat, so each may look the seats up: names
+    and ids (as lists show them), never e-mail addresses, and nothing without a login."""
+    anonymous = app.test_client().get("/search/seats?q=A")
+    assert anonymous.status_code == 302 and "/auth/login" in anonymous.headers["Location"]
+    for viewer in ("A", "C", "M", "boss"):
+        rows = world["browser"](viewer).get("/search/seats?q=b").get_json()
+        assert {r["id"] for r in rows} == {world["seats"][w].user.id for w in ("B", "boss")}, viewer
+        assert not [r for r in rows if "@" in r["label"]]
+
+
 def test_lookup_field_cannot_reach_a_foreign_account(world):
     b = world["browser"]("A")
     foreign = world["records"]["B"]["account"]
     resp = b.post("/contacts/new", {"last_name": "probe", "account": f"acc-B (#{foreign.id})",
-                                    "owner": world["seats"]["A"].user.id}, token_from="/contacts/new")
+                                    "owner": seat_label(world["seats"]["A"].user)}, token_from="/contacts/new")
     assert resp.status_code == 400
     assert Contact.select().where(Contact.last_name == "probe").count() == 0
 
@@ -228,7 +240,7 @@ def test_manager_can_edit_team_record_but_not_other_team(world):
     b = world["browser"]("M")
     rec_b = world["records"]["B"]["account"]
     rec_c = world["records"]["C"]["account"]
-    owner_b = world["seats"]["B"].user.id
+    owner_b = seat_label(world["seats"]["B"].user)
     resp = b.post(f"/accounts/{rec_b.id}/edit", {"name": "acc-B renamed", "owner": owner_b},
                   token_from=f"/accounts/{rec_b.id}/edit")
     assert resp.status_code == 302
@@ -293,7 +305,8 @@ COVERED = {
     "/leads/<int:record_id>/convert": "special actions", "/opportunities/<int:record_id>/stage": "special actions",
     "/opportunities/board": "board", "/tickets/<int:record_id>/transfer": "special actions",
     "/notes/<entity>/<int:record_id>": "special actions", "/notes/<int:note_id>/delete": "special actions",
-    "/search/": "search", "/search/lookup/<entity>": "lookup", "/": "dashboard",
+    "/search/": "search", "/search/lookup/<entity>": "lookup", "/search/seats": "seat lookup",
+    "/": "dashboard",
     "/admin/audit": "admin", "/admin/logins": "admin", "/admin/roles": "admin", "/admin/seats": "admin",
     "/admin/seats/<int:user_id>/link": "admin", "/admin/seats/<int:user_id>/suspend": "admin",
     "/admin/seats/<int:user_id>/reactivate": "admin", "/admin/seats/bulk": "admin", "/admin/seats/change": "admin",

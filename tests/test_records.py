@@ -11,7 +11,8 @@ from urllib.parse import quote
 import pytest
 
 from webapp import audit, company
-from webapp.models import Account, Activity, AuditLog, Contact, Lead, Note, Opportunity, Ticket
+from webapp.forms import seat_label
+from webapp.models import Account, Activity, AuditLog, Contact, Lead, Note, Opportunity, Ticket, User
 
 
 @pytest.fixture
@@ -32,10 +33,10 @@ def _form(b, path: str, data: dict):
 
 def test_every_write_leaves_an_audit_row_that_outlives_the_record(agent, browser_for):
     b = browser_for(agent)
-    resp = _form(b, "/accounts/new", {"name": "Acme", "city": "Shanghai", "owner": agent.user.id})
+    resp = _form(b, "/accounts/new", {"name": "Acme", "city": "Shanghai", "owner": seat_label(agent.user)})
     assert resp.status_code == 302
     acc = Account.get(Account.name == "Acme")
-    resp = _form(b, f"/accounts/{acc.id}/edit", {"name": "Acme Ltd", "city": "Shanghai", "owner": agent.user.id})
+    resp = _form(b, f"/accounts/{acc.id}/edit", {"name": "Acme Ltd", "city": "Shanghai", "owner": seat_label(agent.user)})
     assert resp.status_code == 302
     assert b.post(f"/accounts/{acc.id}/delete").status_code == 302
     rows = list(AuditLog.select().where(AuditLog.entity == "account", AuditLog.record_id == acc.id)
@@ -54,7 +55,7 @@ def test_saving_without_changes_writes_no_audit_row(agent, browser_for):
     b = browser_for(agent)
     acc = audit.create(agent.user, Account, {"name": "Same"})
     before = AuditLog.select().count()
-    resp = _form(b, f"/accounts/{acc.id}/edit", {"name": "Same", "owner": agent.user.id})
+    resp = _form(b, f"/accounts/{acc.id}/edit", {"name": "Same", "owner": seat_label(agent.user)})
     assert resp.status_code == 302
     assert AuditLog.select().count() == before
 
@@ -99,7 +100,7 @@ def test_boss_filters_the_audit_log(boss, agent, browser_for):
 def test_invalid_form_shows_field_errors_and_saves_nothing(agent, browser_for):
     b = browser_for(agent)
     resp = _form(b, "/opportunities/new", {"name": "", "amount": "lots", "probability": "150", "stage": "won",
-                                           "currency": "CNY", "owner": agent.user.id, "expected_close": "31/12"})
+                                           "currency": "CNY", "owner": seat_label(agent.user), "expected_close": "31/12"})
     assert resp.status_code == 400
     html = resp.get_data(as_text=True)
     assert html.count('class="error"') >= 4, "name, amount, probability and date each get an error"
@@ -111,7 +112,7 @@ def test_invalid_form_shows_field_errors_and_saves_nothing(agent, browser_for):
     ("name", "x" * 201), ("email", "not-an-email"), ("phone", "1" * 51), ("description", "d" * 20_001),
 ])
 def test_over_long_or_malformed_input_is_a_field_error_never_a_500(agent, browser_for, field, value):
-    data = {"name": "ok", "owner": agent.user.id}
+    data = {"name": "ok", "owner": seat_label(agent.user)}
     data[field] = value
     resp = _form(browser_for(agent), "/accounts/new", data)
     assert resp.status_code == 400
@@ -120,10 +121,10 @@ def test_over_long_or_malformed_input_is_a_field_error_never_a_500(agent, browse
 
 def test_unknown_owner_or_choice_is_refused(agent, browser_for):
     b = browser_for(agent)
-    assert _form(b, "/accounts/new", {"name": "x", "owner": 999999}).status_code == 400
+    assert _form(b, "/accounts/new", {"name": "x", "owner": "(#999999)"}).status_code == 400
     assert _form(b, "/accounts/new", {"name": "x", "owner": "abc"}).status_code == 400
     assert _form(b, "/tickets/new", {"subject": "x", "status": "teleported", "priority": "normal",
-                                     "owner": agent.user.id}).status_code == 400
+                                     "owner": seat_label(agent.user)}).status_code == 400
     assert Account.select().count() == 0 and Ticket.select().count() == 0
 
 
@@ -382,16 +383,16 @@ def test_convert_lead_is_all_or_nothing(agent, browser_for, monkeypatch):
 def test_ticket_status_flow(agent, browser_for):
     b = browser_for(agent)
     assert _form(b, "/tickets/new", {"subject": "Broken", "status": "solved", "priority": "normal",
-                                     "owner": agent.user.id}).status_code == 400, "a ticket starts new or open"
+                                     "owner": seat_label(agent.user)}).status_code == 400, "a ticket starts new or open"
     assert _form(b, "/tickets/new", {"subject": "Broken", "status": "new", "priority": "high",
-                                     "owner": agent.user.id}).status_code == 302
+                                     "owner": seat_label(agent.user)}).status_code == 302
     ticket = Ticket.get(Ticket.subject == "Broken")
     for status in ("open", "pending", "solved", "closed"):
         resp = _form(b, f"/tickets/{ticket.id}/edit", {"subject": "Broken", "status": status, "priority": "high",
-                                                        "owner": agent.user.id})
+                                                        "owner": seat_label(agent.user)})
         assert resp.status_code == 302, status
     resp = _form(b, f"/tickets/{ticket.id}/edit", {"subject": "Broken", "status": "open", "priority": "high",
-                                                    "owner": agent.user.id})
+                                                    "owner": seat_label(agent.user)})
     assert resp.status_code == 400, "closed is final"
     assert Ticket.get_by_id(ticket.id).status == "closed"
 
@@ -401,7 +402,7 @@ def test_ticket_hand_over_moves_owner_team_and_leaves_a_note(make_seat, browser_
     c = make_seat("c@corp.cn", role="agent", team="West")
     ticket = audit.create(a.user, Ticket, {"subject": "Printer"})
     b = browser_for(a)
-    resp = _form(b, f"/tickets/{ticket.id}/transfer", {"to_user": c.user.id, "comment": "West handles printers"})
+    resp = _form(b, f"/tickets/{ticket.id}/transfer", {"to_user": seat_label(c.user), "comment": "West handles printers"})
     assert resp.status_code == 302
     ticket = Ticket.get_by_id(ticket.id)
     assert ticket.owner_id == c.user.id and ticket.team_id == c.user.team_id
@@ -437,7 +438,7 @@ def test_activity_linked_to_a_record_shows_on_its_timeline(agent, browser_for, s
     path = f"/activities/new?parent=account:{acc.id}"
     assert f'value="account:{acc.id}"' in b.get(path).get_data(as_text=True)
     resp = b.post(path, {"kind": "call", "subject": "Call the buyer", "status": "planned",
-                         "owner": agent.user.id, "parent": f"account:{acc.id}", "due_at": "2026-12-01T09:30"},
+                         "owner": seat_label(agent.user), "parent": f"account:{acc.id}", "due_at": "2026-12-01T09:30"},
                   token_from=path)
     assert resp.status_code == 302
     act = Activity.get(Activity.subject == "Call the buyer")
@@ -587,7 +588,7 @@ def test_editing_keeps_a_link_to_a_record_the_editor_cannot_see(make_seat, brows
     assert "Secret Holdings" not in form and f'value="(#{secret_account.id})"' in form
     resp = _form(browser, f"/contacts/{contact.id}/edit", {"last_name": "Mine, renamed",
                                                             "account": f"(#{secret_account.id})",
-                                                            "owner": a.user.id})
+                                                            "owner": seat_label(a.user)})
     assert resp.status_code == 302
     contact = Contact.get_by_id(contact.id)
     assert contact.last_name == "Mine, renamed" and contact.account_id == secret_account.id
@@ -597,7 +598,7 @@ def test_editing_keeps_a_link_to_a_record_the_editor_cannot_see(make_seat, brows
         assert "Secret Holdings" not in html and f"#{secret_account.id}" in html, path
     # Pointing another contact at that account by its id is still refused.
     resp = _form(browser, "/contacts/new", {"last_name": "Probe", "account": f"(#{secret_account.id})",
-                                            "owner": a.user.id})
+                                            "owner": seat_label(a.user)})
     assert resp.status_code == 400
 
 
@@ -606,34 +607,80 @@ def test_a_save_without_the_lookup_field_keeps_the_link_instead_of_failing(agent
     acc = audit.create(agent.user, Account, {"name": "Kept Ltd"})
     contact = audit.create(agent.user, Contact, {"last_name": "Wang", "account": acc.id})
     b = browser_for(agent)
-    resp = _form(b, f"/contacts/{contact.id}/edit", {"last_name": "Wang Wei", "owner": agent.user.id})
+    resp = _form(b, f"/contacts/{contact.id}/edit", {"last_name": "Wang Wei", "owner": seat_label(agent.user)})
     assert resp.status_code == 302
     contact = Contact.get_by_id(contact.id)
     assert contact.last_name == "Wang Wei" and contact.account_id == acc.id
 
 
-def test_the_owner_select_writes_the_same_html_as_wtforms_own(app):
-    """ManyOptionsSelect is only faster (docs/performance.md): escaping, the selected option
-    and extra attributes come out exactly as WTForms' Select writes them."""
-    from flask_wtf import FlaskForm
-    from wtforms import SelectField
-    from wtforms.fields.choices import SelectChoice
+def test_the_owner_is_picked_by_name_and_a_form_holds_no_list_of_seats(agent, make_seat, browser_for):
+    """The "Assigned to" picker: any active seat by its exact name (in any case) or the "Name (#id)"
+    the autocomplete offers; a form page lists no seats (it listed all 1000 in the load test)."""
+    from appliance import seats
 
-    from webapp.forms import ManyOptionsSelect
+    wang = make_seat("wang@corp.cn", name="Wang Fang")
+    twins = [make_seat(f"li{i}@corp.cn", name="Li Na") for i in (1, 2)]
+    gone = make_seat("gone@corp.cn", name="Zhao Gone")
+    seats.disable_seats([gone.user])
+    b = browser_for(agent)
+    form = b.get("/accounts/new").get_data(as_text=True)
+    assert "<option" not in form and "Wang Fang" not in form
+    assert f'value="{html_escape(seat_label(agent.user))}"' in form, "a new record is the seat's own by default"
+    assert 'data-lookup="/search/seats"' in form
 
-    class Pair(FlaskForm):
-        stock = SelectField("Owner", coerce=int)
-        fast = SelectField("Owner", coerce=int, widget=ManyOptionsSelect())
+    assert _form(b, "/accounts/new", {"name": "By name", "owner": "wang fang"}).status_code == 302
+    assert Account.get(Account.name == "By name").owner_id == wang.user.id
+    assert _form(b, "/accounts/new", {"name": "By label", "owner": seat_label(twins[1].user)}).status_code == 302
+    assert Account.get(Account.name == "By label").owner_id == twins[1].user.id
+    assert _form(b, "/accounts/new", {"name": "Unsaid"}).status_code == 302, "a POST without the field"
+    assert Account.get(Account.name == "Unsaid").owner_id == agent.user.id
+    refused = {"Li Na": "Several seats have that name", "Zhao Gone": "No active seat by that name",
+               seat_label(gone.user): "No active seat by that name", "": "Choose a seat",
+               "(#999999)": "No active seat by that name"}
+    for typed, message in refused.items():
+        resp = _form(b, "/accounts/new", {"name": "Refused", "owner": typed})
+        assert resp.status_code == 400 and message in resp.get_data(as_text=True), typed
+    assert not Account.select().where(Account.name == "Refused").exists()
 
-    with app.test_request_context():
-        form = Pair(meta={"csrf": False})
-        choices = [SelectChoice(i, f"王 <b>&\"'{i}") for i in range(1, 300)]
-        form.stock.choices = form.fast.choices = choices
-        form.stock.data = form.fast.data = 150
-        for extra in ({}, {"aria-invalid": "true"}, {"required": True}):
-            stock = str(form.stock(**extra)).replace('id="stock" name="stock"', "")
-            fast = str(form.fast(**extra)).replace('id="fast" name="fast"', "")
-            assert fast == stock and "<option selected value=\"150\">" in fast and "&lt;b&gt;" in fast
+
+def test_a_record_of_a_disabled_seat_keeps_its_owner_when_saved_unchanged(agent, make_seat, browser_for):
+    from appliance import seats
+
+    leaver = make_seat("leaver@corp.cn", role="agent", name="Leaver")
+    boss = make_seat("boss@corp.cn", role="boss")
+    acc = audit.create(leaver.user, Account, {"name": "Left behind"})
+    seats.disable_seats([leaver.user])
+    b = browser_for(boss)
+    form = b.get(f"/accounts/{acc.id}/edit").get_data(as_text=True)
+    assert f'value="{seat_label(leaver.user)}"' in form
+    assert _form(b, f"/accounts/{acc.id}/edit", {"name": "Left behind, renamed",
+                                                  "owner": seat_label(leaver.user)}).status_code == 302
+    acc = Account.get_by_id(acc.id)
+    assert acc.name == "Left behind, renamed" and acc.owner_id == leaver.user.id
+    # A POST without the field at all keeps it too; handing it on works as for any record.
+    assert _form(b, f"/accounts/{acc.id}/edit", {"name": "Left behind, again"}).status_code == 302
+    assert Account.get_by_id(acc.id).owner_id == leaver.user.id
+    assert _form(b, f"/accounts/{acc.id}/edit", {"name": "Taken over", "owner": seat_label(agent.user)}).status_code == 302
+    assert Account.get_by_id(acc.id).owner_id == agent.user.id
+
+
+def test_the_seat_lookup_suggests_active_seats_by_part_of_the_name_and_nothing_else(agent, make_seat, browser_for):
+    from appliance import seats
+
+    for i in range(12):
+        make_seat(f"chen{i}@corp.cn", name=f"陈{i:02d} Chen")
+    gone = make_seat("gone@corp.cn", name="陈 Gone")
+    seats.disable_seats([gone.user])
+    b = browser_for(agent)
+    rows = b.get("/search/seats?q=CHEN").get_json()
+    assert len(rows) == 10, "at most ten suggestions"
+    assert [r["label"] for r in rows] == sorted(r["label"] for r in rows)
+    assert all(r["label"].startswith("陈") and r["label"].endswith(f"(#{r['id']})") for r in rows)
+    assert [r["label"] for r in b.get("/search/seats?q=陈05").get_json()] == [
+        seat_label(User.get(User.email == "chen5@corp.cn"))]
+    assert b.get("/search/seats?q=Gone").get_json() == [], "a disabled seat is not offered"
+    assert b.get("/search/seats?q=").get_json() == []
+    assert "@" not in b.get("/search/seats?q=c").get_data(as_text=True), "names only, no e-mail addresses"
 
 
 def test_a_record_loaded_as_a_link_has_its_title_and_the_gates_columns(agent, make_seat, db):

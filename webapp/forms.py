@@ -10,16 +10,14 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-from flask import g, request
+from flask import g, request, url_for
 from flask_babel import lazy_gettext as _l
 from flask_babel import to_user_timezone, to_utc
 from flask_wtf import FlaskForm
 from peewee import fn
 from wtforms import (DateField, DateTimeLocalField, DecimalField, HiddenField, IntegerField, SelectField,
                      StringField, TextAreaField)
-from markupsafe import Markup, escape
 from wtforms.fields.choices import SelectChoice
-from wtforms.widgets import Select, html_params
 from wtforms.validators import DataRequired, Email, InputRequired, Length, NumberRange, Optional, ValidationError
 
 from webapp import permissions
@@ -45,6 +43,9 @@ class LookupField(StringField):
     and kept as it is when the form is saved unchanged.
     """
 
+    not_found = _l("No record by that name that you can see.")
+    ambiguous = _l("Several records have that name; pick one from the suggestions.")
+
     def __init__(self, label, model, name_matches, **kwargs):
         super().__init__(label, **kwargs)
         self.model = model
@@ -52,12 +53,21 @@ class LookupField(StringField):
         self.selected_id = None
         self.kept_id = None  # the current link, which saving unchanged keeps
 
+    @property
+    def lookup_url(self) -> str:
+        """Where the autocomplete asks for suggestions (``static/app.js``)."""
+        return url_for("search.lookup", entity=self.model.entity)
+
+    def candidates(self):
+        """What the field may point to."""
+        return permissions.visible(g.user, self.model)
+
     def show_current(self, record_id: int | None, prefill: bool) -> None:
         """Remember the record's current link; on a first GET, show it (by name only if visible)."""
         self.kept_id = record_id
         if record_id is None or not prefill:
             return
-        visible = permissions.visible(g.user, self.model).where(self.model.id == record_id).first()
+        visible = self.candidates().where(self.model.id == record_id).first()
         self.data = f"{visible.title} (#{record_id})" if visible else f"(#{record_id})"
 
     def set_record(self, record) -> None:
@@ -66,8 +76,8 @@ class LookupField(StringField):
 
     def pre_validate(self, form):
         self.selected_id = None
-        if not isinstance(self.data, (str, type(None))):
-            # Not in the POST at all: the form kept the record's own value, so keep its link.
+        if not self.raw_data:
+            # Not in the POST at all: keep the record's current link (a new record's owner: its maker).
             self.selected_id = self.kept_id
             return
         text = (self.data or "").strip()
@@ -79,16 +89,60 @@ class LookupField(StringField):
         if match and self.kept_id is not None and int(match.group(1)) == self.kept_id:
             self.selected_id = self.kept_id
             return
-        query = permissions.visible(g.user, self.model)
+        query = self.candidates()
         if match:
             found = list(query.where(self.model.id == int(match.group(1))).limit(2))
         else:
             found = list(query.where(self.name_matches(self.model, text)).limit(2))
         if not found:
-            raise ValidationError(_l("No record by that name that you can see."))
+            raise ValidationError(self.not_found)
         if len(found) > 1:
-            raise ValidationError(_l("Several records have that name; pick one from the suggestions."))
+            raise ValidationError(self.ambiguous)
         self.selected_id = found[0].id
+
+
+class SeatField(LookupField):
+    """The seat a record is assigned to, picked as a record is: by name, or the "Name (#id)"
+    that the autocomplete offers. Any active seat; a new record's default is the current one.
+
+    Not a select of every seat: with 1000 seats that made each form page 40 KB and its
+    query PostgreSQL's top statement (docs/performance.md). A disabled seat that still holds
+    the record stays assigned when the form is saved unchanged.
+    """
+
+    not_found = _l("No active seat by that name.")
+    ambiguous = _l("Several seats have that name; pick one from the suggestions.")
+
+    def __init__(self, label=_l("Assigned to"), **kwargs):
+        super().__init__(label, User, seat_named, **kwargs)
+
+    @property
+    def lookup_url(self) -> str:
+        return url_for("search.seats")
+
+    def candidates(self):
+        return User.select(User.id, User.name).where(User.active)
+
+    def show_current(self, user_id: int | None, prefill: bool) -> None:
+        """Any seat's name may be shown (lists show them), also a disabled one's."""
+        self.kept_id = user_id
+        if user_id is not None and prefill:
+            seat = g.user if user_id == g.user.id else User.get_or_none(User.id == user_id)
+            self.data = seat_label(seat) if seat is not None else f"(#{user_id})"
+
+    def pre_validate(self, form):
+        super().pre_validate(form)
+        if self.selected_id is None:
+            raise ValidationError(_l("Choose a seat."))
+
+
+def seat_label(user) -> str:
+    """How a seat is named in a picker: "王伟 (#12)" (names are not unique)."""
+    return f"{user.name} (#{user.id})"
+
+
+def seat_named(model, text):
+    return fn.LOWER(model.name) == text.lower()
 
 
 def account_named(model, text):
@@ -101,53 +155,21 @@ def contact_named(model, text):
             | (fn.CONCAT(model.last_name, model.first_name) == text))
 
 
-class ManyOptionsSelect(Select):
-    """WTForms' ``<select>``, its options written in one pass instead of one ``html_params``
-    call each: the owner select lists every seat, and 1000 options took 10.6 ms per page
-    that way (docs/performance.md). Same HTML."""
-
-    def __call__(self, field, **kwargs):
-        kwargs.setdefault("id", field.id)
-        flags = getattr(field, "flags", {})
-        for name in self.validation_attrs:
-            if name not in kwargs and getattr(flags, name, False):
-                kwargs[name] = getattr(flags, name)
-        options = "".join(
-            f'<option {"selected " if choice.selected else ""}value="{escape(choice.value)}">'
-            f"{escape(choice.label or choice.value)}</option>"
-            for choice in field.iter_choices())
-        return Markup(f"<select {html_params(name=field.name, **kwargs)}>{options}</select>")
-
-
-class OwnerField(SelectField):
-    """The seat a record is assigned to: any active seat, default the current one."""
-
-    widget = ManyOptionsSelect()
-
-    def __init__(self, label=_l("Assigned to"), **kwargs):
-        super().__init__(label, coerce=int, **kwargs)
-
-    def load_choices(self, current_owner_id: int | None) -> None:
-        users = User.select(User.id, User.name).where(
-            User.active | (User.id == (current_owner_id or 0))).order_by(User.name)
-        self.choices = [SelectChoice(u.id, u.name) for u in users]
-        if self.data is None:
-            self.data = current_owner_id or g.user.id
-
-
 class RecordForm(FlaskForm):
     """Common base: owner choice and the mapping to model values."""
 
-    owner = OwnerField()
+    owner = SeatField()
     #: the LookupFields of this form (each named like the model's foreign key)
     lookups: tuple[str, ...] = ()
 
     def prepare(self, record=None) -> None:
-        """Fill the owner choices and what the lookups currently point at."""
-        self.owner.load_choices(record.owner_id if record is not None else None)
+        """Show whom the record is assigned to (a new one: the current seat) and what its lookups point at."""
+        prefill = not self.is_submitted()
+        # A new record is the current seat's unless another is chosen (also when the POST leaves it out).
+        self.owner.show_current(record.owner_id if record is not None else g.user.id, prefill)
         if record is not None:
             for name in self.lookups:
-                self[name].show_current(record.__data__.get(name), prefill=not self.is_submitted())
+                self[name].show_current(record.__data__.get(name), prefill)
 
     def record_values(self) -> dict:
         values = {}

@@ -1,9 +1,13 @@
-"""Global search across modules, and the name lookup behind the record pickers."""
+"""Global search across modules, and the name lookups behind the record and seat pickers."""
 
 from flask import Blueprint, abort, g, jsonify, render_template, request
 
+from peewee import fn
+
 from webapp import permissions
 from webapp.crud import MAX_QUERY, MODULES, filtered, first_rows
+from webapp.forms import seat_label
+from webapp.models import User
 
 bp = Blueprint("search", __name__, url_prefix="/search")
 
@@ -42,3 +46,19 @@ def lookup(entity: str):
         abort(404)
     rows = newest_matches(module, request.args.get("q", ""), 10)
     return jsonify([{"id": r.id, "label": f"{r.title} (#{r.id})"} for r in rows])
+
+
+@bp.route("/seats")
+def seats():
+    """JSON [{id, label}] of active seats whose name holds ``q``, for the "Assigned to" picker.
+
+    Any seat may assign a record to any active seat, so every seat may look them up; names
+    only, as the lists show them (no e-mail addresses).
+    """
+    text = (request.args.get("q") or "").strip()[:MAX_QUERY]
+    if not text:
+        return jsonify([])
+    rows = (User.select(User.id, User.name)
+            .where(User.active & (fn.STRPOS(fn.LOWER(User.name), text.lower()) > 0))
+            .order_by(User.name, User.id).limit(10))
+    return jsonify([{"id": u.id, "label": seat_label(u)} for u in rows])

@@ -4,13 +4,12 @@ from flask import flash, g, redirect, render_template, url_for
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
 from flask_wtf import FlaskForm
-from wtforms import SelectField, TextAreaField
-from wtforms.fields.choices import SelectChoice
-from wtforms.validators import DataRequired, Length, Optional, ValidationError
+from wtforms import TextAreaField
+from wtforms.validators import Length, Optional, ValidationError
 
 from webapp import audit, permissions
 from webapp.crud import Column, Filter, Module, make_blueprint
-from webapp.forms import TicketForm
+from webapp.forms import SeatField, TicketForm
 from webapp.models import TICKET_PRIORITIES, TICKET_STATUSES, Ticket, User, database
 
 module = Module(
@@ -30,11 +29,11 @@ bp = make_blueprint(module)
 
 
 class TransferForm(FlaskForm):
-    to_user = SelectField(_l("Hand over to"), coerce=int, validators=[DataRequired()])
+    to_user = SeatField(_l("Hand over to"))
     comment = TextAreaField(_l("Note for the new agent"), validators=[Optional(), Length(max=5000)])
 
     def validate_to_user(self, field):
-        if field.data == self._current_owner:
+        if field.selected_id == self._current_owner:
             raise ValidationError(_l("The ticket is already assigned to this seat."))
 
 
@@ -55,10 +54,8 @@ def transfer(record_id: int):
     ticket = permissions.get_or_404(g.user, Ticket, record_id, "edit")
     form = TransferForm()
     form._current_owner = ticket.owner_id
-    form.to_user.choices = [SelectChoice(u.id, u.name) for u in
-                            User.select(User.id, User.name).where(User.active).order_by(User.name)]
     if form.validate_on_submit():
-        target = User.get_by_id(form.to_user.data)
+        target = User.get_by_id(form.to_user.selected_id)
         transfer_ticket(g.user, ticket, target.id, (form.comment.data or "").strip())
         flash(_("Ticket handed over to %(name)s.", name=target.name), "success")
         if permissions.allows(g.user, ticket, "read"):

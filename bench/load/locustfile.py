@@ -104,6 +104,8 @@ EDITS = {
 
 _CSRF = re.compile(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"')
 _OWNER = re.compile(r"Currently assigned to ([^<]+?)\.</p>")
+#: what a seat types to find a colleague: the most common surnames of the demo seats (appliance/demo_data.py)
+SEAT_SURNAMES = ("王", "李", "张", "刘", "陈", "杨")
 _ALERT = re.compile(r'<p class="error" role="alert">([^<]*)</p>')
 # An activity's record was handed to another seat between the form and the save: the gate at work.
 _LINK_GONE = "The linked record does not exist or is not yours to see."
@@ -115,9 +117,9 @@ class FormFields(HTMLParser):
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
-        self.forms: list[dict] = []  # each: {"fields": {}, "options": {}, "labels": {}}
+        self.forms: list[dict] = []  # each: {"fields": {name: value}}
         self._form = None
-        self._select = self._textarea = self._option = None
+        self._select = self._textarea = None
         self._text = []
 
     def handle_starttag(self, tag, attrs):
@@ -125,7 +127,7 @@ class FormFields(HTMLParser):
         if tag == "form":
             self._form = None
             if a.get("method", "get").lower() == "post":
-                self._form = {"fields": {}, "options": {}, "labels": {}}
+                self._form = {"fields": {}}
                 self.forms.append(self._form)
             return
         if self._form is None:
@@ -139,13 +141,8 @@ class FormFields(HTMLParser):
                 fields[name] = a.get("value", "")
         elif tag == "select" and name:
             self._select = name
-            self._form["options"][name] = []
-            self._form["labels"][name] = {}
         elif tag == "option" and self._select:
             value = a.get("value", "")
-            self._form["options"][self._select].append(value)
-            self._form["labels"][self._select][value] = ""
-            self._option = value
             if "selected" in a or self._select not in fields:
                 fields[self._select] = value
         elif tag == "textarea" and name:
@@ -154,15 +151,11 @@ class FormFields(HTMLParser):
     def handle_data(self, data):
         if self._textarea:
             self._text.append(data)
-        elif self._select and self._option is not None:
-            self._form["labels"][self._select][self._option] += data
 
     def handle_endtag(self, tag):
         if self._form is None:
             return
-        if tag == "option":
-            self._option = None
-        elif tag == "select":
+        if tag == "select":
             self._select = None
         elif tag == "textarea" and self._textarea:
             text = "".join(self._text)
@@ -178,7 +171,7 @@ def form_fields(html: str) -> dict:
     """The page's main POST form (the one with the most fields; the header's logout and language forms are small)."""
     parser = FormFields()
     parser.feed(html)
-    return max(parser.forms, key=lambda f: len(f["fields"]), default={"fields": {}, "options": {}, "labels": {}})
+    return max(parser.forms, key=lambda f: len(f["fields"]), default={"fields": {}})
 
 
 class CrmSeat(FastHttpUser):
@@ -248,6 +241,14 @@ class CrmSeat(FastHttpUser):
                     pool.append(int(rid))
                     del pool[:-40]
             return html
+
+    def suggestions(self, path: str, name: str):
+        """GET what a page's script asks for (the pickers' suggestions): the parsed JSON, or None."""
+        with self.client.get(path, name=name, allow_redirects=False, catch_response=True) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"{name}: {resp.status_code} {resp.headers.get('Location', '')}")
+                return None
+            return resp.json()
 
     def post(self, path: str, data: dict, name: str, follow_name: str = "detail") -> bool:
         """POST a form like a browser: expect a redirect, then load the page it points at (shows the flash)."""
@@ -355,12 +356,12 @@ class CrmSeat(FastHttpUser):
         if html is None:
             self.ids["tickets"].remove(rid)
             return
-        form = form_fields(html)
-        # Hand it to a colleague (never to whoever holds it now: that is refused); an agent then no longer sees it.
+        # Hand it to a colleague, picked as in a browser: type a surname, take a suggestion (never whoever
+        # holds it now: that is refused); an agent then no longer sees it.
         owner = _OWNER.search(html)
         owner_name = owner.group(1).strip() if owner else None
-        labels = form["labels"].get("to_user", {})
-        choices = [v for v in form["options"].get("to_user", []) if v and labels.get(v, "").strip() != owner_name]
+        rows = self.suggestions(f"/search/seats?q={random.choice(SEAT_SURNAMES)}", "seat lookup") or []
+        choices = [r["label"] for r in rows if r["label"].rsplit(" (#", 1)[0] != owner_name]
         if not choices:
             return
         target = random.choice(choices)

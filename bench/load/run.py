@@ -490,7 +490,7 @@ def query_report(config_path: Path, password: str) -> list[dict]:
             ids[prefix] = found.group(1) if found else None
         pages = [("dashboard", "/"), ("list", "/contacts/"), ("list search", "/accounts/?q=上海&mine=1"),
                  ("list search", "/contacts/?q=王"), ("list", "/tickets/?status=open"),
-                 ("global search", "/search/?q=华信")]
+                 ("global search", "/search/?q=华信"), ("seat lookup", "/search/seats?q=王")]
         pages += [("detail", f"/{p}/{rid}") for p, rid in ids.items() if rid]
         if ids.get("tickets"):
             pages.append(("transfer form", f"/tickets/{ids['tickets']}/transfer"))

@@ -260,7 +260,12 @@ def test_hand_ticket_to_another_agent(page, new_page, live_server, make_seat):
 
     page.get_by_role("link", name="Hand over").click()
     expect(page.locator("main h1")).to_have_text("Hand over ticket")
-    page.select_option("#to_user", label="Bob Agent")
+    # The picker suggests seats as one types (static/app.js); a suggestion is "Name (#id)".
+    page.locator("#to_user").press_sequentially("bob")
+    suggestion = page.locator("#to_user-options option")
+    expect(suggestion).to_have_count(1)
+    assert suggestion.get_attribute("value") == f"Bob Agent (#{bob.user.id})"
+    page.fill("#to_user", suggestion.get_attribute("value"))
     page.fill("#comment", comment)
     page.get_by_role("button", name="Hand over").click()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import dataclasses
+import gc
 import io
 import pstats
 import re
@@ -31,6 +32,27 @@ from tests.pgcluster import start_cluster  # noqa: E402
 
 PASSWORD = "bench password 123"
 AGENT = "seat0010@demo.invalid"  # seats 2-6 are managers, from 7 on agents
+
+
+class GcClock:
+    """The time Python's cyclic garbage collector takes, from its start and stop callbacks."""
+
+    def __init__(self):
+        self.seconds, self.collections, self.by_generation, self._started = 0.0, 0, [0, 0, 0], None
+        gc.callbacks.append(self._callback)
+
+    def reset(self) -> None:
+        """Start the time over (the counts run on)."""
+        self.seconds = 0.0
+
+    def _callback(self, phase, info) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self.collections += 1
+            self.by_generation[info["generation"]] += 1
+            self._started = None
 
 
 def main() -> None:
@@ -63,18 +85,23 @@ def main() -> None:
         account = re.search(r'href="/accounts/(\d+)"', client.get("/accounts/").get_data(as_text=True)).group(1)
         pages = ["/", "/accounts/", "/accounts/{account}", "/contacts/?q=王", "/opportunities/", "/search/?q=华信"]
         pages = [page.format(account=account) for page in (args.page or pages)]
-        print(f"{'page':32} {'ms':>7} {'calls':>9}")
+        print(f"{'page':32} {'ms':>7} {'calls':>9} {'gc ms':>7}")
+        gc_clock = GcClock()
         for path in pages:
             for _ in range(3):
                 client.get(path)  # warm: templates compiled, pool connected
+            gc_clock.reset()
             started = time.perf_counter()
             for _ in range(args.repeat):
                 client.get(path)
             ms = 1000 * (time.perf_counter() - started) / args.repeat
+            gc_ms = gc_clock.seconds * 1000 / args.repeat
             profile = cProfile.Profile()
             profile.runcall(client.get, path)
             calls = pstats.Stats(profile).total_calls
-            print(f"{path:32} {ms:7.1f} {calls:9,}")
+            print(f"{path:32} {ms:7.1f} {calls:9,} {gc_ms:7.2f}")
+        print(f"gc over the whole run: {gc_clock.collections} collections, by generation {gc_clock.by_generation};"
+              f" thresholds {gc.get_threshold()}")
         profile = cProfile.Profile()
         profile.enable()
         for _ in range(10):

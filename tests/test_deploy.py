@@ -10,7 +10,6 @@ import dataclasses
 import importlib.util
 import io
 import json
-import re
 import subprocess
 import sys
 import tomllib

@@ -17,7 +17,6 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from appliance import config, scheduler
 from appliance.errors import ApplianceError, ConfigError
-from tests.conftest import make_settings
 
 
 def test_every_schedule_key_has_a_job_function_and_every_job_a_key():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 
 from peewee import (
-    SQL,
     AutoField,
     BigAutoField,
     BigIntegerField,

@@ -15,6 +15,7 @@ from appliance import attachments as store
 from webapp import permissions
 from webapp.crud import MODULES
 from webapp.models import Attachment, User
+from webapp.prepared import Prepared
 
 bp = Blueprint("attachments", __name__, url_prefix="/attachments")
 
@@ -27,13 +28,17 @@ def _back_to(record):
     return redirect(url_for(f"{MODULES[record.entity].endpoint}.detail", record_id=record.id) + "#attachments")
 
 
+# On every record page: built once (webapp/prepared.py).
+_FOR_RECORD = Prepared(lambda entity, record_id: (
+    Attachment.select(Attachment, *permissions.seat_columns()).join(User, on=(Attachment.owner == User.id))
+    .where(Attachment.parent_type == entity, Attachment.parent_id == record_id, Attachment.deleted_at.is_null())
+    .order_by(Attachment.created_at.desc(), Attachment.id.desc())))
+
+
 def for_record(user: User, record) -> list[dict]:
     """The record's files, newest first, each with whether the seat may delete it."""
-    rows = (Attachment.select(Attachment, *permissions.seat_columns()).join(User, on=(Attachment.owner == User.id))
-            .where(Attachment.parent_type == record.entity, Attachment.parent_id == record.id,
-                   Attachment.deleted_at.is_null())
-            .order_by(Attachment.created_at.desc(), Attachment.id.desc()))
-    return [{"row": row, "can_delete": may_delete(user, row, record)} for row in rows]
+    return [{"row": row, "can_delete": may_delete(user, row, record)}
+            for row in _FOR_RECORD.rows(record.entity, record.id)]
 
 
 def may_delete(user: User, row: Attachment, parent) -> bool:

@@ -21,6 +21,7 @@ from wtforms.validators import DataRequired, EqualTo, Length
 
 from appliance import seats
 from webapp.models import LoginLog, Role, User, utcnow
+from webapp.prepared import Prepared
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 
@@ -53,12 +54,17 @@ SESSION_USER_COLUMNS = (User.id, User.email, User.name, User.role, User.team, Us
                         User.session_version)
 
 
+# Every request reads its seat: the statement's text is built once (webapp/prepared.py).
+_SESSION_USER = Prepared(lambda uid: User.select(*SESSION_USER_COLUMNS, Role).join(Role)
+                         .where(User.id == uid).limit(1))
+
+
 def load_user():
     """Put the session's seat in ``g.user``; send anyone else to the login page."""
     g.user = None
     uid, version = session.get("uid"), session.get("v")
     if uid is not None:
-        user = User.select(*SESSION_USER_COLUMNS, Role).join(Role).where(User.id == uid).first()
+        user = _SESSION_USER.first(uid) if type(uid) is int else None
         if user is not None and user.active and user.session_version == version:
             g.user = user
             now = int(time.time())

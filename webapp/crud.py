@@ -31,6 +31,7 @@ from peewee import DateField, DateTimeField, DecimalField, IntegerField, Tuple
 from webapp import audit, permissions
 from webapp.i18n import choice_label
 from webapp.models import Activity, AuditLog, Note, OwnedRecord, User, database
+from webapp.prepared import Prepared
 
 MAX_QUERY = 200  # longest search text accepted
 
@@ -293,13 +294,20 @@ def list_page(module: Module, user: User, args, page_size: int) -> Page:
 
 # ----------------------------------------------------------------------------- detail
 
+# A record's notes and audit entries: on every record page, so built once (webapp/prepared.py).
+_NOTES = Prepared(lambda entity, record_id, limit: (
+    Note.select(Note, *permissions.seat_columns()).join(User)
+    .where(Note.parent_type == entity, Note.parent_id == record_id, Note.deleted_at.is_null())
+    .order_by(Note.created_at.desc()).limit(limit)))
+_AUDIT = Prepared(lambda entity, record_id, limit: (
+    AuditLog.select().where(AuditLog.entity == entity, AuditLog.record_id == record_id)
+    .order_by(AuditLog.at.desc()).limit(limit)))
+
+
 def timeline(user: User, record: OwnedRecord, limit: int = 50) -> list[dict]:
     """Notes, activities (through the gate) and audit entries of one record, newest first."""
     items = []
-    notes = (Note.select(Note, *permissions.seat_columns()).join(User)
-             .where(Note.parent_type == record.entity, Note.parent_id == record.id, Note.deleted_at.is_null())
-             .order_by(Note.created_at.desc()).limit(limit))
-    for note in notes:
+    for note in _NOTES.rows(record.entity, record.id, limit):
         items.append({"kind": "note", "at": note.created_at, "note": note,
                       "can_delete": permissions.may_delete_note(user, note, record)})
     acts = (permissions.visible(user, Activity)
@@ -308,8 +316,7 @@ def timeline(user: User, record: OwnedRecord, limit: int = 50) -> list[dict]:
             .order_by(Activity.updated_at.desc()).limit(limit))
     for act in acts:
         items.append({"kind": "activity", "at": act.updated_at, "activity": act})
-    rows = list(AuditLog.select().where(AuditLog.entity == record.entity, AuditLog.record_id == record.id)
-                .order_by(AuditLog.at.desc()).limit(limit))
+    rows = _AUDIT.rows(record.entity, record.id, limit)
     changes = audit.readable_changes(rows)
     for row in rows:
         items.append({"kind": "audit", "at": row.at, "audit": row, "changes": changes[row.id]})

@@ -31,7 +31,7 @@ from peewee import DateField, DateTimeField, DecimalField, IntegerField, Tuple
 from webapp import audit, permissions
 from webapp.i18n import choice_label
 from webapp.models import Activity, AuditLog, Note, OwnedRecord, User, database
-from webapp.prepared import Prepared
+from webapp.prepared import Prepared, shaped
 
 MAX_QUERY = 200  # longest search text accepted
 
@@ -294,7 +294,10 @@ def list_page(module: Module, user: User, args, page_size: int) -> Page:
 
 # ----------------------------------------------------------------------------- detail
 
-# A record's notes and audit entries: on every record page, so built once (webapp/prepared.py).
+# What a record page shows besides the record: its notes, activities (through the gate, one
+# statement per gate shape), audit entries and related lists, each built once (webapp/prepared.py).
+_ACTIVITIES: dict = {}
+_RELATED: dict = {}
 _NOTES = Prepared(lambda entity, record_id, limit: (
     Note.select(Note, *permissions.seat_columns()).join(User)
     .where(Note.parent_type == entity, Note.parent_id == record_id, Note.deleted_at.is_null())
@@ -310,11 +313,13 @@ def timeline(user: User, record: OwnedRecord, limit: int = 50) -> list[dict]:
     for note in _NOTES.rows(record.entity, record.id, limit):
         items.append({"kind": "note", "at": note.created_at, "note": note,
                       "can_delete": permissions.may_delete_note(user, note, record)})
-    acts = (permissions.visible(user, Activity)
-            .select(*permissions.link_columns(Activity, Activity), Activity.kind, Activity.status, Activity.updated_at)
-            .where(Activity.parent_type == record.entity, Activity.parent_id == record.id)
-            .order_by(Activity.updated_at.desc()).limit(limit))
-    for act in acts:
+    shape, values = permissions.gate(user, "activity")
+    acts = shaped(_ACTIVITIES, shape, lambda *v: (
+        permissions.visible_as(Activity, shape, v[:-3])
+        .select(*permissions.link_columns(Activity, Activity), Activity.kind, Activity.status, Activity.updated_at)
+        .where(Activity.parent_type == v[-3], Activity.parent_id == v[-2])
+        .order_by(Activity.updated_at.desc()).limit(v[-1])))
+    for act in acts.rows(*values, record.entity, record.id, limit):
         items.append({"kind": "activity", "at": act.updated_at, "activity": act})
     rows = _AUDIT.rows(record.entity, record.id, limit)
     changes = audit.readable_changes(rows)
@@ -324,13 +329,20 @@ def timeline(user: User, record: OwnedRecord, limit: int = 50) -> list[dict]:
     return items[:limit]
 
 
+def _related_rows(rel: Related, shape: str):
+    """The statement of one related list for one gate shape: (*gate values, record id)."""
+    model = rel.model
+    shown = [getattr(model, name) for name in ("stage", "status") if name in model._meta.fields]
+    return shaped(_RELATED, (rel.entity, rel.fk, shape), lambda *v: (
+        permissions.visible_as(model, shape, v[:-1]).select(*permissions.link_columns(model, model), *shown)
+        .where(getattr(model, rel.fk) == v[-1]).order_by(model.updated_at.desc()).limit(21)))
+
+
 def related_lists(module: Module, user: User, record) -> list[dict]:
     out = []
     for rel in module.related:
-        model = rel.model
-        shown = [getattr(model, name) for name in ("stage", "status") if name in model._meta.fields]
-        rows = list(permissions.visible(user, model).select(*permissions.link_columns(model, model), *shown)
-                    .where(getattr(model, rel.fk) == record.id).order_by(model.updated_at.desc()).limit(21))
+        shape, values = permissions.gate(user, rel.entity)
+        rows = _related_rows(rel, shape).rows(*values, record.id)
         out.append({"entity": rel.entity, "rows": rows[:20], "more": len(rows) > 20, "fk": rel.fk,
                     "module": MODULES[rel.entity]})
     return out

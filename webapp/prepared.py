@@ -66,3 +66,12 @@ class Prepared:
                     raise ValueError(f"values {sorted(missing)} are not parameters of the statement")
                 self._kept = (query, sql, params, slots, kinds)
         return self._kept
+
+
+def shaped(cache: dict, key, build: Callable) -> Prepared:
+    """The prepared statement for ``key`` in ``cache``, made on first use: one per shape of a
+    statement whose text depends on more than its values (a seat's gate, a model)."""
+    statement = cache.get(key)
+    if statement is None:
+        statement = cache.setdefault(key, Prepared(build))
+    return statement

@@ -214,10 +214,15 @@ def matches(model, text: str):
     return (column % peewee.fn.lower(pattern)) & (peewee.fn.strpos(column, peewee.fn.lower(stored)) != 0)
 
 
+def search_text(args) -> str:
+    """The search text of a request's ``q``, trimmed to ``MAX_QUERY``."""
+    return (args.get("q") or "").strip()[:MAX_QUERY]
+
+
 def filtered(module: Module, user: User, args, action: str = "read"):
     """The module's visible records narrowed by the search text and filters in ``args``."""
     model = module.model
-    text = (args.get("q") or "").strip()[:MAX_QUERY]
+    text = search_text(args)
     conditions = [matches(model, text)] if text else []
     active, mine = {}, False
     for flt in module.filters:
@@ -331,11 +336,14 @@ def timeline(user: User, record: OwnedRecord, limit: int = 50) -> list[dict]:
 
 def _related_rows(rel: Related, shape: str):
     """The statement of one related list for one gate shape: (*gate values, record id)."""
-    model = rel.model
-    shown = [getattr(model, name) for name in ("stage", "status") if name in model._meta.fields]
-    return shaped(_RELATED, (rel.entity, rel.fk, shape), lambda *v: (
-        permissions.visible_as(model, shape, v[:-1]).select(*permissions.link_columns(model, model), *shown)
-        .where(getattr(model, rel.fk) == v[-1]).order_by(model.updated_at.desc()).limit(21)))
+    def build(*values):
+        model = rel.model
+        shown = [getattr(model, name) for name in ("stage", "status") if name in model._meta.fields]
+        return (permissions.visible_as(model, shape, values[:-1])
+                .select(*permissions.link_columns(model, model), *shown)
+                .where(getattr(model, rel.fk) == values[-1]).order_by(model.updated_at.desc()).limit(21))
+
+    return shaped(_RELATED, (rel.entity, rel.fk, shape), build)
 
 
 def related_lists(module: Module, user: User, record) -> list[dict]:

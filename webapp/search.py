@@ -5,7 +5,7 @@ from flask import Blueprint, abort, g, jsonify, render_template, request
 from peewee import fn
 
 from webapp import permissions
-from webapp.crud import MAX_QUERY, MODULES, filtered, first_rows
+from webapp.crud import MODULES, filtered, first_rows, search_text
 from webapp.forms import seat_label
 from webapp.models import User
 
@@ -26,7 +26,7 @@ def newest_matches(module, text: str, limit: int) -> list:
 @bp.route("/")
 def index():
     """Up to ten matches per module, each module through the permission gate."""
-    text = (request.args.get("q") or "").strip()[:MAX_QUERY]
+    text = search_text(request.args)
     results = []
     if text:
         for entity, module in MODULES.items():
@@ -55,7 +55,7 @@ def seats():
     Any seat may assign a record to any active seat, so every seat may look them up; names
     only, as the lists show them (no e-mail addresses).
     """
-    text = (request.args.get("q") or "").strip()[:MAX_QUERY]
+    text = search_text(request.args)
     if not text:
         return jsonify([])
     rows = (User.select(User.id, User.name)

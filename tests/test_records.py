@@ -6,6 +6,7 @@ import csv
 import io
 import re
 from html import escape as html_escape
+from types import SimpleNamespace
 from urllib.parse import quote
 
 import pytest
@@ -224,6 +225,7 @@ def test_a_search_walk_tests_the_word_in_the_index_not_in_the_table(make_seat, b
         model.insert_many(rows).execute()
     db.execute_sql(f'VACUUM ANALYZE "{table}"')  # as autovacuum would: statistics and the visibility map
     b = browser_for(seat)
+    b.get(path)  # a manager's or the boss's search looks up where its walk ends once a minute
     statements = [(sql, params) for sql, params in _queries(b, path) if f'FROM "{table}"' in sql]
     assert len(statements) == 1, statements
     scans = _scans(db, *statements[0], table)
@@ -251,6 +253,112 @@ def _scans(db, sql: str, params, table: str) -> list[tuple]:
         if node.get("Relation Name") == table:
             scans.append((node["Node Type"], node["Index Name"], node.get("Heap Fetches")))
     return scans
+
+
+WALK_WORDS = {  # word -> the rows i (0 oldest .. 119 newest) whose names hold it
+    "Oldword": range(0, 20), "Newword": range(100, 120), "Sparse": range(0, 120, 25), "Common": range(120),
+    "Middle": [*range(2, 90, 4), 116]}
+
+
+@pytest.fixture
+def walk_world(make_seat, db, monkeypatch):
+    """120 rounds of accounts, one per round for the seat, a colleague and an outsider, each
+    round changed later than the one before; the search walk bounded to the newest 30."""
+    import datetime as dt
+
+    from webapp import crud
+
+    monkeypatch.setattr(crud, "SEARCH_WALK_ROWS", 30)
+    monkeypatch.setattr(crud, "_walk_boundaries", {})
+    seats = {role: make_seat(f"{role}@corp.cn", role=role, team="East") for role in ("agent", "manager", "boss")}
+    colleague = make_seat("colleague@corp.cn", role="agent", team="East")
+    outsider = make_seat("outsider@corp.cn", role="agent", team="West")
+    start = dt.datetime(2024, 1, 1)
+    rows = []
+    for i in range(120):
+        for n, owner in enumerate((seats["agent"], colleague, outsider)):
+            words = " ".join(w for w, where in WALK_WORDS.items() if i in where)
+            rows.append({"name": f"{words} {i}-{n}", "owner": owner.user.id, "team": owner.user.team_id,
+                         "updated_at": start + dt.timedelta(minutes=i)})
+    Account.insert_many(rows).execute()
+    db.execute_sql("ANALYZE account")
+    everyone = list(Account.select().where(Account.deleted_at.is_null())
+                    .order_by(Account.updated_at.desc(), Account.id.desc()))
+    return seats, everyone
+
+
+def _newest_named(rows, word: str, seat) -> list[str]:
+    team = seat.user.team_id
+    level = {"agent": "own", "manager": "team", "boss": "all"}[seat.user.role.name]
+    return [r.name for r in rows if word.lower() in r.name.lower() and (
+        level == "all" or r.owner_id == seat.user.id or (level == "team" and r.team_id == team))]
+
+
+@pytest.mark.parametrize("role", ["agent", "manager", "boss"])
+@pytest.mark.parametrize("word", list(WALK_WORDS))
+def test_a_bounded_search_walk_shows_the_rows_of_an_unbounded_one(walk_world, browser_for, role, word):
+    """A manager's or the boss's newest-first search walks at most the table's newest
+    ``SEARCH_WALK_ROWS`` rows, then reads the older matches from the index: the list's two
+    pages and the global search show exactly the newest matches, wherever in time they lie."""
+    seats, everyone = walk_world
+    expected = _newest_named(everyone, word, seats[role])
+    b = browser_for(seats[role])
+    first = b.get(f"/accounts/?q={word}").get_data(as_text=True)
+    shown = re.findall(r'href="/accounts/\d+">([^<]+)</a>', first)
+    assert shown == expected[:10]
+    after = re.search(r'href="(/accounts/\?[^"]*after=[^"]+)"', first)
+    assert bool(after) == (len(expected) > 10)
+    if after:
+        second = b.get(after.group(1).replace("&amp;", "&")).get_data(as_text=True)
+        assert re.findall(r'href="/accounts/\d+">([^<]+)</a>', second) == expected[10:20]
+    found = b.get(f"/search/?q={word}").get_data(as_text=True)
+    assert re.findall(r'href="/accounts/\d+">([^<]+)</a>', found) == expected[:10]
+
+
+@pytest.mark.parametrize("role,statements", [("agent", 1), ("manager", 2), ("boss", 2)])
+def test_a_search_for_old_rows_walks_no_further_than_the_bound(walk_world, browser_for, db, role, statements):
+    """"Oldword" lies in the oldest rows only: an unbounded walk of a manager's or the boss's
+    newest rows passes the whole table before it finds them. Bounded, the first statement
+    passes at most the newest 30 rows, whatever plan the planner takes (here the walk is
+    forced), and a second asks for the older matches; an agent's walk passes its own rows
+    only and stays one statement."""
+    seats, _ = walk_world
+    b = browser_for(seats[role])
+    b.get("/accounts/?q=Oldword")  # the walk boundary is looked up once and kept
+    on_table = [(sql, params) for sql, params in _queries(b, "/accounts/?q=Oldword") if 'FROM "account"' in sql]
+    assert len(on_table) == statements, on_table
+    if role == "agent":
+        return
+    sql, params = on_table[0]
+    with db.atomic():
+        for setting in ("enable_seqscan", "enable_bitmapscan"):
+            db.execute_sql(f"SET LOCAL {setting} = off")
+        plan = db.execute_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchone()[0][0]["Plan"]
+    nodes, passed = [plan], []
+    while nodes:
+        node = nodes.pop()
+        nodes += node.get("Plans", [])
+        if node.get("Index Name") == "account_recent":
+            passed.append(node["Actual Rows"] + node.get("Rows Removed by Filter", 0))
+    assert passed and max(passed) <= 30, passed
+    assert "MATERIALIZED" in on_table[1][0]
+
+
+def test_the_walk_boundary_is_the_newest_rows_edge_kept_a_minute(walk_world, monkeypatch):
+    from webapp import crud
+
+    _, everyone = walk_world
+    edge = crud.walk_boundary(Account)
+    assert edge == (everyone[29].updated_at, everyone[29].id)
+    newest = Account.create(name="Later", owner=everyone[0].owner_id, team=everyone[0].team_id)
+    assert crud.walk_boundary(Account) == edge, "kept"
+    later = crud.time.monotonic() + crud.WALK_BOUNDARY_SECONDS + 1
+    monkeypatch.setattr(crud, "time", SimpleNamespace(monotonic=lambda: later))
+    assert crud.walk_boundary(Account) == (everyone[28].updated_at, everyone[28].id), "looked up again"
+    assert newest.id
+    monkeypatch.setattr(crud, "SEARCH_WALK_ROWS", 10_000)
+    monkeypatch.setattr(crud, "_walk_boundaries", {})
+    assert crud.walk_boundary(Account) is None, "a table smaller than the bound is walked whole"
 
 
 def test_the_dashboard_pipeline_is_summed_from_the_owner_index(agent, browser_for, db):

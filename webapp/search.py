@@ -5,7 +5,7 @@ from flask import Blueprint, abort, g, jsonify, render_template, request
 from peewee import fn
 
 from webapp import permissions
-from webapp.crud import MODULES, filtered, first_rows, search_text
+from webapp.crud import MODULES, filtered, newest_matching, search_text, walks_everyones_rows
 from webapp.forms import seat_label
 from webapp.models import User
 
@@ -19,8 +19,8 @@ def newest_matches(module, text: str, limit: int) -> list:
     (id, title, the gate's columns), no more."""
     model = module.model
     query, _, _ = filtered(module, g.user, {"q": text})
-    return list(first_rows(query, (model.updated_at.desc(), model.id.desc()), limit,
-                           permissions.link_columns(model, model)))
+    return newest_matching(query, limit, permissions.link_columns(model, model),
+                           bounded=walks_everyones_rows(g.user, module.entity, text))
 
 
 @bp.route("/")

@@ -263,12 +263,14 @@ WALK_WORDS = {  # word -> the rows i (0 oldest .. 119 newest) whose names hold i
 @pytest.fixture
 def walk_world(make_seat, db, monkeypatch):
     """120 rounds of accounts, one per round for the seat, a colleague and an outsider, each
-    round changed later than the one before; the search walk bounded to the newest 30."""
+    round changed later than the one before; the search walk bounded to the newest 30 for a
+    table of 150 rows or more (``ANALYZE`` tells the planner how many there are)."""
     import datetime as dt
 
     from webapp import crud
 
     monkeypatch.setattr(crud, "SEARCH_WALK_ROWS", 30)
+    monkeypatch.setattr(crud, "BOUNDED_FROM_ROWS", 150)
     monkeypatch.setattr(crud, "_walk_boundaries", {})
     seats = {role: make_seat(f"{role}@corp.cn", role=role, team="East") for role in ("agent", "manager", "boss")}
     colleague = make_seat("colleague@corp.cn", role="agent", team="East")
@@ -344,21 +346,26 @@ def test_a_search_for_old_rows_walks_no_further_than_the_bound(walk_world, brows
     assert "MATERIALIZED" in on_table[1][0]
 
 
-def test_the_walk_boundary_is_the_newest_rows_edge_kept_a_minute(walk_world, monkeypatch):
+def test_the_walk_boundary_is_the_newest_rows_edge_kept_for_a_while(walk_world, monkeypatch):
+    """The edge of the newest SEARCH_WALK_ROWS rows, looked up again once WALK_BOUNDARY_SECONDS
+    have passed; none for a table too small to bound."""
     from webapp import crud
 
     _, everyone = walk_world
     edge = crud.walk_boundary(Account)
     assert edge == (everyone[29].updated_at, everyone[29].id)
-    newest = Account.create(name="Later", owner=everyone[0].owner_id, team=everyone[0].team_id)
+    Account.create(name="Later", owner=everyone[0].owner_id, team=everyone[0].team_id)
     assert crud.walk_boundary(Account) == edge, "kept"
     later = crud.time.monotonic() + crud.WALK_BOUNDARY_SECONDS + 1
     monkeypatch.setattr(crud, "time", SimpleNamespace(monotonic=lambda: later))
     assert crud.walk_boundary(Account) == (everyone[28].updated_at, everyone[28].id), "looked up again"
-    assert newest.id
-    monkeypatch.setattr(crud, "SEARCH_WALK_ROWS", 10_000)
     monkeypatch.setattr(crud, "_walk_boundaries", {})
-    assert crud.walk_boundary(Account) is None, "a table smaller than the bound is walked whole"
+    monkeypatch.setattr(crud, "BOUNDED_FROM_ROWS", 1000)
+    assert crud.walk_boundary(Account) is None, "a table under BOUNDED_FROM_ROWS is walked whole"
+    monkeypatch.setattr(crud, "_walk_boundaries", {})
+    monkeypatch.setattr(crud, "BOUNDED_FROM_ROWS", 150)
+    monkeypatch.setattr(crud, "SEARCH_WALK_ROWS", 10_000)
+    assert crud.walk_boundary(Account) is None, "and one with fewer rows than the bound"
 
 
 def test_the_dashboard_pipeline_is_summed_from_the_owner_index(agent, browser_for, db):

@@ -68,11 +68,11 @@ class LookupField(StringField):
         if record_id is None or not prefill:
             return
         visible = self.candidates().where(self.model.id == record_id).first()
-        self.data = f"{visible.title} (#{record_id})" if visible else f"(#{record_id})"
+        self.data = picker_label(visible.title, record_id) if visible else f"(#{record_id})"
 
     def set_record(self, record) -> None:
         self.selected_id = record.id
-        self.data = f"{record.title} (#{record.id})"
+        self.data = picker_label(record.title, record.id)
 
     def pre_validate(self, form):
         self.selected_id = None
@@ -136,9 +136,14 @@ class SeatField(LookupField):
             raise ValidationError(_l("Choose a seat."))
 
 
+def picker_label(name: str, record_id: int) -> str:
+    """How a picker names a record or a seat: "王伟 (#12)" (names are not unique); the
+    number is what a picked label is read back by (``_ID_SUFFIX``)."""
+    return f"{name} (#{record_id})"
+
+
 def seat_label(user) -> str:
-    """How a seat is named in a picker: "王伟 (#12)" (names are not unique)."""
-    return f"{user.name} (#{user.id})"
+    return picker_label(user.name, user.id)
 
 
 def seat_named(model, text):

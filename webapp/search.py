@@ -6,7 +6,7 @@ from peewee import fn
 
 from webapp import permissions
 from webapp.crud import MODULES, filtered, newest_matching, search_text, walks_everyones_rows
-from webapp.forms import seat_label
+from webapp.forms import picker_label, seat_label
 from webapp.models import User
 
 bp = Blueprint("search", __name__, url_prefix="/search")
@@ -45,7 +45,7 @@ def lookup(entity: str):
     if module is None or not permissions.can(g.user, entity, "read"):
         abort(404)
     rows = newest_matches(module, request.args.get("q", ""), 10)
-    return jsonify([{"id": r.id, "label": f"{r.title} (#{r.id})"} for r in rows])
+    return jsonify([{"id": r.id, "label": picker_label(r.title, r.id)} for r in rows])
 
 
 @bp.route("/seats")

@@ -225,7 +225,7 @@ def test_a_search_walk_tests_the_word_in_the_index_not_in_the_table(make_seat, b
         model.insert_many(rows).execute()
     db.execute_sql(f'VACUUM ANALYZE "{table}"')  # as autovacuum would: statistics and the visibility map
     b = browser_for(seat)
-    b.get(path)  # a manager's or the boss's search looks up where its walk ends once a minute
+    b.get(path)  # a manager's or the boss's search looks up where its walk may end, then keeps it
     statements = [(sql, params) for sql, params in _queries(b, path) if f'FROM "{table}"' in sql]
     assert len(statements) == 1, statements
     scans = _scans(db, *statements[0], table)

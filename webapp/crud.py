@@ -284,10 +284,10 @@ def walk_boundary(model):
     kept = _walk_boundaries.get(key)
     if kept is not None and kept[0] > now:
         return kept[1]
-    (rows,) = database.execute_sql("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
-                                   (model._meta.table_name,)).fetchone()
+    (estimated_rows,) = database.execute_sql("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
+                                             (model._meta.table_name,)).fetchone()
     edge = None
-    if rows >= BOUNDED_FROM_ROWS:  # -1 for a table never analysed
+    if estimated_rows >= BOUNDED_FROM_ROWS:  # -1 for a table never analysed
         edge = (model.select(model.updated_at, model.id).where(model.deleted_at.is_null())
                 .order_by(model.updated_at.desc(), model.id.desc())
                 .offset(SEARCH_WALK_ROWS - 1).limit(1).tuples().first())

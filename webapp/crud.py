@@ -256,7 +256,11 @@ def first_rows(matching, order: tuple, limit: int, columns: list):
     then the rows by primary key) at half the planning time, as the planner weighs no joins.
     """
     model = matching.model
-    ids = matching.select(model.id).order_by(*order).limit(limit)
+    return rows_by_ids(model, matching.select(model.id).order_by(*order).limit(limit), order, columns)
+
+
+def rows_by_ids(model, ids, order: tuple, columns: list):
+    """The rows of ``model`` whose ids the subquery ``ids`` gives, read as ``columns``, in ``order``."""
     return model.select(*columns).where(model.id == peewee.fn.ANY(peewee.fn.ARRAY(ids))).order_by(*order)
 
 
@@ -330,13 +334,10 @@ def newest_matching(matching, limit: int, columns: list, bounded: bool, wrap: Ca
         return rows
     older = matching.where(key < edge)
     if rows:
-        ids = older.select(model.id).order_by(*order).limit(limit - len(rows))
-    else:
-        older = older.select(model.id, model.updated_at).cte("older", materialized=True)
-        ids = (older.select_from(older.c.id).order_by(older.c.updated_at.desc(), older.c.id.desc())
-               .limit(limit))
-    return rows + list(wrap(model.select(*columns).where(model.id == peewee.fn.ANY(peewee.fn.ARRAY(ids)))
-                            .order_by(*order)))
+        return rows + list(wrap(first_rows(older, order, limit - len(rows), columns)))
+    older = older.select(model.id, model.updated_at).cte("older", materialized=True)
+    ids = older.select_from(older.c.id).order_by(older.c.updated_at.desc(), older.c.id.desc()).limit(limit)
+    return list(wrap(rows_by_ids(model, ids, order, columns)))
 
 
 def list_page(module: Module, user: User, args, page_size: int) -> Page:

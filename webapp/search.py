@@ -18,7 +18,7 @@ def newest_matches(module, text: str, limit: int) -> list:
     """The seat's newest visible records of ``module`` matching ``text``, each read as a link
     (id, title, the gate's columns), no more."""
     model = module.model
-    query, _, _ = filtered(module, g.user, {"q": text})
+    query, text, _ = filtered(module, g.user, {"q": text})  # the text as searched: trimmed
     return newest_matching(query, limit, permissions.link_columns(model, model),
                            bounded=walks_everyones_rows(g.user, module.entity, text))
 

@@ -931,7 +931,7 @@ def drill(settings: Settings, backup_id: str = "latest", *, scratch_parent: Path
                 (scratch.data_dir / "postgresql.conf").write_text(conf + "shared_buffers = '128MB'\n")
                 _chown_tree(scratch.data_dir, run_as)
             with _timed(steps, "replay", say) as step:
-                replay = _replay(scratch, scratch.data_dir, scratch.socket_dir, timeout)
+                _replay(scratch, scratch.data_dir, scratch.socket_dir, timeout)
                 step.detail = f"to {counts['restore_point'] if counts else 'the end of the backup'}"
             with _timed(steps, "amcheck", say) as step:
                 scratch.start()

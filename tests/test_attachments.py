@@ -250,7 +250,6 @@ def _post_file(browser, record_path: str, upload_path: str, name: str, data: byt
 
 
 def test_upload_download_delete_through_the_pages(clean_store, make_seat, browser_for):
-    settings = clean_store
     agent = make_seat("agent@corp.cn", role="agent")
     acc = audit.create(agent.user, Account, {"name": "A"})
     b = browser_for(agent)

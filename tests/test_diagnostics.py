@@ -320,7 +320,7 @@ def test_the_bundle_holds_no_customer_data_password_hash_key_or_token(tmp_path, 
     # ... and the bundle still tells the vendor what happened, in the allowed shape.
     files = _members(archive)
     web = files["logs/web.log"].decode()
-    assert f'"GET /contacts/<int:record_id>" 200' in web and '"GET /search/" 200' in web
+    assert '"GET /contacts/<int:record_id>" 200' in web and '"GET /search/" 200' in web
     assert '"GET /auth/set-password/<token>" 200' in web and '"POST /notes/<entity>/<int:record_id>" 302' in web
     assert "Key (email)=(<redacted>) already exists" in web and "password=<redacted>" in web
     assert "<ip-1>" in web and f"{data_dir}/attachments/<redacted>" in web
@@ -531,7 +531,7 @@ def test_settings_are_redacted_by_name_and_secret_files_named_by_path_only(tmp_p
     text = result.file("config/appliance.toml").decode()
     assert f'password_file = "{settings.database.password_file}"  # a secret file: content not collected' in text
     assert "set_password_link_hours = 72" in text and 'wal_check = "*/5 * * * *"' in text
-    assert f'vendor_public_key_file = "none"\n' in text
+    assert 'vendor_public_key_file = "none"\n' in text
     assert settings.database.password() not in text and settings.web.secret_key() not in text
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from webapp import audit
+from webapp import audit, prepared
 from webapp.models import Account, AuditLog, Note, Role, User
 from webapp.prepared import Prepared
 
@@ -58,3 +58,48 @@ def test_values_of_another_type_or_a_builder_that_drops_one_are_refused(db):
         Prepared(lambda at: User.select().where(User.created_at > at)).rows(None)
     with pytest.raises(ValueError, match="not parameters"):
         Prepared(lambda uid, unused: User.select().where(User.id == uid)).rows(1, 2)
+
+
+def _prepared_here(db) -> dict[str, str]:
+    """The statements prepared on the current connection: name -> text."""
+    return dict(db.execute_sql("SELECT name, statement FROM pg_prepared_statements").fetchall())
+
+
+def test_the_statement_is_prepared_once_per_connection_and_survives_a_rollback(make_seat, db):
+    seats = [make_seat(f"s{i}@corp.cn") for i in range(2)]
+    prepared = Prepared(lambda uid: User.select(User.id, User.email).where(User.id == uid))
+    sent = []
+    real_execute = db.execute_sql
+    db.execute_sql = lambda sql, params=None: sent.append(sql.split()[0]) or real_execute(sql, params)
+    sent_by_prepared = lambda: [word for word in sent if word in ("PREPARE", "EXECUTE")]  # noqa: E731
+    try:
+        assert [u.email for u in prepared.rows(seats[0].user.id)] == [seats[0].email]
+        text = _prepared_here(db)[prepared._name]
+        assert text.startswith(f"PREPARE {prepared._name} AS SELECT") and '"id" = $1' in text
+        with db.atomic() as transaction:
+            assert [u.email for u in prepared.rows(seats[1].user.id)] == [seats[1].email]
+            transaction.rollback()
+        assert [u.email for u in prepared.rows(seats[0].user.id)] == [seats[0].email]
+        assert sent_by_prepared() == ["PREPARE", "EXECUTE", "EXECUTE", "EXECUTE"]
+        first_connection = db.connection()
+        db.manual_close()  # closed for good, not back to the pool: the next connection has nothing prepared
+        sent.clear()
+        assert [u.email for u in prepared.rows(seats[1].user.id)] == [seats[1].email]
+        assert sent_by_prepared() == ["PREPARE", "EXECUTE"] and db.connection() is not first_connection
+    finally:
+        db.execute_sql = real_execute
+
+
+def test_constants_are_literals_of_the_prepared_text_and_as_select_gives_what_an_execute_runs(make_seat, db):
+    seat = make_seat("a@corp.cn")
+    account = audit.create(seat.user, Account, {"name": "50% off"})
+    audit.add_note(seat.user, account, "first")
+    notes = Prepared(lambda record_id: (Note.select().where(Note.parent_type == "account", Note.parent_id == record_id)
+                                        .order_by(Note.id).limit(5)))
+    assert [n.body for n in notes.rows(account.id)] == ["first"]
+    text = _prepared_here(db)[notes._name]
+    assert "= 'account'" in text and "LIMIT 5" in text and "$1" in text and "$2" not in text
+    sql, params = prepared.as_select(f"EXECUTE {notes._name}(%s)", (account.id,))
+    assert sql.startswith("SELECT") and params == ["account", account.id, 5]
+    assert [row[0] for row in db.execute_sql(sql, params).fetchall()] == [n.id for n in notes.rows(account.id)]
+    assert prepared.as_select("SELECT 1", []) == ("SELECT 1", [])

@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import pytest
 
-from webapp import audit, company
+from webapp import audit, company, prepared
 from webapp.forms import seat_label
 from webapp.models import Account, Activity, AuditLog, Contact, Lead, Note, Opportunity, Ticket, User
 
@@ -636,7 +636,8 @@ def _statements(b, path) -> list[str]:
 
 
 def _queries(b, path) -> list[tuple[str, list]]:
-    """(SQL, parameters) of each statement one page view runs (peewee logs each one at DEBUG)."""
+    """(SQL, parameters) of each statement one page view runs (peewee logs each one at DEBUG),
+    a prepared statement's as the SELECT it runs."""
     import logging
 
     logger = logging.getLogger("peewee")
@@ -645,7 +646,9 @@ def _queries(b, path) -> list[tuple[str, list]]:
     class Collect(logging.Handler):
         def emit(self, record):
             if record.name == "peewee":  # queries only, not peewee.pool's connection lines
-                seen.append(record.msg)
+                sql, params = record.msg
+                if not sql.startswith("PREPARE "):  # once per connection; its EXECUTEs as the SELECT they run
+                    seen.append(prepared.as_select(sql, params))
 
     handler = Collect()
     # The announcement banner is cached for a few seconds per process; start every

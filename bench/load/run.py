@@ -480,6 +480,8 @@ def logged_in_client(app, seat: int, password: str):
 
 def query_report(config_path: Path, password: str) -> list[dict]:
     """Per page and role: SQL statements, their total time, and EXPLAIN ANALYZE of the slowest."""
+    from webapp import prepared
+
     app, db, captured = instrumented_app(config_path)
     out = []
     for role, seat in ROLES:
@@ -501,8 +503,10 @@ def query_report(config_path: Path, password: str) -> list[dict]:
             started = time.perf_counter()
             status = client.get(path).status_code
             page_ms = (time.perf_counter() - started) * 1000
-            statements = [c for c in captured if not c[0].lstrip().upper().startswith(("BEGIN", "COMMIT"))]
+            # A prepared statement's PREPARE runs once per connection, not per page
+            statements = [c for c in captured if not c[0].lstrip().upper().startswith(("BEGIN", "COMMIT", "PREPARE"))]
             slow_sql, slow_params, slow_ms = max(statements, key=lambda c: c[2]) if statements else ("", None, 0)
+            slow_sql, slow_params = prepared.as_select(slow_sql, slow_params)  # EXPLAIN the SELECT an EXECUTE runs
             plan_top = ""
             if slow_sql.lstrip().upper().startswith("SELECT"):
                 with db.connection_context():

@@ -230,3 +230,29 @@ def test_local_minutes_writes_what_babel_writes(pg_cluster, secrets_dir, db, zon
                   if local_minutes(m) != format_datetime(m, "yyyy-MM-dd HH:mm")]
         assert not differ, differ[:5]
         assert local_minutes(dt.datetime(2026, 7, 1, 12, 0)) != "2026-07-01 12:00"  # converted, not copied
+
+
+def test_a_pages_catalogue_is_looked_up_once_and_translates_as_flask_babel_does(app, monkeypatch):
+    """Templates' ``_()``/``ngettext()`` and the lazy labels use the request's catalogue,
+    looked up once (webapp/i18n.py): the same text as Flask-Babel's own, escaped and filled
+    in the same way, and the next request in another language gets its own."""
+    import flask_babel
+    from flask import g, render_template_string
+
+    from webapp import i18n
+
+    lookups = []
+    real_lookup = flask_babel.Domain.get_translations
+    monkeypatch.setattr(flask_babel.Domain, "get_translations", lambda self: lookups.append(1) or real_lookup(self))
+    page = "{{ _('Nothing found for “%(q)s”.', q=q) }}|{{ ngettext('Import %(num)d row', 'Import %(num)d rows', 3) }}"
+    for headers, want, label_text in ((ZH, "未找到与“&lt;b&gt;”相关的结果。|导入 3 行", "客户"),
+                                      (EN, "Nothing found for “&lt;b&gt;”.|Import 3 rows", "Accounts")):
+        with app.test_request_context("/", headers=headers):
+            lookups.clear()
+            label = i18n.lazy_gettext("Accounts")
+            assert render_template_string(page + "|{{ label }}|{{ label }}", q="<b>", label=label) == \
+                f"{want}|{label_text}|{label_text}"
+            assert len(lookups) == 1, "the page looked its catalogue up once"
+            assert g.page_translations is flask_babel.get_translations() and label_text == flask_babel.gettext("Accounts")
+            assert str(i18n.lazy_gettext("There is no announcement %(id)d; list them with: crm-appliance "
+                                         "announce list", id=7)).count("7") == 1

@@ -7,11 +7,11 @@ import logging
 
 from flask import Flask, g, render_template, request, session
 from flask_babel import Babel
-from flask_babel import lazy_gettext as _l
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from appliance.config import Settings
+from webapp.i18n import lazy_gettext as _l
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,8 @@
 """Activities: tasks, calls and meetings with a due time and status, linked to any record."""
 
-from flask_babel import lazy_gettext as _l
-
 from webapp.crud import Column, Filter, Module, make_blueprint
 from webapp.forms import ActivityForm
+from webapp.i18n import lazy_gettext as _l
 from webapp.models import ACTIVITY_KINDS, ACTIVITY_STATUSES, Activity
 
 module = Module(

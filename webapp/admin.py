@@ -16,7 +16,6 @@ from pathlib import Path
 
 from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, send_file, url_for
 from flask_babel import gettext as _
-from flask_babel import lazy_gettext as _l
 from flask_babel import to_utc
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileField
@@ -28,6 +27,7 @@ from appliance import seats
 from appliance.errors import SeatError
 from webapp import audit, permissions
 from webapp.crud import escape_like
+from webapp.i18n import lazy_gettext as _l
 from webapp.models import AuditLog, JobRun, LoginLog, Notice, Role, Team, User, database, utcnow
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")

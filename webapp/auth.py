@@ -14,12 +14,12 @@ from urllib.parse import urlsplit
 from flask import (Blueprint, current_app, flash, g, redirect, render_template, request, session,
                    url_for)
 from flask_babel import gettext as _
-from flask_babel import lazy_gettext as _l
 from flask_wtf import FlaskForm
 from wtforms import EmailField, PasswordField
 from wtforms.validators import DataRequired, EqualTo, Length
 
 from appliance import seats
+from webapp.i18n import lazy_gettext as _l
 from webapp.models import LoginLog, Role, User, utcnow
 from webapp.prepared import Prepared
 

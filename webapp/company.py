@@ -20,7 +20,6 @@ import zoneinfo
 
 from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, send_file, url_for
 from flask_babel import gettext as _
-from flask_babel import lazy_gettext as _l
 from flask_babel import to_utc
 from flask_wtf import FlaskForm
 from wtforms import BooleanField, DateTimeLocalField, StringField, TextAreaField
@@ -29,6 +28,7 @@ from wtforms.validators import DataRequired, Length, Optional, ValidationError
 from appliance import attachments as store
 from appliance.errors import ApplianceError
 from webapp import audit, permissions
+from webapp.i18n import lazy_gettext as _l
 from webapp.models import Announcement, Attachment, CompanyProfile, User, database, utcnow
 
 bp = Blueprint("company", __name__, url_prefix="/admin")

@@ -1,9 +1,8 @@
 """Contacts: the people at accounts (R-5)."""
 
-from flask_babel import lazy_gettext as _l
-
 from webapp.crud import Column, Filter, Module, Related, make_blueprint
 from webapp.forms import ContactForm
+from webapp.i18n import lazy_gettext as _l
 from webapp.models import Contact, Opportunity, Ticket
 
 module = Module(

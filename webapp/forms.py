@@ -11,7 +11,6 @@ import datetime as dt
 import re
 
 from flask import g, request, url_for
-from flask_babel import lazy_gettext as _l
 from flask_babel import to_user_timezone, to_utc
 from flask_wtf import FlaskForm
 from peewee import fn
@@ -22,6 +21,7 @@ from wtforms.validators import DataRequired, Email, InputRequired, Length, Numbe
 
 from webapp import permissions
 from webapp.i18n import choice_label
+from webapp.i18n import lazy_gettext as _l
 from webapp.models import (ACTIVITY_KINDS, ACTIVITY_STATUSES, CURRENCIES, LEAD_STATUSES, OPPORTUNITY_STAGES,
                            RECORD_MODELS, TICKET_PRIORITIES, TICKET_STATUSES, TICKET_TRANSITIONS, Account, Contact,
                            User)

@@ -20,7 +20,6 @@ from pathlib import Path
 from flask import Blueprint, Response, abort, current_app, flash, g, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 from flask_babel import ngettext
-from flask_babel import lazy_gettext as _l
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileField, FileRequired
 
@@ -28,6 +27,7 @@ from appliance import importer
 from appliance.importer import ImportFileError
 from webapp import permissions
 from webapp.crud import MODULES
+from webapp.i18n import lazy_gettext as _l
 
 bp = Blueprint("imports", __name__, url_prefix="/import")
 

@@ -2,7 +2,6 @@
 
 from flask import abort, flash, g, redirect, render_template, url_for
 from flask_babel import gettext as _
-from flask_babel import lazy_gettext as _l
 from flask_wtf import FlaskForm
 from wtforms import BooleanField, DecimalField, SelectField, StringField
 from wtforms.validators import Length, NumberRange, Optional, ValidationError
@@ -10,6 +9,7 @@ from wtforms.validators import Length, NumberRange, Optional, ValidationError
 from webapp import audit, permissions
 from webapp.crud import Column, Filter, Module, make_blueprint
 from webapp.forms import LeadForm, LookupField, account_named, choices
+from webapp.i18n import lazy_gettext as _l
 from webapp.models import (CURRENCIES, LEAD_STATUSES, OPPORTUNITY_STAGES, Account, Contact, Lead, Opportunity,
                            database, utcnow)
 

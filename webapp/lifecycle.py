@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, url_for
 from flask_babel import gettext as _
-from flask_babel import lazy_gettext as _l
 from flask_wtf import FlaskForm
 from wtforms import StringField
 from wtforms.validators import DataRequired, Length
 
 from appliance import lifecycle
 from webapp import permissions
+from webapp.i18n import lazy_gettext as _l
 
 bp = Blueprint("lifecycle", __name__, url_prefix="/admin/deleted")
 

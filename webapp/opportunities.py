@@ -6,12 +6,12 @@ form a plain browser submits), so the board works without JavaScript too.
 
 from flask import abort, flash, g, jsonify, redirect, render_template, request, url_for
 from flask_babel import gettext as _
-from flask_babel import lazy_gettext as _l
 from peewee import fn
 
 from webapp import audit, permissions
 from webapp.crud import Column, Filter, Module, make_blueprint
 from webapp.forms import OpportunityForm
+from webapp.i18n import lazy_gettext as _l
 from webapp.models import OPPORTUNITY_STAGES, Opportunity
 
 module = Module(

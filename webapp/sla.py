@@ -18,10 +18,10 @@ import zoneinfo
 
 from flask import Blueprint, abort, current_app, g, render_template, request
 from flask_babel import gettext as _
-from flask_babel import lazy_gettext as _l
 
 from appliance import monitor
 from webapp import permissions
+from webapp.i18n import lazy_gettext as _l
 
 log = logging.getLogger(__name__)
 

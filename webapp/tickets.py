@@ -2,7 +2,6 @@
 
 from flask import flash, g, redirect, render_template, url_for
 from flask_babel import gettext as _
-from flask_babel import lazy_gettext as _l
 from flask_wtf import FlaskForm
 from wtforms import TextAreaField
 from wtforms.validators import Length, Optional, ValidationError
@@ -10,6 +9,7 @@ from wtforms.validators import Length, Optional, ValidationError
 from webapp import audit, permissions
 from webapp.crud import Column, Filter, Module, make_blueprint
 from webapp.forms import SeatField, TicketForm
+from webapp.i18n import lazy_gettext as _l
 from webapp.models import TICKET_PRIORITIES, TICKET_STATUSES, Ticket, User, database
 
 module = Module(

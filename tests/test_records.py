@@ -264,12 +264,14 @@ WALK_WORDS = {  # word -> the rows i (0 oldest .. 119 newest) whose names hold i
 def walk_world(make_seat, db, monkeypatch):
     """120 rounds of accounts, one per round for the seat, a colleague and an outsider, each
     round changed later than the one before; the search walk bounded to the newest 30 for a
-    table of 150 rows or more (``ANALYZE`` tells the planner how many there are)."""
+    table of 150 rows or more (``ANALYZE`` tells the planner how many there are), a walk on
+    to the newest 120."""
     import datetime as dt
 
     from webapp import crud
 
     monkeypatch.setattr(crud, "SEARCH_WALK_ROWS", 30)
+    monkeypatch.setattr(crud, "SEARCH_WALK_ON_ROWS", 120)
     monkeypatch.setattr(crud, "BOUNDED_FROM_ROWS", 150)
     monkeypatch.setattr(crud, "_walk_boundaries", {})
     seats = {role: make_seat(f"{role}@corp.cn", role=role, team="East") for role in ("agent", "manager", "boss")}
@@ -317,6 +319,22 @@ def test_a_bounded_search_walk_shows_the_rows_of_an_unbounded_one(walk_world, br
     assert re.findall(r'href="/accounts/\d+">([^<]+)</a>', found) == expected[:10]
 
 
+def _walked(db, sql: str, params, index: str) -> list[int]:
+    """The entries each scan of ``index`` passed in the statement's plan, with the planner kept
+    off sequential and bitmap scans: the walk it would take if it chose to walk."""
+    with db.atomic():
+        for setting in ("enable_seqscan", "enable_bitmapscan"):
+            db.execute_sql(f"SET LOCAL {setting} = off")
+        plan = db.execute_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchone()[0][0]["Plan"]
+    nodes, passed = [plan], []
+    while nodes:
+        node = nodes.pop()
+        nodes += node.get("Plans", [])
+        if node.get("Index Name") == index:
+            passed.append(node["Actual Rows"] + node.get("Rows Removed by Filter", 0))
+    return passed
+
+
 @pytest.mark.parametrize("role,statements", [("agent", 1), ("manager", 2), ("boss", 2)])
 def test_a_search_for_old_rows_walks_no_further_than_the_bound(walk_world, browser_for, db, role, statements):
     """"Oldword" lies in the oldest rows only: an unbounded walk of a manager's or the boss's
@@ -331,19 +349,27 @@ def test_a_search_for_old_rows_walks_no_further_than_the_bound(walk_world, brows
     assert len(on_table) == statements, on_table
     if role == "agent":
         return
-    sql, params = on_table[0]
-    with db.atomic():
-        for setting in ("enable_seqscan", "enable_bitmapscan"):
-            db.execute_sql(f"SET LOCAL {setting} = off")
-        plan = db.execute_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchone()[0][0]["Plan"]
-    nodes, passed = [plan], []
-    while nodes:
-        node = nodes.pop()
-        nodes += node.get("Plans", [])
-        if node.get("Index Name") == "account_recent":
-            passed.append(node["Actual Rows"] + node.get("Rows Removed by Filter", 0))
+    passed = _walked(db, *on_table[0], "account_recent")
     assert passed and max(passed) <= 30, passed
     assert "MATERIALIZED" in on_table[1][0]
+
+
+@pytest.mark.parametrize("role", ["manager", "boss"])
+def test_a_word_found_new_but_short_of_a_page_walks_on_only_so_far(walk_world, browser_for, db, role):
+    """"Middle" is in one of the newest 30 rounds (three rows) and in 22 older ones: the walk
+    on below the first edge ends at the table's newest 120 rows, and a third statement reads
+    the rest of its matches from the index (the rows shown are checked against a reference
+    by the test above)."""
+    seats, _ = walk_world
+    b = browser_for(seats[role])
+    b.get("/accounts/?q=Middle")  # both walk boundaries are looked up once and kept
+    on_table = [(sql, params) for sql, params in _queries(b, "/accounts/?q=Middle") if 'FROM "account"' in sql]
+    assert len(on_table) == 3, on_table
+    first, walk_on, rest = on_table
+    assert max(_walked(db, *first, "account_recent")) <= 30
+    passed = _walked(db, *walk_on, "account_recent")
+    assert passed and max(passed) <= 120 - 30, passed
+    assert "MATERIALIZED" in rest[0] and "MATERIALIZED" not in walk_on[0]
 
 
 def test_the_walk_boundary_is_the_newest_rows_edge_kept_for_a_while(walk_world, monkeypatch):

@@ -267,6 +267,11 @@ def rows_by_ids(model, ids, order: tuple, columns: list):
 #: How many of a table's newest live rows a newest-first search walks for a manager or the
 #: boss before it asks the trigram index for the older matches (``newest_matching``).
 SEARCH_WALK_ROWS = 20_000
+#: A word found among those rows but short of a page walks on at most to the table's this many
+#: newest rows before the rest of its matches are read from the index: a word that rare may
+#: have its other few matches anywhere, and an open walk passed a whole table for it (the boss's
+#: contacts at ten times the 50-seat data set: 80,000 blocks, 2.3 s; docs/performance.md).
+SEARCH_WALK_ON_ROWS = 10 * SEARCH_WALK_ROWS
 #: Tables with fewer rows (by the planner's estimate) are walked whole: a walk passes ~5 entries
 #: a microsecond, so at most ~20 ms, less than a second statement for every rare word costs.
 BOUNDED_FROM_ROWS = 5 * SEARCH_WALK_ROWS
@@ -275,26 +280,27 @@ BOUNDED_FROM_ROWS = 5 * SEARCH_WALK_ROWS
 #: boundary splits the rows exactly, and a lookup after many changes fetches the changed rows
 #: from the table (4 ms on a quiet 200,000-row table, 8 ms after 5,000 changes).
 WALK_BOUNDARY_SECONDS = 900.0
-_walk_boundaries: dict = {}  # (database name, model) -> (monotonic expiry, (updated_at, id) or None)
+_walk_boundaries: dict = {}  # (database name, model, rows) -> (monotonic expiry, (updated_at, id) or None)
 
 
-def walk_boundary(model):
-    """(updated_at, id) of the table's ``SEARCH_WALK_ROWS``-th newest live row, or None for a
-    table under ``BOUNDED_FROM_ROWS``; looked up at most every 15 minutes per process and
-    database."""
+def walk_boundary(model, rows: int | None = None):
+    """(updated_at, id) of the table's ``rows``-th newest live row (``SEARCH_WALK_ROWS`` unless
+    given), or None for a table under ``BOUNDED_FROM_ROWS`` or with fewer rows; looked up at
+    most every 15 minutes per process and database."""
+    rows = rows or SEARCH_WALK_ROWS
     now = time.monotonic()
     database = model._meta.database
-    key = (database.database, model)  # a benchmark may open two data sets in one process
+    key = (database.database, model, rows)  # a benchmark may open two data sets in one process
     kept = _walk_boundaries.get(key)
     if kept is not None and kept[0] > now:
         return kept[1]
     (estimated_rows,) = database.execute_sql("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
                                              (model._meta.table_name,)).fetchone()
     edge = None
-    if estimated_rows >= BOUNDED_FROM_ROWS:  # -1 for a table never analysed
+    if estimated_rows >= max(BOUNDED_FROM_ROWS, rows):  # -1 for a table never analysed
         edge = (model.select(model.updated_at, model.id).where(model.deleted_at.is_null())
                 .order_by(model.updated_at.desc(), model.id.desc())
-                .offset(SEARCH_WALK_ROWS - 1).limit(1).tuples().first())
+                .offset(rows - 1).limit(1).tuples().first())
     _walk_boundaries[key] = (now + WALK_BOUNDARY_SECONDS, edge)
     return edge
 
@@ -309,7 +315,8 @@ def walks_everyones_rows(user: User, entity: str, text: str, mine: bool = False)
 
 def newest_matching(matching, limit: int, columns: list, bounded: bool, wrap: Callable = lambda q: q) -> list:
     """The first ``limit`` rows of ``matching`` newest first (updated_at, id), read as
-    ``columns`` through ``wrap``; with ``bounded``, a walk of at most ``SEARCH_WALK_ROWS``.
+    ``columns`` through ``wrap``; with ``bounded``, a walk of at most ``SEARCH_WALK_ROWS``,
+    or ``SEARCH_WALK_ON_ROWS`` for a word found there but short of a page.
 
     The planner finds a common word by walking the newest rows and testing each: it counts on
     the matches being spread evenly over time. Words whose matches all lie in old rows (a
@@ -320,24 +327,32 @@ def newest_matching(matching, limit: int, columns: list, bounded: bool, wrap: Ca
     walked or looked up as the planner likes. If they fill the page, that is the one
     statement, as before. If they hold none, the older matches are all read from the index
     (a materialized CTE has no order for the planner to walk in), then sorted. If they hold
-    some, the word is spread over time and walking on finds the rest sooner than reading
-    all its older matches would. The rows are exactly those of the one statement.
+    some, the word is likely spread over time, and walking on finds the rest sooner than
+    reading all its older matches would, but only so far: a word still short of a page there
+    is rare, and its remaining matches come from the index too. The rows are exactly those of
+    the one statement.
     """
     model = matching.model
     order = (model.updated_at.desc(), model.id.desc())
     edge = walk_boundary(model) if bounded else None
     if edge is None:
         return list(wrap(first_rows(matching, order, limit, columns)))
-    key, edge = Tuple(model.updated_at, model.id), Tuple(*edge)
-    rows = list(wrap(first_rows(matching.where(key >= edge), order, limit, columns)))
+    key = Tuple(model.updated_at, model.id)
+    rows = list(wrap(first_rows(matching.where(key >= Tuple(*edge)), order, limit, columns)))
     if len(rows) == limit:
         return rows
-    older = matching.where(key < edge)
     if rows:
-        return rows + list(wrap(first_rows(older, order, limit - len(rows), columns)))
-    older = older.select(model.id, model.updated_at).cte("older", materialized=True)
-    ids = older.select_from(older.c.id).order_by(older.c.updated_at.desc(), older.c.id.desc()).limit(limit)
-    return list(wrap(rows_by_ids(model, ids, order, columns)))
+        on = matching.where(key < Tuple(*edge))
+        far_edge = walk_boundary(model, SEARCH_WALK_ON_ROWS)
+        if far_edge is None:  # the table ends first
+            return rows + list(wrap(first_rows(on, order, limit - len(rows), columns)))
+        rows.extend(wrap(first_rows(on.where(key >= Tuple(*far_edge)), order, limit - len(rows), columns)))
+        if len(rows) == limit:
+            return rows
+        edge = far_edge
+    older = matching.where(key < Tuple(*edge)).select(model.id, model.updated_at).cte("older", materialized=True)
+    ids = older.select_from(older.c.id).order_by(older.c.updated_at.desc(), older.c.id.desc()).limit(limit - len(rows))
+    return rows + list(wrap(rows_by_ids(model, ids, order, columns)))
 
 
 def list_page(module: Module, user: User, args, page_size: int) -> Page:

@@ -257,7 +257,7 @@ def _scans(db, sql: str, params, table: str) -> list[tuple]:
 
 WALK_WORDS = {  # word -> the rows i (0 oldest .. 119 newest) whose names hold it
     "Oldword": range(0, 20), "Newword": range(100, 120), "Sparse": range(0, 120, 25), "Common": range(120),
-    "Middle": [*range(2, 90, 4), 116]}
+    "Middle": [*range(2, 90, 4), 116], "Fresh": [5, 20, 40, 117, 118, 119]}
 
 
 @pytest.fixture
@@ -265,13 +265,13 @@ def walk_world(make_seat, db, monkeypatch):
     """120 rounds of accounts, one per round for the seat, a colleague and an outsider, each
     round changed later than the one before; the search walk bounded to the newest 30 for a
     table of 150 rows or more (``ANALYZE`` tells the planner how many there are), a walk on
-    to the newest 120."""
+    to the newest 90."""
     import datetime as dt
 
     from webapp import crud
 
     monkeypatch.setattr(crud, "SEARCH_WALK_ROWS", 30)
-    monkeypatch.setattr(crud, "SEARCH_WALK_ON_ROWS", 120)
+    monkeypatch.setattr(crud, "SEARCH_WALK_ON_ROWS", 90)
     monkeypatch.setattr(crud, "BOUNDED_FROM_ROWS", 150)
     monkeypatch.setattr(crud, "_walk_boundaries", {})
     seats = {role: make_seat(f"{role}@corp.cn", role=role, team="East") for role in ("agent", "manager", "boss")}
@@ -355,21 +355,26 @@ def test_a_search_for_old_rows_walks_no_further_than_the_bound(walk_world, brows
 
 
 @pytest.mark.parametrize("role", ["manager", "boss"])
-def test_a_word_found_new_but_short_of_a_page_walks_on_only_so_far(walk_world, browser_for, db, role):
-    """"Middle" is in one of the newest 30 rounds (three rows) and in 22 older ones: the walk
-    on below the first edge ends at the table's newest 120 rows, and a third statement reads
-    the rest of its matches from the index (the rows shown are checked against a reference
-    by the test above)."""
+def test_a_word_found_new_but_short_of_a_page_walks_on_only_if_dense_and_only_so_far(walk_world, browser_for,
+                                                                                      db, role):
+    """"Fresh" fills half a page among the newest 30 rows (three rounds) and has three old
+    rounds: the walk goes on below the first edge, ends at the table's newest 90 rows, and a
+    third statement reads the rest from the index. "Middle" is in one of the newest rounds and
+    22 older ones: too sparse to walk on, its older matches come from the index at once. (The
+    rows shown are checked against a reference by the test above.)"""
     seats, _ = walk_world
     b = browser_for(seats[role])
-    b.get("/accounts/?q=Middle")  # both walk boundaries are looked up once and kept
-    on_table = [(sql, params) for sql, params in _queries(b, "/accounts/?q=Middle") if 'FROM "account"' in sql]
+    for word in ("Fresh", "Middle"):
+        b.get(f"/accounts/?q={word}")  # both walk boundaries are looked up once and kept
+    on_table = [(sql, params) for sql, params in _queries(b, "/accounts/?q=Fresh") if 'FROM "account"' in sql]
     assert len(on_table) == 3, on_table
     first, walk_on, rest = on_table
     assert max(_walked(db, *first, "account_recent")) <= 30
     passed = _walked(db, *walk_on, "account_recent")
-    assert passed and max(passed) <= 120 - 30, passed
+    assert passed and max(passed) <= 90 - 30, passed
     assert "MATERIALIZED" in rest[0] and "MATERIALIZED" not in walk_on[0]
+    on_table = [(sql, params) for sql, params in _queries(b, "/accounts/?q=Middle") if 'FROM "account"' in sql]
+    assert len(on_table) == 2 and "MATERIALIZED" in on_table[1][0], on_table
 
 
 def test_the_walk_boundary_is_the_newest_rows_edge_kept_for_a_while(walk_world, monkeypatch):

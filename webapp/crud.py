@@ -267,11 +267,12 @@ def rows_by_ids(model, ids, order: tuple, columns: list):
 #: How many of a table's newest live rows a newest-first search walks for a manager or the
 #: boss before it asks the trigram index for the older matches (``newest_matching``).
 SEARCH_WALK_ROWS = 20_000
-#: A word found among those rows but short of a page walks on at most to the table's this many
-#: newest rows before the rest of its matches are read from the index: a word that rare may
-#: have its other few matches anywhere, and an open walk passed a whole table for it (the boss's
-#: contacts at ten times the 50-seat data set: 80,000 blocks, 2.3 s; docs/performance.md).
-SEARCH_WALK_ON_ROWS = 10 * SEARCH_WALK_ROWS
+#: A word found among those rows, a third of a page or more but short of it, walks on at most
+#: to the table's this many newest rows (as dense further back, it fills the page within two
+#: more bounds) before the rest of its matches are read from the index: its matches may lie
+#: anywhere in time, and an open walk passed a whole table (the boss's contacts at ten times the
+#: 50-seat data set: 80,000 blocks, 2.3 s; docs/performance.md).
+SEARCH_WALK_ON_ROWS = 3 * SEARCH_WALK_ROWS
 #: Tables with fewer rows (by the planner's estimate) are walked whole: a walk passes ~5 entries
 #: a microsecond, so at most ~20 ms, less than a second statement for every rare word costs.
 BOUNDED_FROM_ROWS = 5 * SEARCH_WALK_ROWS
@@ -327,10 +328,13 @@ def newest_matching(matching, limit: int, columns: list, bounded: bool, wrap: Ca
     walked or looked up as the planner likes. If they fill the page, that is the one
     statement, as before. If they hold none, the older matches are all read from the index
     (a materialized CTE has no order for the planner to walk in), then sorted. If they hold
-    some, the word is likely spread over time, and walking on finds the rest sooner than
-    reading all its older matches would, but only so far: a word still short of a page there
-    is rare, and its remaining matches come from the index too. The rows are exactly those of
-    the one statement.
+    a third of a page or more, the word is likely spread over time and walking on finds the
+    rest sooner than reading all its older matches would (a manager's leads "Apex": 9 ms
+    walked, 84 ms from the index), but only so far: a word still short of a page at
+    ``SEARCH_WALK_ON_ROWS`` is rare, and its remaining matches come from the index. If they hold
+    fewer, walking on would pass many bounds' worth of rows (a touched old row among the newest
+    is enough to start it; the whole table for the boss's contacts in the load test), so the
+    older matches come from the index at once. The rows are exactly those of the one statement.
     """
     model = matching.model
     order = (model.updated_at.desc(), model.id.desc())
@@ -341,7 +345,7 @@ def newest_matching(matching, limit: int, columns: list, bounded: bool, wrap: Ca
     rows = list(wrap(first_rows(matching.where(key >= Tuple(*edge)), order, limit, columns)))
     if len(rows) == limit:
         return rows
-    if rows:
+    if rows and limit - len(rows) <= 2 * len(rows):  # as dense further back: full within two bounds
         on = matching.where(key < Tuple(*edge))
         far_edge = walk_boundary(model, SEARCH_WALK_ON_ROWS)
         if far_edge is None:  # the table ends first

@@ -239,20 +239,25 @@ def test_a_search_walk_tests_the_word_in_the_index_not_in_the_table(make_seat, b
     assert shown == newest[:len(shown)] and len(shown) == 10, shown
 
 
-def _scans(db, sql: str, params, table: str) -> list[tuple]:
-    """(node type, index, heap fetches) of each scan of ``table`` in the statement's plan, with
-    the planner kept off sequential and bitmap scans (a test's few rows would invite them)."""
+def _plan_nodes(db, sql: str, params) -> list[dict]:
+    """Every node of the statement's executed plan, with the planner kept off sequential and
+    bitmap scans (a test's few rows would invite them): the walk it takes if it walks."""
     with db.atomic():
         for setting in ("enable_seqscan", "enable_bitmapscan"):
             db.execute_sql(f"SET LOCAL {setting} = off")
         plan = db.execute_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchone()[0]
-    nodes, scans = [plan[0]["Plan"]], []
+    nodes, seen = [plan[0]["Plan"]], []
     while nodes:
         node = nodes.pop()
         nodes += node.get("Plans", [])
-        if node.get("Relation Name") == table:
-            scans.append((node["Node Type"], node["Index Name"], node.get("Heap Fetches")))
-    return scans
+        seen.append(node)
+    return seen
+
+
+def _scans(db, sql: str, params, table: str) -> list[tuple]:
+    """(node type, index, heap fetches) of each scan of ``table`` in the statement's plan."""
+    return [(node["Node Type"], node["Index Name"], node.get("Heap Fetches"))
+            for node in _plan_nodes(db, sql, params) if node.get("Relation Name") == table]
 
 
 WALK_WORDS = {  # word -> the rows i (0 oldest .. 119 newest) whose names hold it
@@ -320,19 +325,9 @@ def test_a_bounded_search_walk_shows_the_rows_of_an_unbounded_one(walk_world, br
 
 
 def _walked(db, sql: str, params, index: str) -> list[int]:
-    """The entries each scan of ``index`` passed in the statement's plan, with the planner kept
-    off sequential and bitmap scans: the walk it would take if it chose to walk."""
-    with db.atomic():
-        for setting in ("enable_seqscan", "enable_bitmapscan"):
-            db.execute_sql(f"SET LOCAL {setting} = off")
-        plan = db.execute_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchone()[0][0]["Plan"]
-    nodes, passed = [plan], []
-    while nodes:
-        node = nodes.pop()
-        nodes += node.get("Plans", [])
-        if node.get("Index Name") == index:
-            passed.append(node["Actual Rows"] + node.get("Rows Removed by Filter", 0))
-    return passed
+    """The entries each scan of ``index`` passed in the statement's plan."""
+    return [node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
+            for node in _plan_nodes(db, sql, params) if node.get("Index Name") == index]
 
 
 @pytest.mark.parametrize("role,statements", [("agent", 1), ("manager", 2), ("boss", 2)])

@@ -67,24 +67,24 @@ def _prepared_here(db) -> dict[str, str]:
 
 def test_the_statement_is_prepared_once_per_connection_and_survives_a_rollback(make_seat, db):
     seats = [make_seat(f"s{i}@corp.cn") for i in range(2)]
-    prepared = Prepared(lambda uid: User.select(User.id, User.email).where(User.id == uid))
+    statement = Prepared(lambda uid: User.select(User.id, User.email).where(User.id == uid))
     sent = []
     real_execute = db.execute_sql
     db.execute_sql = lambda sql, params=None: sent.append(sql.split()[0]) or real_execute(sql, params)
     sent_by_prepared = lambda: [word for word in sent if word in ("PREPARE", "EXECUTE")]  # noqa: E731
     try:
-        assert [u.email for u in prepared.rows(seats[0].user.id)] == [seats[0].email]
-        text = _prepared_here(db)[prepared._name]
-        assert text.startswith(f"PREPARE {prepared._name} AS SELECT") and '"id" = $1' in text
+        assert [u.email for u in statement.rows(seats[0].user.id)] == [seats[0].email]
+        text = _prepared_here(db)[statement._name]
+        assert text.startswith(f"PREPARE {statement._name} AS SELECT") and '"id" = $1' in text
         with db.atomic() as transaction:
-            assert [u.email for u in prepared.rows(seats[1].user.id)] == [seats[1].email]
+            assert [u.email for u in statement.rows(seats[1].user.id)] == [seats[1].email]
             transaction.rollback()
-        assert [u.email for u in prepared.rows(seats[0].user.id)] == [seats[0].email]
+        assert [u.email for u in statement.rows(seats[0].user.id)] == [seats[0].email]
         assert sent_by_prepared() == ["PREPARE", "EXECUTE", "EXECUTE", "EXECUTE"]
         first_connection = db.connection()
         db.manual_close()  # closed for good, not back to the pool: the next connection has nothing prepared
         sent.clear()
-        assert [u.email for u in prepared.rows(seats[1].user.id)] == [seats[1].email]
+        assert [u.email for u in statement.rows(seats[1].user.id)] == [seats[1].email]
         assert sent_by_prepared() == ["PREPARE", "EXECUTE"] and db.connection() is not first_connection
     finally:
         db.execute_sql = real_execute

@@ -18,7 +18,8 @@ What it does, all on 127.0.0.1 and thrown away at the end:
    the 50-seat mix (per-action p50/p95/p99, errors, peak memory of all app processes);
    capacity steps (largest seat count with p95 <= 300 ms and no errors); the mix and the
    ceiling endpoint at saturation (no think time), for the throughput ratio; the 50-seat mix
-   again on each larger scale. Statistics restart once every seat
+   again on each scale, twice, for longer (``--scale-steady``: the rarer pages need more
+   requests for a stable p95). Statistics restart once every seat
    has logged in (the ramp-up's login times are reported apart).
 5. In-process, through the Flask test client: SQL statements per page (a query counter, for
    N+1s) and ``EXPLAIN ANALYZE`` of each page's slowest statement, per scale.
@@ -304,6 +305,10 @@ class Phase:
         row = self.stats.get(name)
         return float(row[pct]) if row and int(row["Request Count"]) else None
 
+    def count(self, name: str) -> int:
+        row = self.stats.get(name)
+        return int(row["Request Count"]) if row else 0
+
     @property
     def worst(self) -> tuple[str, float]:
         rows = [(n, float(r["95%"])) for n, r in self.stats.items()
@@ -538,6 +543,9 @@ def main() -> int:
                         help="seat counts to step through for capacity [default: %(default)s]")
     parser.add_argument("--mix-seats", type=int, default=50, help="seats of the per-action table [default: 50]")
     parser.add_argument("--steady", type=float, default=60, help="seconds measured per phase after ramp-up [60]")
+    parser.add_argument("--scale-steady", type=float, default=180,
+                        help="seconds measured per run of the data set comparison: its rarer pages (a plain list is "
+                             "one request in twenty) need more than --steady for a stable p95 [180]")
     parser.add_argument("--spawn-rate", type=float, default=6,
                         help="seats logging in per second [6: an argon2 check is ~0.15 s of CPU]")
     parser.add_argument("--scales", default="1,10", help="data set scales to compare at --mix-seats [1,10]")
@@ -559,6 +567,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.mix_seats, args.steady, args.scales, args.compare = "20,40", 20, 15, "0.2,0.4", "3x4"
+        args.scale_steady = 15
     steps = sorted({int(s) for s in args.steps.split(",")} | {args.mix_seats})
     scales = [float(s) for s in args.scales.split(",")]
 
@@ -672,11 +681,11 @@ def main() -> int:
             wait_for_quiet(args.wait_load, args.wait_max)
             first = run_locust(app, f"mix {args.mix_seats} seats at scale {scale:g}"
                                + (", warming the new server" if scale == scales[0] else ""),
-                               args.mix_seats, args.steady, args.spawn_rate)
+                               args.mix_seats, args.scale_steady, args.spawn_rate)
             if scale != scales[0]:
                 by_scale[scale] = first
             warm_by_scale[scale] = run_locust(app, f"mix {args.mix_seats} seats at scale {scale:g}, second run",
-                                              args.mix_seats, args.steady, args.spawn_rate)
+                                              args.mix_seats, args.scale_steady, args.spawn_rate)
             app.stop()
 
         # 5. Queries per page.
@@ -751,12 +760,15 @@ def main() -> int:
     if len(scales) > 1:
         print()
         for label, runs in (("first run on each data set", by_scale), ("second run (warm caches)", warm_by_scale)):
-            print(f"== p95 (ms) at {args.mix_seats} seats by data set scale, {label}")
+            print(f"== p95 (ms) at {args.mix_seats} seats by data set scale, {label}, {args.scale_steady:.0f} s each"
+                  + (f" (scale {scales[0]:g}: the first mix, {args.steady:.0f} s)" if runs is by_scale else ""))
             print(f"{'action':<16}" + "".join(f"{'scale ' + format(s, 'g'):>10}" for s in scales) + f"{'growth':>8}")
             for name in SCALE_ACTIONS + ("all requests",):
                 values = [runs[s].p("Aggregated" if name == "all requests" else name) for s in scales]
                 growth = (values[-1] / values[0]) if values[0] and values[-1] else float("nan")
-                print(f"{name:<16}" + "".join(f"{v if v is not None else '-':>10}" for v in values) + f"{growth:>7.2f}x")
+                counts = "/".join(str(runs[s].count("Aggregated" if name == "all requests" else name)) for s in scales)
+                print(f"{name:<16}" + "".join(f"{v if v is not None else '-':>10}" for v in values)
+                      + f"{growth:>7.2f}x  ({counts} requests)")
             print(f"{'load before':<16}" + "".join(f"{runs[s].load_before[0]:>10}" for s in scales))
     print()
     if args.profile:

@@ -126,14 +126,12 @@ def test_every_walked_table_is_vacuumed_after_a_thousand_changes(migrated_db):
     """Migration 0009: a list's index-only walk fetches from the table every row changed since the
     last VACUUM, and changed rows are the newest, the first a walk passes. PostgreSQL's default
     (a fifth of the table) would leave tens of thousands of them on a large table."""
+    expected = {"autovacuum_vacuum_threshold": 1000, "autovacuum_vacuum_scale_factor": 0,
+                "autovacuum_vacuum_insert_threshold": 1000, "autovacuum_vacuum_insert_scale_factor": 0}
     with migrated_db.connection_context():
         for module in record_modules():
             table = module.model._meta.table_name
             (options,) = migrated_db.execute_sql(
                 "SELECT coalesce(reloptions, '{}') FROM pg_class WHERE oid = %s::regclass", (table,)).fetchone()
             settings = dict(option.split("=", 1) for option in options)
-            assert {k: float(settings.get(k, "nan")) for k in (
-                "autovacuum_vacuum_threshold", "autovacuum_vacuum_scale_factor",
-                "autovacuum_vacuum_insert_threshold", "autovacuum_vacuum_insert_scale_factor")} == {
-                "autovacuum_vacuum_threshold": 1000, "autovacuum_vacuum_scale_factor": 0,
-                "autovacuum_vacuum_insert_threshold": 1000, "autovacuum_vacuum_insert_scale_factor": 0}, table
+            assert {name: float(settings.get(name, "nan")) for name in expected} == expected, table

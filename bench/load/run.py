@@ -366,6 +366,9 @@ def run_locust(app: Appliance, label: str, users: int, steady: float, spawn_rate
         log("  the ramp never finished (not every seat logged in)")
     failures = sum(int(r["Failure Count"]) for n, r in stats.items() if n != "Aggregated")
     failures += int(ramp_figures.get("failures", 0))
+    for name, row in ramp_figures.items():  # before the statistics restart: not in the failures CSV
+        if isinstance(row, dict) and row.get("failures"):
+            log(f"  failure x{row['failures']} during the ramp: {name} (its p99 {row.get('99%')} ms)")
     if failures:
         try:
             with open(f"{prefix}_failures.csv", newline="") as fh:

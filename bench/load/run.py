@@ -630,8 +630,9 @@ def main() -> int:
         cluster.psql("SELECT pg_stat_statements_reset()", database=config.load(path).database.name)
         # The data set comparison (4.) runs on data as built. The phases before it change the first
         # data set: its seats hand their tickets to seats outside the run (the 19:08 run's second
-        # run at scale 1 saw 10 hand-overs and 219 reloads of an empty ticket list, against 57
-        # and 59 at scale 10), add notes, activities and leads. So it gets a copy of it, taken now.
+        # run at scale 1 made 10 hand-overs and 219 plain list requests, most of them reloads of
+        # an empty ticket list, against 57 and 59 at scale 10), add notes, activities and leads.
+        # So the comparison gets a copy of it, taken now.
         as_built = dict(databases)
         if len(scales) > 1:
             built = config.load(databases[scales[0]]).database.name

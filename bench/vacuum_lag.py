@@ -37,7 +37,7 @@ from run import instrumented_app, logged_in_client  # noqa: E402  (run.py puts t
 
 from webapp import prepared  # noqa: E402
 
-THRESHOLDS = importlib.import_module("webapp.migrations.0009_vacuum_thresholds").THRESHOLDS
+MIGRATION = importlib.import_module("webapp.migrations.0009_vacuum_thresholds")
 CHANGED_TABLES = ("contact", "lead", "activity")
 SEATS = {"manager": 2, "boss": 1}  # demo seats: 1 is the boss, 2-6 the managers
 PAGES = ("/contacts/?q=王", "/contacts/?q=Apex", "/leads/?q=华信", "/leads/?q=陈",
@@ -90,13 +90,14 @@ def change_batch(db, rows: int) -> None:
 
 
 def set_thresholds(db, defaults: bool) -> None:
+    """PostgreSQL's defaults on the changed tables, or migration 0009 applied again; then VACUUM."""
     with db.connection_context():
+        if defaults:
+            for table in CHANGED_TABLES:
+                db.execute_sql(f'ALTER TABLE "{table}" RESET ({", ".join(MIGRATION.THRESHOLDS)})')
+        else:
+            MIGRATION.up(None, db)
         for table in CHANGED_TABLES:
-            if defaults:
-                db.execute_sql(f'ALTER TABLE "{table}" RESET ({", ".join(THRESHOLDS)})')
-            else:
-                settings = ", ".join(f"{name} = {value}" for name, value in THRESHOLDS.items())
-                db.execute_sql(f'ALTER TABLE "{table}" SET ({settings})')
             db.execute_sql(f'VACUUM "{table}"')
 
 

@@ -18,7 +18,8 @@ exists only under bench/load/serve_bench.py), without think time: the stack's ce
 
 Environment (set by run.py): ``CRM_PASSWORD`` (every demo seat's password), ``CRM_SEAT_FIRST``
 (default 1), ``CRM_THINK_MIN`` / ``CRM_THINK_MAX`` seconds (default 1 and 3; 0 and 0
-saturate the server).
+saturate the server), ``CRM_RUN_SEATS`` (a JSON file of the run's seats as ``[[id, name], ...]``:
+tickets are handed over among them only; without it, to any seat the lookup suggests).
 
 Run alone (against a server that run.py or you started on 127.0.0.1):
 
@@ -34,7 +35,8 @@ import os
 import random
 import re
 from html.parser import HTMLParser
-from urllib.parse import urlsplit
+from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 import gevent
 from locust import between, constant, task
@@ -48,6 +50,9 @@ USERS = int(os.environ.get("CRM_USERS", "0"))
 STEADY = float(os.environ.get("CRM_STEADY", "0"))
 RAMP_OUT = os.environ.get("CRM_RAMP_OUT")  # where the ramp-up's login figures go (JSON)
 DEMO_DOMAIN = "demo.invalid"
+#: The run's seats, [[id, name], ...]: a hand-over to a seat outside the run would take the ticket out of
+#: the mix for good, so a data set's later runs would start with fewer tickets than its first.
+RUN_SEATS = json.loads(Path(os.environ["CRM_RUN_SEATS"]).read_text()) if os.environ.get("CRM_RUN_SEATS") else []
 
 _seat_numbers = itertools.count(SEAT_FIRST)
 _logged_in = itertools.count(1)
@@ -356,15 +361,22 @@ class CrmSeat(FastHttpUser):
         if html is None:
             self.ids["tickets"].remove(rid)
             return
-        # Hand it to a colleague, picked as in a browser: type a surname, take a suggestion (never whoever
-        # holds it now: that is refused); an agent then no longer sees it.
+        # Hand it to a colleague, picked as in a browser (never whoever holds it now: that is refused); an
+        # agent then no longer sees it. In a run, a colleague of the run: the lookup a browser makes as the
+        # name is typed, then the label its suggestion carries.
         owner = _OWNER.search(html)
         owner_name = owner.group(1).strip() if owner else None
-        rows = self.suggestions(f"/search/seats?q={random.choice(SEAT_SURNAMES)}", "seat lookup") or []
-        choices = [r["label"] for r in rows if r["label"].rsplit(" (#", 1)[0] != owner_name]
-        if not choices:
-            return
-        target = random.choice(choices)
+        colleagues = [(seat_id, name) for seat_id, name in RUN_SEATS if name != owner_name]
+        if colleagues:
+            seat_id, name = random.choice(colleagues)
+            self.suggestions(f"/search/seats?q={quote(name)}", "seat lookup")
+            target = f"{name} (#{seat_id})"  # the label the suggestion carries (webapp.forms.picker_label)
+        else:
+            rows = self.suggestions(f"/search/seats?q={random.choice(SEAT_SURNAMES)}", "seat lookup") or []
+            choices = [r["label"] for r in rows if r["label"].rsplit(" (#", 1)[0] != owner_name]
+            if not choices:
+                return
+            target = random.choice(choices)
         ok = self.post(f"/tickets/{rid}/transfer", {"to_user": target, "comment": "Please take over."},
                        "hand over ticket", follow_name="detail")
         if ok and rid in self.ids["tickets"]:

@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 
 from appliance import config  # noqa: E402
+from appliance.demo_data import DEMO_DOMAIN  # noqa: E402
 from sizing.host import gather  # noqa: E402
 from sizing.plan import Resources, make_plan  # noqa: E402
 from tests.pgcluster import free_port, start_cluster  # noqa: E402
@@ -232,6 +233,14 @@ class Appliance:
         summary = [line for line in out.strip().splitlines() if line.strip() and not line.startswith("...")]
         return path, summary[-1] if summary else out.strip(), time.monotonic() - started
 
+    def run_seats(self, count: int) -> list:
+        """[[id, name], ...] of demo seats 1..``count`` in the served database: who a locust run logs in as."""
+        database = config.load(self.config_path).database.name
+        emails = f"'seat' || lpad(i::text, 4, '0') || '@{DEMO_DOMAIN}'"
+        return json.loads(self.cluster.psql(
+            "SELECT coalesce(json_agg(json_build_array(id, name) ORDER BY id), '[]') FROM \"user\" "
+            f"WHERE email = ANY(ARRAY(SELECT {emails} FROM generate_series(1, {count}) AS i))", database=database))
+
     def start(self, config_path: Path, workers: int | None = None, threads: int | None = None) -> None:
         self.stop()
         self.port = free_port()
@@ -335,6 +344,10 @@ def run_locust(app: Appliance, label: str, users: int, steady: float, spawn_rate
     env = dict(os.environ, CRM_PASSWORD=app.password, CRM_SEAT_FIRST="1", CRM_USERS=str(users),
                CRM_STEADY=str(steady), CRM_RAMP_OUT=str(ramp_file),
                CRM_THINK_MIN=str(think[0]), CRM_THINK_MAX=str(think[1]))
+    if user_class == "CrmSeat":  # they hand their tickets over among themselves
+        seats_file = Path(f"{prefix}_seats.json")
+        seats_file.write_text(json.dumps(app.run_seats(users), ensure_ascii=False))
+        env["CRM_RUN_SEATS"] = str(seats_file)
     limit = int(3 * ramp + steady + 120)  # a bound in time, should the ramp never finish
     cmd = [str(VENV_BIN / "locust"), "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(spawn_rate),
            "-t", f"{limit}s", "--only-summary", "--stop-timeout", "10",
@@ -475,8 +488,6 @@ def instrumented_app(config_path: Path):
 
 def logged_in_client(app, seat: int, password: str):
     """A test client logged in as demo seat ``seat`` through the login form."""
-    from appliance.demo_data import DEMO_DOMAIN
-
     client = app.test_client()
     html = client.get("/auth/login").get_data(as_text=True)
     token = re.search(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"', html).group(1)

@@ -12,6 +12,10 @@ slowest, and the sums per kind, with the growth from the first data set to each 
 
     .venv/bin/python bench/search_cost.py --password-file F scale1.toml scale10.toml
 
+With ``--bounded-from ROWS`` each data set is measured twice in the same process, the second
+time with a search walk bounded in tables of ROWS rows or more (``webapp.crud.BOUNDED_FROM_ROWS``;
+its growth column is then the ratio to the code's own setting).
+
 Single requests on an otherwise idle server: what a search costs PostgreSQL and the
 driver, not how it queues under load (the load test measures that).
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -67,15 +72,38 @@ def measure(config_path: Path, password: str, repeat: int) -> dict[tuple[str, st
     return out
 
 
+@contextmanager
+def bounded_from(rows: int):
+    """Search walks bounded in tables of ``rows`` rows or more, each table's boundary looked up anew."""
+    from webapp import crud
+
+    kept = crud.BOUNDED_FROM_ROWS
+    crud.BOUNDED_FROM_ROWS = rows
+    crud._walk_boundaries.clear()
+    try:
+        yield
+    finally:
+        crud.BOUNDED_FROM_ROWS = kept
+        crud._walk_boundaries.clear()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="+", type=Path, help="appliance configs, one per data set")
     parser.add_argument("--password-file", type=Path, required=True, help="the demo seats' password")
     parser.add_argument("--repeat", type=int, default=3, help="timed requests per search [3]")
+    parser.add_argument("--bounded-from", type=int, metavar="ROWS",
+                        help="also measure each data set with search walks bounded in tables of ROWS rows or more")
     args = parser.parse_args()
     password = args.password_file.read_text().strip()
-    results = [measure(path, password, args.repeat) for path in args.configs]
-    names = [path.stem for path in args.configs]
+    results, names = [], []
+    for path in args.configs:
+        results.append(measure(path, password, args.repeat))
+        names.append(path.stem)
+        if args.bounded_from is not None:
+            with bounded_from(args.bounded_from):
+                results.append(measure(path, password, args.repeat))
+            names.append(f"@{args.bounded_from}")
     keys = list(results[0])
     print(f"{'role':8} {'kind':14} " + " ".join(f"{n[:10]:>10}" for n in names) + "  path")
     for key in sorted(keys, key=lambda k: -results[-1][k]):

@@ -14,7 +14,7 @@ slowest, and the sums per kind, with the growth from the first data set to each 
 
 With ``--bounded-from ROWS`` each data set is measured twice in the same process, the second
 time with a search walk bounded in tables of ROWS rows or more (``webapp.crud.BOUNDED_FROM_ROWS``;
-its growth column is then the ratio to the code's own setting).
+with one data set the growth column is then the ratio to the code's own setting).
 
 Single requests on an otherwise idle server: what a search costs PostgreSQL and the
 driver, not how it queues under load (the load test measures that).

@@ -226,6 +226,8 @@ def test_1_install_brings_up_the_whole_appliance(state):
 
 
 def test_2_through_nginx_a_seat_sets_its_password_logs_in_and_creates_a_contact(state):
+    access_log = Path("/var/log/nginx/access.log")
+    log_start = access_log.stat().st_size if access_log.exists() else 0
     browser = Browser()
     status, _, page, headers = browser.get(f"{BASE}/auth/login")
     assert status == 200 and 'name="csrf_token"' in page
@@ -248,6 +250,14 @@ def test_2_through_nginx_a_seat_sets_its_password_logs_in_and_creates_a_contact(
     state["email"] = email
     status, where, page, _ = browser.submit(local(link), {"password": PASSWORD, "confirm": PASSWORD})
     assert status == 200 and "/auth/login" in where, f"set-password: {status} {where}"
+
+    # nginx logs neither the one-time token nor query strings (search text is customer data).
+    with access_log.open("rb") as log:
+        log.seek(log_start)
+        logged = log.read().decode()
+    token = urllib.parse.urlsplit(link).path.rsplit("/", 1)[1]
+    assert "/auth/set-password/- " in logged and token not in logged
+    assert "/contacts/ " in logged and "?q=" not in logged
 
     page = login(browser, email, PASSWORD)
     status, where, page, _ = browser.submit(f"{BASE}/contacts/new",

@@ -363,7 +363,7 @@ def test_wrong_password_stays_on_login(page, live_server, make_seat):
 # ----------------------------------------------------------------------------- seats in bulk
 
 def test_boss_adds_seats_in_bulk_then_disables_one_and_an_agent_cannot_reach_the_page(page, new_page, live_server,
-                                                                                       make_seat):
+                                                                                       make_seat, settings):
     make_seat("boss@corp.cn", role="boss", name="Bo Boss")
     agent = make_seat("agent@corp.cn", name="Ada Agent")
     login(page, "boss@corp.cn")
@@ -394,10 +394,17 @@ def test_boss_adds_seats_in_bulk_then_disables_one_and_an_agent_cannot_reach_the
     expect(flash(page)).to_contain_text("Seats disabled: 1")
     assert not User.get(User.email == "wang.wei@corp.cn").active
 
+    # The attachment space: the licence's seats x 50 MB, nothing used yet.
+    page.locator("nav.subnav").get_by_role("link", name="Attachment space").click()
+    expect(page.locator("main h1")).to_have_text("Attachment space")
+    quota_gb = settings.seats.licensed * settings.attachments.per_seat_mb / 1024
+    expect(page.locator("#quota-total")).to_contain_text(f"0 B of {quota_gb:.1f} GB used")
+    expect(page.locator("#quota-total")).to_contain_text(f"{settings.seats.licensed} licensed seats")
+
     agent_page = new_page("agent")
     login(agent_page, agent.email)
-    response = agent_page.goto("/admin/seats/bulk")
-    assert response.status == 404
+    for url in ("/admin/seats/bulk", "/admin/seats", "/admin/quota"):
+        assert agent_page.goto(url).status == 404, url
 
 
 # ----------------------------------------------------------------------------- attachments and the quota

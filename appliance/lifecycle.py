@@ -29,6 +29,7 @@ the web app checks it on every request without a query.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from collections import defaultdict
@@ -40,8 +41,9 @@ import peewee
 from flask_babel import lazy_gettext as _l
 
 from appliance import attachments
+from appliance import config
 from appliance.config import Settings
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, ConfigError
 from webapp.models import (RECORD_MODELS, Activity, Attachment, AuditLog, Note, User, database, get_state, set_state,
                            utcnow)
 
@@ -387,12 +389,40 @@ def _reached(days_left: int, sent: set[str], prefix: str) -> int | None:
     return min(reached)
 
 
+@contextlib.contextmanager
+def _licence_lock():
+    """One licence step at a time (the daemon's retention job and a manual ``crm-appliance
+    scheduler run retention``): the second waits, then finds the notices already recorded.
+    A session lock, not a transaction's: purge_all commits before it shreds the files."""
+    database.execute_sql("SELECT pg_advisory_lock(hashtext('crm-appliance licence'))")
+    try:
+        yield
+    finally:
+        database.execute_sql("SELECT pg_advisory_unlock(hashtext('crm-appliance licence'))")
+
+
+def _settings_on_disk(settings: Settings) -> Settings:
+    """The configuration file as it is now: the daemon keeps the settings it started with until
+    SIGHUP, but a renewal typed since then must stop the purge. Settings built in memory
+    (tests, no file) are their own source. :raise ConfigError: the file is unreadable or invalid."""
+    if settings.source.startswith("<"):
+        return settings
+    return config.load(settings.source)
+
+
 def licence_tick(settings: Settings, today: dt.date | None = None) -> str:
     """The retention job's licence step: due notices, and the purge once the grace period is over.
 
     The purge needs a destruction notice for this expiry date sent on an earlier day: an
     expiry date typed wrong (in the past) costs a notice and a day, not the data at once.
+    Right before the purge the configuration file is read again: a licence renewed there
+    since the scheduler started destroys nothing.
     """
+    with _licence_lock():
+        return _licence_tick(settings, today)
+
+
+def _licence_tick(settings: Settings, today: dt.date | None) -> str:
     from appliance.notices import raise_notice
 
     lic = licence_state(settings, today)
@@ -432,14 +462,14 @@ def licence_tick(settings: Settings, today: dt.date | None = None) -> str:
         warned = record.get("destroy_warned_on")
         if purged and purged.get("expires") == key:
             pass
-        elif warned and warned < lic.today.isoformat():
-            report = purge_all(settings, "scheduler:licence")
+        elif warned and warned < lic.today.isoformat() and (current := _still_ended(settings, lic, sent, said)):
+            report = purge_all(current, "scheduler:licence")
             set_state(_PURGED_KEY, {"expires": key, "at": report.purged_at.isoformat() + "Z"})
             raise_notice(settings, "warning", "licence",
                          f"The licence ended on {lic.expires} and its grace period is over: all customer data "
                          f"was destroyed. {report.backups_summary()}")
             said.append("purged all customer data")
-        else:
+        elif not warned:
             raise_notice(settings, "error", "licence",
                          f"The licence ended on {lic.expires} and its grace period is over: all customer data "
                          f"will be destroyed at the retention job's next run (tomorrow). Export it now or renew "
@@ -449,6 +479,35 @@ def licence_tick(settings: Settings, today: dt.date | None = None) -> str:
     record["sent"] = sorted(sent)
     set_state(_NOTICES_KEY, record)
     return outcome + (": " + ", ".join(said) if said else "")
+
+
+def _still_ended(settings: Settings, lic: Licence, sent: set[str], said: list[str]) -> Settings | None:
+    """The settings to purge with, read from the configuration file now; None (logged, and a
+    notice once) when the file no longer ends the licence on ``lic.expires`` or cannot be read."""
+    from appliance.notices import raise_notice
+
+    try:
+        current = _settings_on_disk(settings)
+    except ConfigError as exc:
+        log.error("licence: nothing destroyed: the configuration file cannot be read to confirm the end: %s", exc)
+        said.append("nothing destroyed: the configuration file cannot be read")
+        return None
+    now = licence_state(current, lic.today)
+    if now.state == "ended" and now.expires == lic.expires:
+        return current
+    log.warning("licence: nothing destroyed: %s now says expires = %s (%s); the scheduler still had %s",
+                settings.source, now.expires or "none", now.state, lic.expires)
+    said.append(f"nothing destroyed: the licence was renewed (expires {now.expires or 'never'})")
+    key = f"renewed-{now.expires or 'none'}"
+    if key not in sent:
+        sent.add(key)
+        raise_notice(settings, "info", "licence",
+                     f"The licence was renewed: {settings.source} now says it "
+                     + (f"expires on {now.expires}" if now.expires else "does not expire")
+                     + f". The scheduler still had the old date ({lic.expires}) and destroyed nothing. Restart it "
+                       f"(systemctl restart crm-appliance-scheduler) or send it SIGHUP so that it reads the "
+                       f"new date.")
+    return None
 
 
 # ============================================================================= purge

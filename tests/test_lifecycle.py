@@ -342,6 +342,72 @@ def test_an_expiry_date_typed_in_the_past_costs_a_notice_and_a_day_not_the_data_
     assert Account.select().count() == 0
 
 
+def test_a_renewal_the_scheduler_has_not_read_yet_destroys_nothing(clean_store, boss, tmp_path):
+    from appliance import config
+
+    expires = dt.date(2026, 6, 30)
+    path = _config(tmp_path, clean_store, expires=expires.isoformat())
+    started_with = config.load(path)  # what the daemon read when it started (re-read only on SIGHUP)
+    destroy_on = lifecycle.licence_state(started_with, expires).destroy_on
+    audit.create(boss, Account, {"name": "kept"})
+    _job_at(started_with, destroy_on - dt.timedelta(days=1))  # the last day of grace: the destruction notice
+    _config(tmp_path, clean_store, expires="2027-06-30")  # the operator renews; the scheduler is not told
+
+    [renewed] = _job_at(started_with, destroy_on)
+    assert renewed.startswith(f"The licence was renewed: {path} now says it expires on 2027-06-30.")
+    assert "destroyed nothing" in renewed
+    assert _job_at(started_with, destroy_on + dt.timedelta(days=1)) == [], "said once"
+    assert [a.name for a in Account.select()] == ["kept"]
+    assert AppState.get_or_none(AppState.key == "licence.purged") is None
+
+    _config(tmp_path, clean_store, expires=expires.isoformat())  # not renewed after all: the purge goes ahead
+    [purged] = _job_at(started_with, destroy_on + dt.timedelta(days=2))
+    assert "all customer data was destroyed" in purged and Account.select().count() == 0
+
+
+def test_two_runs_of_the_licence_step_at_once_send_a_notice_once(clean_store, boss, db):
+    import threading
+    import time
+
+    from appliance.db import open_database
+
+    expires = dt.date(2026, 6, 30)
+    settings = _with(clean_store, seats={"expires": expires})
+    lifecycle.licence_tick(settings, expires - dt.timedelta(days=60))  # its state row exists, nothing due
+    day = expires - dt.timedelta(days=30)
+
+    def tick():
+        database.connect(reuse_if_open=True)
+        try:
+            lifecycle.licence_tick(settings, day)
+        finally:
+            database.close()
+
+    other = open_database(_with(settings, database={"pool_size": 1}), bind=False)
+
+    def waiting(n: int) -> None:
+        for _ in range(200):
+            if other.execute_sql("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0] >= n:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"expected {n} sessions waiting for a lock")
+
+    first, second = threading.Thread(target=tick), threading.Thread(target=tick)
+    try:
+        with other.connection_context(), other.atomic():
+            # The first run pauses where it records what it sent, its notice already written.
+            other.execute_sql("SELECT 1 FROM app_state WHERE key = 'licence.notices' FOR UPDATE")
+            first.start()
+            waiting(1)
+            second.start()
+            waiting(2)
+    finally:
+        first.join(30)
+        second.join(30)
+        other.close_all()
+    assert [n.message[:40] for n in Notice.select()] == ["The licence for 50 seats expires on 2026"]
+
+
 # ----------------------------------------------------------------------------- the web app
 
 

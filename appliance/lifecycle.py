@@ -528,13 +528,13 @@ class BackupHolding:
                 "removed_on": self.removed_on.isoformat() if self.removed_on else None, "condition": self.condition}
 
 
-def backups_holding_data(backups, retention_days: int, purged_at: dt.datetime) -> list[BackupHolding]:
+def backups_holding_data(backups, settings: Settings, purged_at: dt.datetime) -> list[BackupHolding]:
     """Which of ``backups`` (appliance.backup.list_backups) were taken before ``purged_at``
-    (aware UTC) and on which date ``backup.prune`` removes each.
+    (aware UTC) and on which date (in [web] timezone) ``backup.prune`` removes each.
 
-    prune deletes a backup started more than ``retention_days`` ago, except the newest and the
-    newest verified backup of each kind, which stay until a newer one (verified) exists;
-    damaged and unreadable backups are never pruned.
+    prune deletes a backup started more than ``[backup] retention_days`` before it runs, except
+    the newest and the newest verified backup of each kind, which stay until a newer one
+    (verified) exists; damaged and unreadable backups are never pruned.
     """
     out = []
     usable = [b for b in backups if b.state not in ("damaged", "incompatible") and b.started_at is not None]
@@ -552,9 +552,23 @@ def backups_holding_data(backups, retention_days: int, purged_at: dt.datetime) -
             condition = f"once a newer {b.kind} backup exists (the next one holds no customer data)"
         elif verified and verified[-1].id == b.id:
             condition = f"once a newer {b.kind} backup is verified"
-        out.append(BackupHolding(b.id, b.kind, b.started_at,
-                                 (b.started_at + dt.timedelta(days=retention_days)).date(), condition))
+        removed = _first_prune(settings, b.started_at)
+        if removed is None:
+            condition = "never removed by retention ([schedule] prune is off): delete it by hand"
+        out.append(BackupHolding(b.id, b.kind, b.started_at, removed, condition))
     return out
+
+
+def _first_prune(settings: Settings, started_at: dt.datetime) -> dt.date | None:
+    """The local date of the first scheduled prune that removes a backup started at
+    ``started_at`` (aware): prune keeps what started at or after its own time minus
+    retention_days, so the first run strictly after start + retention. None: prune is off."""
+    if settings.schedule.prune is None:
+        return None
+    zone = ZoneInfo(settings.web.timezone)
+    trigger = config.cron_trigger(settings.schedule.prune, settings.web.timezone)
+    after = (started_at + dt.timedelta(days=settings.backup.retention_days, microseconds=1)).astimezone(zone)
+    return trigger.get_next_fire_time(None, after).astimezone(zone).date()
 
 
 @dataclass
@@ -612,6 +626,8 @@ def _wal_holding(settings: Settings, holdings: list[BackupHolding]) -> tuple[dt.
     if not times:
         return None, None, ""
     oldest = dt.datetime.fromtimestamp(min(times), dt.timezone.utc)
+    if settings.schedule.prune is None:
+        return oldest, None, "never removed by retention ([schedule] prune is off): delete it by hand"
     bases = [h for h in holdings if h.kind == "base"]
     if not bases:
         return oldest, None, "only once a base backup exists (without one, prune keeps all WAL)"
@@ -648,8 +664,7 @@ def purge_all(settings: Settings, actor: User | str) -> PurgeReport:
     except OSError as exc:  # the data is gone already: report what cannot be known, do not fail
         report.catalogue_error = f"{settings.backup.dir}: {exc.strerror}"
     else:
-        report.backups = backups_holding_data(catalogue, settings.backup.retention_days,
-                                              purged_at.replace(tzinfo=dt.timezone.utc))
+        report.backups = backups_holding_data(catalogue, settings, purged_at.replace(tzinfo=dt.timezone.utc))
         report.wal_oldest, report.wal_removed_on, report.wal_condition = _wal_holding(settings, report.backups)
     log.warning("purged all customer data: %s", report)
     return report

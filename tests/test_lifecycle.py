@@ -250,7 +250,7 @@ def _backup(id_, kind, started, state="verified"):
                       started_at=started and dt.datetime.fromisoformat(started).replace(tzinfo=dt.timezone.utc))
 
 
-def test_the_report_says_which_backups_hold_data_and_when_retention_removes_them():
+def test_the_report_says_which_backups_hold_data_and_when_retention_removes_them(settings):
     catalogue = [
         _backup("b1", "base", "2026-03-01T01:30:00"),
         _backup("b2", "base", "2026-03-05T01:30:00", state="unverified"),
@@ -260,13 +260,50 @@ def test_the_report_says_which_backups_hold_data_and_when_retention_removes_them
     ]
     purged_at = dt.datetime(2026, 3, 8, 12, 0, tzinfo=dt.timezone.utc)
     held = {h.id: (h.removed_on and h.removed_on.isoformat(), h.condition)
-            for h in lifecycle.backups_holding_data(catalogue, 7, purged_at)}
+            for h in lifecycle.backups_holding_data(catalogue, _with(settings, backup={"retention_days": 7}),
+                                                    purged_at)}
+    # 01:30 UTC is 09:30 in Shanghai: seven days on, the first prune (05:00 there) is the next morning's.
     assert held == {
-        "b1": ("2026-03-08", "once a newer base backup is verified"),  # the newest verified base backup
-        "b2": ("2026-03-12", ""),
-        "l1": ("2026-03-13", "once a newer logical backup exists (the next one holds no customer data)"),
+        "b1": ("2026-03-09", "once a newer base backup is verified"),  # the newest verified base backup
+        "b2": ("2026-03-13", ""),
+        "l1": ("2026-03-14", "once a newer logical backup exists (the next one holds no customer data)"),
         "d1": (None, "never removed by retention (unreadable): delete it by hand"),
     }
+    off = lifecycle.backups_holding_data(catalogue, _with(settings, schedule={"prune": None}), purged_at)
+    assert {h.removed_on for h in off} == {None}
+
+
+def test_the_report_gives_the_day_the_scheduled_prune_really_removes_a_backup(clean_store):
+    from zoneinfo import ZoneInfo
+
+    from appliance import backup, config
+
+    settings = _with(clean_store, backup={"retention_days": 7})
+    assert (settings.schedule.base_backup, settings.schedule.prune, settings.web.timezone) == (
+        "30 1 * * *", "0 5 * * *", "Asia/Shanghai"), "the defaults"
+    zone = ZoneInfo(settings.web.timezone)
+    settings.backup.dir.mkdir(parents=True)
+    for day in (1, 2, 20):  # three logical backups at 01:30 in Shanghai (17:30 UTC the day before)
+        started = dt.datetime(2026, 3, day, 1, 30, tzinfo=zone).astimezone(dt.timezone.utc)
+        path = settings.backup.dir / f"{started:%Y%m%dT%H%M%S}Z-logical"
+        path.mkdir()
+        (path / backup.MANIFEST).write_text(json.dumps({
+            "format": backup.FORMAT_VERSION, "kind": "logical", "files": [],
+            "started_at": started.isoformat().replace("+00:00", "Z")}))
+    first = backup.list_backups(settings)[0]
+    [held] = [h for h in lifecycle.backups_holding_data(backup.list_backups(settings), settings,
+                                                        dt.datetime(2026, 3, 10, tzinfo=dt.timezone.utc))
+              if h.id == first.id]
+    prune_at = config.cron_trigger(settings.schedule.prune, settings.web.timezone)
+
+    def pruned_on(day: dt.date) -> bool:
+        """Run prune itself at its scheduled time on ``day``: did it delete the first backup?"""
+        fire = prune_at.get_next_fire_time(None, dt.datetime.combine(day, dt.time(0, 0), zone))
+        return first.id in backup.prune(settings, now=fire).deleted
+
+    assert not pruned_on(held.removed_on - dt.timedelta(days=1)) and first.path.exists()
+    assert pruned_on(held.removed_on) and not first.path.exists()
+    assert held.removed_on == dt.date(2026, 3, 8)
 
 
 # ----------------------------------------------------------------------------- the licence's timeline

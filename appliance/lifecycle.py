@@ -375,10 +375,6 @@ def licence_status(settings: Settings, today: dt.date | None = None) -> dict:
     return {**lic.to_json(), "seats_in_use": in_use(), "purged": get_state(_PURGED_KEY)}
 
 
-def _days(n: int) -> str:
-    return "today" if n == 0 else ("in 1 day" if n == 1 else f"in {n} days")
-
-
 def _reached(days_left: int, sent: set[str], prefix: str) -> int | None:
     """The most urgent notice day reached and not yet sent; the less urgent ones count as sent
     (a scheduler that was down for a week sends one notice, not three)."""
@@ -423,7 +419,7 @@ def licence_tick(settings: Settings, today: dt.date | None = None) -> str:
 
 
 def _licence_tick(settings: Settings, today: dt.date | None) -> str:
-    from appliance.notices import raise_notice
+    from appliance.notices import N_, raise_notice
 
     lic = licence_state(settings, today)
     if lic.expires is None:
@@ -434,25 +430,30 @@ def _licence_tick(settings: Settings, today: dt.date | None) -> str:
         record = {"expires": key, "sent": [], "destroy_warned_on": None}
     sent = set(record["sent"])
     said = []
+    dates = {"seats": lic.seats, "expires": key, "grace_days": lic.grace_days,
+             "destroy_on": lic.destroy_on.isoformat()}
     if lic.state in ("active", "expiring"):
         day = _reached(lic.days_to_expiry, sent, "expiry")
         if day is not None:
-            raise_notice(settings, "error" if day == 1 else "warning", "licence",
-                         f"The licence for {lic.seats} seats expires on {lic.expires} ({_days(lic.days_to_expiry)}). "
-                         f"Then the CRM is read-only for {lic.grace_days} days, and all customer data is destroyed "
-                         f"on {lic.destroy_on}. Renew the licence to keep working; if you will not, export the "
-                         f"data (Administration -> Export all data, or crm-appliance export).")
+            raise_notice(settings, "error" if day == 1 else "warning", "licence", N_(
+                "The licence for %(seats)s seats expires on %(expires)s (days left: %(days)s). Then the CRM is "
+                "read-only for %(grace_days)s days, and all customer data is destroyed on %(destroy_on)s. Renew "
+                "the licence to keep working; if you will not, export the data (Administration → Export all "
+                "data, or crm-appliance export)."), {**dates, "days": lic.days_to_expiry})
             said.append(f"expiry notice ({day} days)")
     if lic.state != "ended":
         day = _reached(lic.days_to_destruction, sent, "destroy")
         if day is not None:
-            raise_notice(settings, "error" if day <= 7 else "warning", "licence",
-                         f"All customer data will be destroyed on {lic.destroy_on} "
-                         f"({_days(lic.days_to_destruction)}): the licence "
-                         + ("expired" if lic.state == "grace" else "expires") + f" on {lic.expires}"
-                         + (" and the CRM is read-only" if lic.state == "grace" else "")
-                         + ". Export the data now (Administration -> Export all data, or crm-appliance export) "
-                           "or renew the licence.")
+            if lic.state == "grace":
+                message = N_("All customer data will be destroyed on %(destroy_on)s (days left: %(days)s): the "
+                             "licence expired on %(expires)s and the CRM is read-only. Export the data now "
+                             "(Administration → Export all data, or crm-appliance export) or renew the licence.")
+            else:
+                message = N_("All customer data will be destroyed on %(destroy_on)s (days left: %(days)s): the "
+                             "licence expires on %(expires)s. Export the data now (Administration → Export all "
+                             "data, or crm-appliance export) or renew the licence.")
+            raise_notice(settings, "error" if day <= 7 else "warning", "licence", message,
+                         {**dates, "days": lic.days_to_destruction})
             record["destroy_warned_on"] = record.get("destroy_warned_on") or lic.today.isoformat()
             said.append(f"destruction notice ({day} days)")
     outcome = f"licence {lic.state}" + (f", expires {lic.expires}" if lic.state in ("active", "expiring")
@@ -465,15 +466,15 @@ def _licence_tick(settings: Settings, today: dt.date | None) -> str:
         elif warned and warned < lic.today.isoformat() and (current := _still_ended(settings, lic, sent, said)):
             report = purge_all(current, "scheduler:licence")
             set_state(_PURGED_KEY, {"expires": key, "at": report.purged_at.isoformat() + "Z"})
-            raise_notice(settings, "warning", "licence",
-                         f"The licence ended on {lic.expires} and its grace period is over: all customer data "
-                         f"was destroyed. {report.backups_summary()}")
+            # The backups' part stays English: it is the purge report, also in crm-appliance licence.
+            raise_notice(settings, "warning", "licence", N_(
+                "The licence ended on %(expires)s and its grace period is over: all customer data was destroyed. "
+                "%(backups)s"), {**dates, "backups": report.backups_summary()})
             said.append("purged all customer data")
         elif not warned:
-            raise_notice(settings, "error", "licence",
-                         f"The licence ended on {lic.expires} and its grace period is over: all customer data "
-                         f"will be destroyed at the retention job's next run (tomorrow). Export it now or renew "
-                         f"the licence.")
+            raise_notice(settings, "error", "licence", N_(
+                "The licence ended on %(expires)s and its grace period is over: all customer data will be "
+                "destroyed at the retention job's next run (tomorrow). Export it now or renew the licence."), dates)
             record["destroy_warned_on"] = lic.today.isoformat()
             said.append("last destruction notice")
     record["sent"] = sorted(sent)
@@ -484,7 +485,7 @@ def _licence_tick(settings: Settings, today: dt.date | None) -> str:
 def _still_ended(settings: Settings, lic: Licence, sent: set[str], said: list[str]) -> Settings | None:
     """The settings to purge with, read from the configuration file now; None (logged, and a
     notice once) when the file no longer ends the licence on ``lic.expires`` or cannot be read."""
-    from appliance.notices import raise_notice
+    from appliance.notices import N_, raise_notice
 
     try:
         current = _settings_on_disk(settings)
@@ -501,12 +502,17 @@ def _still_ended(settings: Settings, lic: Licence, sent: set[str], said: list[st
     key = f"renewed-{now.expires or 'none'}"
     if key not in sent:
         sent.add(key)
-        raise_notice(settings, "info", "licence",
-                     f"The licence was renewed: {settings.source} now says it "
-                     + (f"expires on {now.expires}" if now.expires else "does not expire")
-                     + f". The scheduler still had the old date ({lic.expires}) and destroyed nothing. Restart it "
-                       f"(systemctl restart crm-appliance-scheduler) or send it SIGHUP so that it reads the "
-                       f"new date.")
+        if now.expires:
+            message = N_("The licence was renewed: %(file)s now says it expires on %(expires)s. The scheduler "
+                         "still had the old date (%(old)s) and destroyed nothing. Restart it (systemctl restart "
+                         "crm-appliance-scheduler) or send it SIGHUP so that it reads the new date.")
+        else:
+            message = N_("The licence was renewed: %(file)s now says it does not expire. The scheduler still had "
+                         "the old date (%(old)s) and destroyed nothing. Restart it (systemctl restart "
+                         "crm-appliance-scheduler) or send it SIGHUP so that it reads the new date.")
+        raise_notice(settings, "info", "licence", message,
+                     {"file": settings.source, "expires": now.expires and now.expires.isoformat(),
+                      "old": lic.expires.isoformat()})
     return None
 
 

@@ -192,7 +192,7 @@ def run_job(settings: Settings, name: str, func: Callable[[Settings], str] | Non
 
     ``db``: the daemon's pool; without it a small pool of its own is opened and closed.
     """
-    from appliance.notices import raise_notice
+    from appliance.notices import N_, raise_notice
     from webapp.models import JobRun
 
     func = func or CRON_JOBS[name]
@@ -225,7 +225,8 @@ def run_job(settings: Settings, name: str, func: Callable[[Settings], str] | Non
                 row.finished_at, row.outcome, row.message = _utcnow(), outcome, message
                 row.save()
             if outcome == "failed":
-                raise_notice(settings, "error", f"job:{name}", f"{name} failed: {message}")
+                raise_notice(settings, "error", f"job:{name}", N_("%(job)s failed: %(message)s"),
+                             {"job": name, "message": message})
 
         _record(db, finish)
     log.info("job %s %s in %.1f s: %s", name, outcome, seconds, message)

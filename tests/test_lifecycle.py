@@ -342,12 +342,12 @@ def test_the_grace_period_day_by_day_notices_once_then_destruction_once(clean_st
             audit.create(boss, Account, {"name": "after the end"})  # a second purge would take it
     assert sorted(told) == [-30, -7, -1, 1, 24, 30, 31]
     assert all(len(m) == 1 for m in told.values())
-    assert told[-30][0].startswith("The licence for 50 seats expires on 2026-06-30 (in 30 days). Then the CRM is "
+    assert told[-30][0].startswith("The licence for 50 seats expires on 2026-06-30 (days left: 30). Then the CRM is "
                                    "read-only for 30 days, and all customer data is destroyed on 2026-07-31.")
-    assert "(in 1 day)" in told[-1][0]
-    assert told[1][0].startswith("All customer data will be destroyed on 2026-07-31 (in 30 days): the licence "
+    assert "(days left: 1)" in told[-1][0]
+    assert told[1][0].startswith("All customer data will be destroyed on 2026-07-31 (days left: 30): the licence "
                                  "expired on 2026-06-30 and the CRM is read-only.")
-    assert "(in 7 days)" in told[24][0] and "(in 1 day)" in told[30][0]
+    assert "(days left: 7)" in told[24][0] and "(days left: 1)" in told[30][0]
     assert told[31][0].startswith("The licence ended on 2026-06-30 and its grace period is over: all customer data "
                                   "was destroyed. No backup or archived WAL holds data")
     assert [a.name for a in Account.select()] == ["after the end"], "destroyed once, on 2026-07-31"

@@ -367,6 +367,15 @@ def licence_state(settings: Settings, today: dt.date | None = None) -> Licence:
     return Licence(state, cfg.licensed, cfg.expires, cfg.grace_days, today)
 
 
+def purged_on(settings: Settings, lic: Licence) -> dt.date | None:
+    """The local date the retention job destroyed the data at the end of ``lic``, or None while
+    it has not (the scheduler stopped, an expiry date typed late): one query."""
+    purged = get_state(_PURGED_KEY) if lic.expires else None
+    if not purged or purged.get("expires") != lic.expires.isoformat():
+        return None
+    return local_today(settings, dt.datetime.fromisoformat(purged["at"].removesuffix("Z")))
+
+
 def licence_status(settings: Settings, today: dt.date | None = None) -> dict:
     """The licence for ``crm-appliance licence``: its state and dates, seats in use, the purge if done."""
     from appliance.seats import in_use

@@ -489,9 +489,96 @@ def test_in_grace_every_write_is_refused_but_reading_login_and_export_work(clean
     assert AuditLog.get(AuditLog.action == "export_all").actor == "boss@corp.cn", "the boss's export still starts"
     assert chief.post("/auth/logout", token_from="/accounts/").status_code == 302
 
-    ended = _app_with(_expiring_on(clean_store, -40), db)
+
+
+# Every POST a read-only appliance still takes (the rest answer the licence's 403).
+WRITABLE_IN_GRACE = {"auth.login", "auth.logout", "auth.locale", "auth.set_password", "admin.data_export",
+                     "admin.suspend", "admin.acknowledge", "admin.change_seats"}
+
+
+def _post_urls(app) -> dict[str, str]:
+    """endpoint -> a URL of every POST route, its arguments filled in (numbers 1, names "account")."""
+    from flask import url_for
+    from werkzeug.routing import IntegerConverter
+
+    urls = {}
+    with app.test_request_context():
+        for rule in app.url_map.iter_rules():
+            if "POST" in rule.methods:
+                urls[rule.endpoint] = url_for(rule.endpoint, **{
+                    a: 1 if isinstance(rule._converters.get(a), IntegerConverter) else "account"
+                    for a in rule.arguments})
+    return urls
+
+
+def test_in_grace_every_post_route_is_refused_but_the_boss_keeps_the_seats_safe(clean_store, db, boss, make_seat):
+    from appliance.notices import record_notice
+
+    thief = make_seat("stolen@corp.cn", role="agent").user
+    leaver = make_seat("leaver@corp.cn", role="agent").user
+    notice = record_notice("warning", "licence", "The licence ended on %(expires)s; the customer data was "
+                           "destroyed on %(date)s.", {"expires": "x", "date": "y"})
+    app = _app_with(_expiring_on(clean_store, -3), db)
+    chief = _browser(app, "boss@corp.cn")
+    token = chief.csrf("/accounts/")
+    urls = _post_urls(app)
+    assert len(urls) > 30 and WRITABLE_IN_GRACE <= set(urls)
+    for endpoint, url in sorted(urls.items()):
+        if endpoint in WRITABLE_IN_GRACE:
+            continue
+        refused = chief.client.post(url, data={"csrf_token": token, "action": "disable"})
+        assert refused.status_code == 403, endpoint
+        assert "The data is read-only" in refused.get_data(as_text=True), endpoint
+    removing = chief.client.post(urls["admin.change_seats"], data={"csrf_token": token, "action": "remove",
+                                                                  "seat": str(leaver.id), "heir": str(boss.id)})
+    assert removing.status_code == 403 and User.get_by_id(leaver.id).active
+
+    assert chief.client.post(f"/admin/seats/{thief.id}/suspend", data={"csrf_token": token}).status_code == 302
+    assert chief.client.post("/admin/seats/change", data={"csrf_token": token, "action": "disable",
+                                                          "seat": str(leaver.id)}).status_code == 302
+    assert not User.get_by_id(thief.id).active and not User.get_by_id(leaver.id).active
+    assert chief.client.post(f"/admin/notices/{notice.id}/acknowledge",
+                             data={"csrf_token": token}).status_code == 302
+    assert Notice.get_by_id(notice.id).acknowledged_at is not None
+
+
+def test_in_grace_a_seat_gets_404_from_the_boss_pages_and_a_script_gets_json(clean_store, db, boss, make_seat):
+    from webapp.models import Opportunity
+
+    make_seat("a@corp.cn", role="agent")
+    acc = audit.create(boss, Account, {"name": "华信科技"})
+    audit.delete(boss, acc)
+    opp = audit.create(boss, Opportunity, {"name": "Deal", "stage": "prospecting"})
+    app = _app_with(_expiring_on(clean_store, -3), db)
+    agent = _browser(app, "a@corp.cn")
+    token = agent.csrf("/accounts/")
+    for url in (f"/admin/deleted/account/{acc.id}/undo", f"/admin/deleted/account/{acc.id}/destroy",
+                "/admin/seats/change", "/admin/company"):
+        assert agent.client.post(url, data={"csrf_token": token}).status_code == 404, url
+    chief = _browser(app, "boss@corp.cn")
+    token = chief.csrf("/opportunities/board")
+    moved = chief.client.post(f"/opportunities/{opp.id}/stage", data={"stage": "won", "csrf_token": token},
+                              headers={"Accept": "application/json", "X-CSRFToken": token})
+    assert moved.status_code == 403 and "will be destroyed on" in moved.get_json()["error"]
+
+
+def test_after_grace_the_pages_say_whether_the_data_was_destroyed_yet(clean_store, db, boss, make_seat):
+    make_seat("a@corp.cn", role="agent")
+    settings = _expiring_on(clean_store, -40)
+    ended = _app_with(settings, db)
     page = _browser(ended, "a@corp.cn").get("/").get_data(as_text=True)
-    assert "the customer data was destroyed on" in page
+    assert "will be destroyed at the scheduler&#39;s next retention run" in page, "the purge has not run"
+    assert "was destroyed" not in page
+    refused = _browser(ended, "a@corp.cn").post("/accounts/new", {"name": "x"}, token_from="/accounts/")
+    assert refused.status_code == 403 and "next retention run" in refused.get_data(as_text=True)
+
+    lic = lifecycle.licence_state(settings)
+    today = lifecycle.local_today(settings)
+    _job_at(settings, today - dt.timedelta(days=1))  # the last notice, a day late
+    _job_at(settings, today)  # the purge
+    assert lifecycle.purged_on(settings, lic) == today
+    page = _browser(ended, "a@corp.cn").get("/").get_data(as_text=True)
+    assert f"the customer data was destroyed on {today.isoformat()}" in page
 
 
 def test_a_renewed_licence_lifts_the_read_only_mode(clean_store, db, boss):

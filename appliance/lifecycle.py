@@ -367,6 +367,18 @@ def licence_state(settings: Settings, today: dt.date | None = None) -> Licence:
     return Licence(state, cfg.licensed, cfg.expires, cfg.grace_days, today)
 
 
+def refuse_when_read_only(settings: Settings, what: str) -> None:
+    """For the command line's writes (undelete, demo-data), as the web app's refuse_writes:
+    :raise LifecycleError: the licence is in grace or ended, so the data is read-only."""
+    lic = licence_state(settings)
+    if lic.read_only:
+        raise LifecycleError(
+            f"{what} refused: the licence expired on {lic.expires} and the data is read-only"
+            + (f" until it is destroyed on {lic.destroy_on}" if lic.state == "grace" else "")
+            + f". To change data, renew the licence ([seats] expires in {settings.source}, then restart the "
+              f"services); crm-appliance export still exports it.")
+
+
 def purged_on(settings: Settings, lic: Licence) -> dt.date | None:
     """The local date the retention job destroyed the data at the end of ``lic``, or None while
     it has not (the scheduler stopped, an expiry date typed late): one query."""

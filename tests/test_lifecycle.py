@@ -681,6 +681,20 @@ def test_licence_deleted_and_undelete_commands(clean_store, boss, tmp_path):
     audit.delete(boss, acc)
     listed = CliRunner().invoke(main, ["--config", config, "deleted", "--json"])
     assert [(i["entity"], i["id"], i["title"]) for i in json.loads(listed.output)] == [("account", acc.id, "华信科技")]
+    refused = CliRunner().invoke(main, ["--config", config, "undelete", "account", str(acc.id)])
+    assert refused.exit_code == 1 and "undelete refused: the licence expired on" in refused.output
+    assert "the data is read-only until it is destroyed on" in refused.output and "renew the licence" in refused.output
+    assert Account.get_by_id(acc.id).deleted_at is not None
+    # Customer IT may still announce the end to every seat; demo data is a write like any other.
+    posted = CliRunner().invoke(main, ["--config", config, "announce", "post", "The CRM closes on Friday",
+                                       "--to", "2099-01-01 00:00", "--no-email"])
+    assert posted.exit_code == 0, posted.output
+    assert Announcement.get().message == "The CRM closes on Friday"
+    demo = CliRunner().invoke(main, ["--config", config, "demo-data", "--seats", "1", "--force"])
+    assert demo.exit_code == 1 and "demo-data refused: the licence expired" in demo.output
+    assert Account.select().count() == 1
+
+    config = _config(tmp_path, clean_store, expires=(today + dt.timedelta(days=365)).isoformat())  # renewed
     back = CliRunner().invoke(main, ["--config", config, "undelete", "account", str(acc.id)])
     assert back.exit_code == 0 and "is back" in back.output
     assert Account.get_by_id(acc.id).deleted_at is None

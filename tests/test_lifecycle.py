@@ -220,7 +220,7 @@ def test_purge_all_leaves_no_customer_rows_or_files_and_keeps_the_seats(clean_st
     LoginLog.create(email="boss@corp.cn", success=True, reason="ok")
     CompanyProfile.create(id=1, name="华信")
     Announcement.create(message="hello", starts_at=utcnow(), ends_at=utcnow(), created_by="boss@corp.cn")
-    for folder in ("exports", "imports"):
+    for folder in ("exports", "imports", "incoming"):  # incoming: an upload arriving (or left by a crash)
         (settings.appliance.data_dir / folder).mkdir(parents=True, exist_ok=True)
         (settings.appliance.data_dir / folder / "customer.zip").write_bytes(b"customer data")
     seats_before = [(u.email, u.role.name) for u in User.select().order_by(User.email)]
@@ -237,8 +237,9 @@ def test_purge_all_leaves_no_customer_rows_or_files_and_keeps_the_seats(clean_st
     data = settings.appliance.data_dir
     assert [p for p in (data / "exports").rglob("*") if p.is_file()] == []
     assert [p for p in (data / "imports").rglob("*") if p.is_file()] == []
+    assert [p for p in store.incoming_dir(settings).rglob("*") if p.is_file()] == []
     assert report.rows["account"] == 1 and report.rows["attachment"] == 1 and report.rows["login_log"] == 1
-    assert report.files == 3
+    assert report.files == 4
     assert report.backups == []
     assert report.wal_oldest == dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     assert report.wal_removed_on is None and "only once a base backup exists" in report.wal_condition
@@ -336,6 +337,7 @@ def test_the_grace_period_day_by_day_notices_once_then_destruction_once(clean_st
         if offset == 31:
             assert Account.get_by_id(acc.id).name == "华信科技", "kept through the last day of grace"
         messages = _job_at(settings, day)
+        assert _job_at(settings, day) == [], f"a second run on day {offset} sends nothing again"
         if messages:
             told[offset] = messages
         if offset == 32:
@@ -374,9 +376,32 @@ def test_an_expiry_date_typed_in_the_past_costs_a_notice_and_a_day_not_the_data_
     audit.create(boss, Account, {"name": "kept one more day"})
     [warning] = _job_at(settings, dt.date(2026, 3, 1))
     assert "will be destroyed at the retention job's next run (tomorrow)" in warning
+    assert _job_at(settings, dt.date(2026, 3, 1)) == [], "run again the same day: said once, nothing destroyed"
     assert Account.select().count() == 1
     _job_at(settings, dt.date(2026, 3, 2))
     assert Account.select().count() == 0
+
+
+def test_the_licence_notices_are_mailed_to_the_bosses(clean_store, boss, make_seat, smtp_server):
+    import email
+    from email import policy
+
+    controller, inbox = smtp_server
+    make_seat("a@corp.cn", role="agent")
+    expires = dt.date(2026, 6, 30)
+    settings = _with(clean_store, seats={"expires": expires},
+                     smtp={"host": "127.0.0.1", "port": controller.port, "security": "none",
+                           "from_address": "crm@corp.cn"})
+    for offset in (-30, -30, 1, 31, 32):
+        _job_at(settings, expires + dt.timedelta(days=offset))
+    mails = [email.message_from_bytes(m.content, policy=policy.default) for m in inbox.messages]
+    assert [m["To"] for m in mails] == ["boss@corp.cn"] * 3, "one mail per notice, to the boss only"
+    assert [m["Subject"][:40] for m in mails] == ["[CRM warning] The licence for 50 seats e",
+                                                   "[CRM warning] All customer data will be ",
+                                                   "[CRM warning] The licence ended on 2026-"]
+    bodies = [m.get_content() for m in mails]
+    assert bodies[0].startswith("The licence for 50 seats expires on 2026-06-30 (days left: 30).")
+    assert "all customer data was destroyed" in bodies[2] and "Source: licence" in bodies[2]
 
 
 def test_a_renewal_the_scheduler_has_not_read_yet_destroys_nothing(clean_store, boss, tmp_path):
@@ -582,6 +607,9 @@ def test_after_grace_the_pages_say_whether_the_data_was_destroyed_yet(clean_stor
 
 
 def test_a_renewed_licence_lifts_the_read_only_mode(clean_store, db, boss):
+    in_grace = _browser(_app_with(_expiring_on(clean_store, -3), db), "boss@corp.cn")
+    assert in_grace.post("/accounts/new", {"name": "New Ltd"}, token_from="/accounts/new").status_code == 403
+    # The operator types the new date and restarts the web service: an app on the renewed settings.
     renewed = _app_with(_expiring_on(clean_store, 365), db)
     b = _browser(renewed, "boss@corp.cn")
     assert "licence-banner" not in b.get("/accounts/").get_data(as_text=True)

@@ -40,8 +40,7 @@ from zoneinfo import ZoneInfo
 import peewee
 from flask_babel import lazy_gettext as _l
 
-from appliance import attachments
-from appliance import config
+from appliance import attachments, config
 from appliance.config import Settings
 from appliance.errors import ApplianceError, ConfigError
 from webapp.models import (RECORD_MODELS, Activity, Attachment, AuditLog, Note, User, database, get_state, set_state,

@@ -43,9 +43,11 @@ def _catalogue(locale: str):
 
 
 def render(message_id: str, params: dict | None, locale: str | None = None) -> str:
-    """The notice's text in ``locale`` (None: English); a missing translation gives the English."""
+    """The notice's text in ``locale`` (None: English); a missing translation gives the English.
+    Without parameters the text is taken as it is (as webapp.i18n does): a plain English text
+    passed by a caller may hold a bare "%"."""
     template = _catalogue(locale).ugettext(message_id) if locale else message_id
-    return template % (params or {})
+    return template % params if params else template
 
 
 def record_notice(level: str, source: str, message_id: str, params: dict | None = None):

@@ -551,9 +551,8 @@ def status(ctx: Context, as_json: bool) -> None:
 def demo_data(ctx: Context, seats, years, scale, seed, password_file, force, attachments) -> None:
     """Fill the database with a realistic, deterministic demo data set (never for real data)."""
     from appliance import demo_data as demo
-    from appliance.seats import hash_password
-
     from appliance.lifecycle import refuse_when_read_only
+    from appliance.seats import hash_password
 
     refuse_when_read_only(ctx.settings, "demo-data")
     password_hash = hash_password(Path(password_file).read_text().strip()) if password_file else None

@@ -165,29 +165,33 @@ def _level(used: int, quota: int) -> int:
     return max(reached, default=0)
 
 
-def _new_level(settings: Settings, used: int, quota: int) -> str | None:
-    """Remember the quota level now reached; the message for the boss when it is a level not
-    yet reported (a fall below a level is remembered too, so crossing it again is reported
-    again). Call inside the quota lock; raise the notice after the commit (it may send mail)."""
+def _new_level(settings: Settings, used: int, quota: int):
+    """Remember the quota level now reached; when it is a level not yet reported, write the
+    notice for the boss in the same transaction (a crash cannot keep the level and lose the
+    notice) and return it, for :func:`_tell_boss` to mail after the commit. A fall below a
+    level is remembered too, so crossing it again is reported again. Call inside the quota lock."""
+    from appliance.notices import N_, record_notice
+
     level = _level(used, quota)
     last = int(get_state(_STATE_KEY, 0) or 0)
     if level != last:
         set_state(_STATE_KEY, level)
     if level <= last:
         return None
+    sizes = {"used": _size(used), "quota": _size(quota), "left": _size(max(0, quota - used)), "level": level}
     if level >= 100:
-        return (f"Attachment space is full: {_size(used)} of {_size(quota)} used. Uploads are refused "
-                f"until files are deleted or seats are added to the licence.")
-    return (f"Attachment space is {level}% used: {_size(used)} of {_size(quota)}, "
-            f"{_size(max(0, quota - used))} left.")
+        return record_notice("error", "quota", N_(
+            "Attachment space is full: %(used)s of %(quota)s used. Uploads are refused until files are deleted "
+            "or seats are added to the licence."), sizes)
+    return record_notice("warning", "quota", N_("Attachment space is %(level)s%% used: %(used)s of %(quota)s, "
+                                                "%(left)s left."), sizes)
 
 
-def _tell_boss(settings: Settings, message: str | None) -> None:
-    from appliance.notices import raise_notice
+def _tell_boss(settings: Settings, notice) -> None:
+    """Mail the notice :func:`_new_level` wrote, once its transaction has committed."""
+    from appliance.notices import mail_notice
 
-    if message:
-        raise_notice(settings, "error" if message.startswith("Attachment space is full") else "warning",
-                     "quota", message)
+    mail_notice(settings, notice)
 
 
 def check_quota(settings: Settings) -> str:

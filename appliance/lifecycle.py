@@ -29,6 +29,7 @@ the web app checks it on every request without a query.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from collections import defaultdict
@@ -39,9 +40,9 @@ from zoneinfo import ZoneInfo
 import peewee
 from flask_babel import lazy_gettext as _l
 
-from appliance import attachments
+from appliance import attachments, config
 from appliance.config import Settings
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, ConfigError
 from webapp.models import (RECORD_MODELS, Activity, Attachment, AuditLog, Note, User, database, get_state, set_state,
                            utcnow)
 
@@ -365,16 +366,33 @@ def licence_state(settings: Settings, today: dt.date | None = None) -> Licence:
     return Licence(state, cfg.licensed, cfg.expires, cfg.grace_days, today)
 
 
+def refuse_when_read_only(settings: Settings, what: str) -> None:
+    """For the command line's writes (undelete, demo-data), as the web app's refuse_writes:
+    :raise LifecycleError: the licence is in grace or ended, so the data is read-only."""
+    lic = licence_state(settings)
+    if lic.read_only:
+        raise LifecycleError(
+            f"{what} refused: the licence expired on {lic.expires} and the data is read-only"
+            + (f" until it is destroyed on {lic.destroy_on}" if lic.state == "grace" else "")
+            + f". To change data, renew the licence ([seats] expires in {settings.source}, then restart the "
+              f"services); crm-appliance export still exports it.")
+
+
+def purged_on(settings: Settings, lic: Licence) -> dt.date | None:
+    """The local date the retention job destroyed the data at the end of ``lic``, or None while
+    it has not (the scheduler stopped, an expiry date typed late): one query."""
+    purged = get_state(_PURGED_KEY) if lic.expires else None
+    if not purged or purged.get("expires") != lic.expires.isoformat():
+        return None
+    return local_today(settings, dt.datetime.fromisoformat(purged["at"].removesuffix("Z")))
+
+
 def licence_status(settings: Settings, today: dt.date | None = None) -> dict:
     """The licence for ``crm-appliance licence``: its state and dates, seats in use, the purge if done."""
     from appliance.seats import in_use
 
     lic = licence_state(settings, today)
     return {**lic.to_json(), "seats_in_use": in_use(), "purged": get_state(_PURGED_KEY)}
-
-
-def _days(n: int) -> str:
-    return "today" if n == 0 else ("in 1 day" if n == 1 else f"in {n} days")
 
 
 def _reached(days_left: int, sent: set[str], prefix: str) -> int | None:
@@ -387,13 +405,41 @@ def _reached(days_left: int, sent: set[str], prefix: str) -> int | None:
     return min(reached)
 
 
+@contextlib.contextmanager
+def _licence_lock():
+    """One licence step at a time (the daemon's retention job and a manual ``crm-appliance
+    scheduler run retention``): the second waits, then finds the notices already recorded.
+    A session lock, not a transaction's: purge_all commits before it shreds the files."""
+    database.execute_sql("SELECT pg_advisory_lock(hashtext('crm-appliance licence'))")
+    try:
+        yield
+    finally:
+        database.execute_sql("SELECT pg_advisory_unlock(hashtext('crm-appliance licence'))")
+
+
+def _settings_on_disk(settings: Settings) -> Settings:
+    """The configuration file as it is now: the daemon keeps the settings it started with until
+    SIGHUP, but a renewal typed since then must stop the purge. Settings built in memory
+    (tests, no file) are their own source. :raise ConfigError: the file is unreadable or invalid."""
+    if settings.source.startswith("<"):
+        return settings
+    return config.load(settings.source)
+
+
 def licence_tick(settings: Settings, today: dt.date | None = None) -> str:
     """The retention job's licence step: due notices, and the purge once the grace period is over.
 
     The purge needs a destruction notice for this expiry date sent on an earlier day: an
     expiry date typed wrong (in the past) costs a notice and a day, not the data at once.
+    Right before the purge the configuration file is read again: a licence renewed there
+    since the scheduler started destroys nothing.
     """
-    from appliance.notices import raise_notice
+    with _licence_lock():
+        return _licence_tick(settings, today)
+
+
+def _licence_tick(settings: Settings, today: dt.date | None) -> str:
+    from appliance.notices import N_, raise_notice
 
     lic = licence_state(settings, today)
     if lic.expires is None:
@@ -404,25 +450,30 @@ def licence_tick(settings: Settings, today: dt.date | None = None) -> str:
         record = {"expires": key, "sent": [], "destroy_warned_on": None}
     sent = set(record["sent"])
     said = []
+    dates = {"seats": lic.seats, "expires": key, "grace_days": lic.grace_days,
+             "destroy_on": lic.destroy_on.isoformat()}
     if lic.state in ("active", "expiring"):
         day = _reached(lic.days_to_expiry, sent, "expiry")
         if day is not None:
-            raise_notice(settings, "error" if day == 1 else "warning", "licence",
-                         f"The licence for {lic.seats} seats expires on {lic.expires} ({_days(lic.days_to_expiry)}). "
-                         f"Then the CRM is read-only for {lic.grace_days} days, and all customer data is destroyed "
-                         f"on {lic.destroy_on}. Renew the licence to keep working; if you will not, export the "
-                         f"data (Administration -> Export all data, or crm-appliance export).")
+            raise_notice(settings, "error" if day == 1 else "warning", "licence", N_(
+                "The licence for %(seats)s seats expires on %(expires)s (days left: %(days)s). Then the CRM is "
+                "read-only for %(grace_days)s days, and all customer data is destroyed on %(destroy_on)s. Renew "
+                "the licence to keep working; if you will not, export the data (Administration → Export all "
+                "data, or crm-appliance export)."), {**dates, "days": lic.days_to_expiry})
             said.append(f"expiry notice ({day} days)")
     if lic.state != "ended":
         day = _reached(lic.days_to_destruction, sent, "destroy")
         if day is not None:
-            raise_notice(settings, "error" if day <= 7 else "warning", "licence",
-                         f"All customer data will be destroyed on {lic.destroy_on} "
-                         f"({_days(lic.days_to_destruction)}): the licence "
-                         + ("expired" if lic.state == "grace" else "expires") + f" on {lic.expires}"
-                         + (" and the CRM is read-only" if lic.state == "grace" else "")
-                         + ". Export the data now (Administration -> Export all data, or crm-appliance export) "
-                           "or renew the licence.")
+            if lic.state == "grace":
+                message = N_("All customer data will be destroyed on %(destroy_on)s (days left: %(days)s): the "
+                             "licence expired on %(expires)s and the CRM is read-only. Export the data now "
+                             "(Administration → Export all data, or crm-appliance export) or renew the licence.")
+            else:
+                message = N_("All customer data will be destroyed on %(destroy_on)s (days left: %(days)s): the "
+                             "licence expires on %(expires)s. Export the data now (Administration → Export all "
+                             "data, or crm-appliance export) or renew the licence.")
+            raise_notice(settings, "error" if day <= 7 else "warning", "licence", message,
+                         {**dates, "days": lic.days_to_destruction})
             record["destroy_warned_on"] = record.get("destroy_warned_on") or lic.today.isoformat()
             said.append(f"destruction notice ({day} days)")
     outcome = f"licence {lic.state}" + (f", expires {lic.expires}" if lic.state in ("active", "expiring")
@@ -432,23 +483,57 @@ def licence_tick(settings: Settings, today: dt.date | None = None) -> str:
         warned = record.get("destroy_warned_on")
         if purged and purged.get("expires") == key:
             pass
-        elif warned and warned < lic.today.isoformat():
-            report = purge_all(settings, "scheduler:licence")
+        elif warned and warned < lic.today.isoformat() and (current := _still_ended(settings, lic, sent, said)):
+            report = purge_all(current, "scheduler:licence")
             set_state(_PURGED_KEY, {"expires": key, "at": report.purged_at.isoformat() + "Z"})
-            raise_notice(settings, "warning", "licence",
-                         f"The licence ended on {lic.expires} and its grace period is over: all customer data "
-                         f"was destroyed. {report.backups_summary()}")
+            # The backups' part stays English: it is the purge report, also in crm-appliance licence.
+            raise_notice(settings, "warning", "licence", N_(
+                "The licence ended on %(expires)s and its grace period is over: all customer data was destroyed. "
+                "%(backups)s"), {**dates, "backups": report.backups_summary()})
             said.append("purged all customer data")
-        else:
-            raise_notice(settings, "error", "licence",
-                         f"The licence ended on {lic.expires} and its grace period is over: all customer data "
-                         f"will be destroyed at the retention job's next run (tomorrow). Export it now or renew "
-                         f"the licence.")
+        elif not warned:
+            raise_notice(settings, "error", "licence", N_(
+                "The licence ended on %(expires)s and its grace period is over: all customer data will be "
+                "destroyed at the retention job's next run (tomorrow). Export it now or renew the licence."), dates)
             record["destroy_warned_on"] = lic.today.isoformat()
             said.append("last destruction notice")
     record["sent"] = sorted(sent)
     set_state(_NOTICES_KEY, record)
     return outcome + (": " + ", ".join(said) if said else "")
+
+
+def _still_ended(settings: Settings, lic: Licence, sent: set[str], said: list[str]) -> Settings | None:
+    """The settings to purge with, read from the configuration file now; None (logged, and a
+    notice once) when the file no longer ends the licence on ``lic.expires`` or cannot be read."""
+    from appliance.notices import N_, raise_notice
+
+    try:
+        current = _settings_on_disk(settings)
+    except ConfigError as exc:
+        log.error("licence: nothing destroyed: the configuration file cannot be read to confirm the end: %s", exc)
+        said.append("nothing destroyed: the configuration file cannot be read")
+        return None
+    now = licence_state(current, lic.today)
+    if now.state == "ended" and now.expires == lic.expires:
+        return current
+    log.warning("licence: nothing destroyed: %s now says expires = %s (%s); the scheduler still had %s",
+                settings.source, now.expires or "none", now.state, lic.expires)
+    said.append(f"nothing destroyed: the licence was renewed (expires {now.expires or 'never'})")
+    key = f"renewed-{now.expires or 'none'}"
+    if key not in sent:
+        sent.add(key)
+        if now.expires:
+            message = N_("The licence was renewed: %(file)s now says it expires on %(expires)s. The scheduler "
+                         "still had the old date (%(old)s) and destroyed nothing. Restart it (systemctl restart "
+                         "crm-appliance-scheduler) or send it SIGHUP so that it reads the new date.")
+        else:
+            message = N_("The licence was renewed: %(file)s now says it does not expire. The scheduler still had "
+                         "the old date (%(old)s) and destroyed nothing. Restart it (systemctl restart "
+                         "crm-appliance-scheduler) or send it SIGHUP so that it reads the new date.")
+        raise_notice(settings, "info", "licence", message,
+                     {"file": settings.source, "expires": now.expires and now.expires.isoformat(),
+                      "old": lic.expires.isoformat()})
+    return None
 
 
 # ============================================================================= purge
@@ -469,13 +554,13 @@ class BackupHolding:
                 "removed_on": self.removed_on.isoformat() if self.removed_on else None, "condition": self.condition}
 
 
-def backups_holding_data(backups, retention_days: int, purged_at: dt.datetime) -> list[BackupHolding]:
+def backups_holding_data(backups, settings: Settings, purged_at: dt.datetime) -> list[BackupHolding]:
     """Which of ``backups`` (appliance.backup.list_backups) were taken before ``purged_at``
-    (aware UTC) and on which date ``backup.prune`` removes each.
+    (aware UTC) and on which date (in [web] timezone) ``backup.prune`` removes each.
 
-    prune deletes a backup started more than ``retention_days`` ago, except the newest and the
-    newest verified backup of each kind, which stay until a newer one (verified) exists;
-    damaged and unreadable backups are never pruned.
+    prune deletes a backup started more than ``[backup] retention_days`` before it runs, except
+    the newest and the newest verified backup of each kind, which stay until a newer one
+    (verified) exists; damaged and unreadable backups are never pruned.
     """
     out = []
     usable = [b for b in backups if b.state not in ("damaged", "incompatible") and b.started_at is not None]
@@ -493,9 +578,23 @@ def backups_holding_data(backups, retention_days: int, purged_at: dt.datetime) -
             condition = f"once a newer {b.kind} backup exists (the next one holds no customer data)"
         elif verified and verified[-1].id == b.id:
             condition = f"once a newer {b.kind} backup is verified"
-        out.append(BackupHolding(b.id, b.kind, b.started_at,
-                                 (b.started_at + dt.timedelta(days=retention_days)).date(), condition))
+        removed = _first_prune(settings, b.started_at)
+        if removed is None:
+            condition = "never removed by retention ([schedule] prune is off): delete it by hand"
+        out.append(BackupHolding(b.id, b.kind, b.started_at, removed, condition))
     return out
+
+
+def _first_prune(settings: Settings, started_at: dt.datetime) -> dt.date | None:
+    """The local date of the first scheduled prune that removes a backup started at
+    ``started_at`` (aware): prune keeps what started at or after its own time minus
+    retention_days, so the first run strictly after start + retention. None: prune is off."""
+    if settings.schedule.prune is None:
+        return None
+    zone = ZoneInfo(settings.web.timezone)
+    trigger = config.cron_trigger(settings.schedule.prune, settings.web.timezone)
+    after = (started_at + dt.timedelta(days=settings.backup.retention_days, microseconds=1)).astimezone(zone)
+    return trigger.get_next_fire_time(None, after).astimezone(zone).date()
 
 
 @dataclass
@@ -553,6 +652,8 @@ def _wal_holding(settings: Settings, holdings: list[BackupHolding]) -> tuple[dt.
     if not times:
         return None, None, ""
     oldest = dt.datetime.fromtimestamp(min(times), dt.timezone.utc)
+    if settings.schedule.prune is None:
+        return oldest, None, "never removed by retention ([schedule] prune is off): delete it by hand"
     bases = [h for h in holdings if h.kind == "base"]
     if not bases:
         return oldest, None, "only once a base backup exists (without one, prune keeps all WAL)"
@@ -589,8 +690,7 @@ def purge_all(settings: Settings, actor: User | str) -> PurgeReport:
     except OSError as exc:  # the data is gone already: report what cannot be known, do not fail
         report.catalogue_error = f"{settings.backup.dir}: {exc.strerror}"
     else:
-        report.backups = backups_holding_data(catalogue, settings.backup.retention_days,
-                                              purged_at.replace(tzinfo=dt.timezone.utc))
+        report.backups = backups_holding_data(catalogue, settings, purged_at.replace(tzinfo=dt.timezone.utc))
         report.wal_oldest, report.wal_removed_on, report.wal_condition = _wal_holding(settings, report.backups)
     log.warning("purged all customer data: %s", report)
     return report

@@ -1,40 +1,90 @@
 """Notices for the boss: a row the web UI shows (Administration → Notices) and, when an
 ``[smtp]`` host is configured, an e-mail to every active boss seat.
 
+A notice keeps a message id, an English template marked with :func:`N_` (so that
+scripts/i18n.sh extracts it into the UI catalogue), and its ``%(name)s`` parameters: the page
+shows it in the reader's language, the e-mail carries the English and the Chinese text. The
+English text is kept in ``message`` too (the logs, the command line, rows from before).
+
 The e-mail is best effort: a mail server that is down or refuses the message is logged and
 never stops the caller (a scheduler job, a quota check). The notice row is the record.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import smtplib
 import ssl
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
+from pathlib import Path
 
 from appliance.config import Settings
 
 log = logging.getLogger(__name__)
 
 LEVELS = ("info", "warning", "error")
+TRANSLATIONS_DIR = Path(__file__).resolve().parent.parent / "webapp" / "translations"
+#: The languages an e-mailed notice is written in, besides English.
+MAIL_LOCALES = ("zh",)
 
 
-def raise_notice(settings: Settings, level: str, source: str, message: str) -> None:
-    """Record a notice (the models must be bound to a connected database) and mail the bosses."""
+def N_(message_id: str) -> str:
+    """Mark a notice's message id for extraction; it is translated when shown, not here."""
+    return message_id
+
+
+@functools.lru_cache(maxsize=None)
+def _catalogue(locale: str):
+    from babel.support import Translations
+
+    return Translations.load(str(TRANSLATIONS_DIR), [locale], domain="messages")
+
+
+def render(message_id: str, params: dict | None, locale: str | None = None) -> str:
+    """The notice's text in ``locale`` (None: English); a missing translation gives the English.
+    Without parameters the text is taken as it is (as webapp.i18n does): a plain English text
+    passed by a caller may hold a bare "%"."""
+    template = _catalogue(locale).ugettext(message_id) if locale else message_id
+    return template % params if params else template
+
+
+def record_notice(level: str, source: str, message_id: str, params: dict | None = None):
+    """Write the notice row, in the caller's transaction if there is one (the models must be
+    bound to a connected database); :func:`mail_notice` it after the commit."""
     from webapp.models import Notice
 
     if level not in LEVELS:
         raise ValueError(f"level: expected one of {', '.join(LEVELS)}, found {level!r}")
-    Notice.create(level=level, source=source, message=message)
-    if settings.smtp.host:
-        recipients = boss_addresses()
-        if recipients:
-            # A short subject stays on one header line; the body has the whole message.
-            subject = f"[CRM {level}] {message}"
-            send_mail(settings, recipients, subject if len(subject) <= 70 else subject[:69] + "…",
-                      f"{message}\n\nSource: {source}\nLevel: {level}\n\n"
-                      f"The notice is also under Administration -> Notices in the CRM, where it is acknowledged.\n")
+    return Notice.create(level=level, source=source, message=render(message_id, params),
+                         message_id=message_id, params=params or {})
+
+
+def mail_notice(settings: Settings, notice) -> None:
+    """E-mail a recorded notice to the bosses, in English and Chinese, when [smtp] names a host."""
+    if not settings.smtp.host or notice is None:
+        return
+    recipients = boss_addresses()
+    if not recipients:
+        return
+    footer = N_("The notice is also under Administration -> Notices in the CRM, where it is acknowledged.")
+    parts = [notice.message, footer]
+    if notice.message_id:
+        for locale in MAIL_LOCALES:
+            parts += [render(notice.message_id, notice.params, locale), render(footer, None, locale)]
+    # A short subject stays on one header line; the body has the whole message.
+    subject = f"[CRM {notice.level}] {notice.message}"
+    send_mail(settings, recipients, subject if len(subject) <= 70 else subject[:69] + "…",
+              "\n\n".join(parts) + f"\n\nSource: {notice.source}\nLevel: {notice.level}\n")
+
+
+def raise_notice(settings: Settings, level: str, source: str, message_id: str, params: dict | None = None):
+    """Record a notice and mail the bosses; returns the row. Inside a transaction, use
+    :func:`record_notice` and mail after the commit instead."""
+    notice = record_notice(level, source, message_id, params)
+    mail_notice(settings, notice)
+    return notice
 
 
 def boss_addresses() -> list[str]:

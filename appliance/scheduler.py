@@ -192,7 +192,7 @@ def run_job(settings: Settings, name: str, func: Callable[[Settings], str] | Non
 
     ``db``: the daemon's pool; without it a small pool of its own is opened and closed.
     """
-    from appliance.notices import raise_notice
+    from appliance.notices import N_, raise_notice
     from webapp.models import JobRun
 
     func = func or CRON_JOBS[name]
@@ -225,7 +225,8 @@ def run_job(settings: Settings, name: str, func: Callable[[Settings], str] | Non
                 row.finished_at, row.outcome, row.message = _utcnow(), outcome, message
                 row.save()
             if outcome == "failed":
-                raise_notice(settings, "error", f"job:{name}", f"{name} failed: {message}")
+                raise_notice(settings, "error", f"job:{name}", N_("%(job)s failed: %(message)s"),
+                             {"job": name, "message": message})
 
         _record(db, finish)
     log.info("job %s %s in %.1f s: %s", name, outcome, seconds, message)
@@ -269,6 +270,26 @@ def schedule_jobs(scheduler, settings: Settings, db=None) -> list[str]:
     return lines
 
 
+def warn_about_settings(settings: Settings, db=None) -> list[str]:
+    """At start and on SIGHUP: log, and leave a notice for, a setting that silently defeats a
+    duty of the appliance; returns the English texts. ``[schedule] retention = "none"`` with
+    ``[seats] expires`` set sends no licence-end notice and never destroys the data (R-16), nor
+    what was deleted past ``[retention] undo_days`` (R-15)."""
+    from appliance.notices import N_, raise_notice
+
+    if settings.schedule.retention is not None or settings.seats.expires is None:
+        return []
+    params = {"file": settings.source, "expires": settings.seats.expires.isoformat()}
+    message_id = N_('[schedule] retention is "none" in %(file)s although [seats] expires is set (%(expires)s): no '
+                    'licence-end notice is sent, the data is not destroyed when the licence ends, and nothing '
+                    'deleted is ever destroyed. Set retention to a cron expression (the default is "15 3 * * *") '
+                    'and reload the scheduler.')
+    log.error("WARNING: %s", message_id % params)
+    with _database(settings, db) as conn:
+        _record(conn, lambda: raise_notice(settings, "error", "scheduler", message_id, params))
+    return [message_id % params]
+
+
 @contextlib.contextmanager
 def single_instance(data_dir: Path):
     """Hold the data directory's scheduler lock, or fail naming the holder."""
@@ -309,6 +330,7 @@ def run(load_settings: Callable[[], Settings]) -> None:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": MISFIRE_GRACE_SECONDS})
         for line in schedule_jobs(scheduler, settings, db):
             log.info("scheduled %s", line)
+        warn_about_settings(settings, db)
 
         def reload(signum, frame):
             try:
@@ -318,6 +340,7 @@ def run(load_settings: Callable[[], Settings]) -> None:
                 return
             for line in schedule_jobs(scheduler, fresh, db):
                 log.info("rescheduled %s", line)
+            warn_about_settings(fresh, db)
 
         def stop(signum, frame):
             log.info("%s: stopping after the running jobs", signal.Signals(signum).name)

@@ -551,8 +551,10 @@ def status(ctx: Context, as_json: bool) -> None:
 def demo_data(ctx: Context, seats, years, scale, seed, password_file, force, attachments) -> None:
     """Fill the database with a realistic, deterministic demo data set (never for real data)."""
     from appliance import demo_data as demo
+    from appliance.lifecycle import refuse_when_read_only
     from appliance.seats import hash_password
 
+    refuse_when_read_only(ctx.settings, "demo-data")
     password_hash = hash_password(Path(password_file).read_text().strip()) if password_file else None
     result = demo.generate(ctx.settings, seats=seats, years=years, scale=scale, seed=seed, force=force,
                            password_hash=password_hash, attachments=attachments, progress=lambda what: click.echo(f"... {what}", err=True))
@@ -661,6 +663,7 @@ def undelete(ctx: Context, entity: str, record_id: int) -> None:
     attachment; ID as listed by crm-appliance deleted)."""
     from appliance import lifecycle
 
+    lifecycle.refuse_when_read_only(ctx.settings, "undelete")
     with ctx.database().connection_context():
         title = lifecycle.undo(ctx.settings, f"cli:{_os_user()}", entity, record_id)
     click.echo(f"{entity} {record_id} ({title}) is back")

@@ -1,6 +1,9 @@
 """``crm-appliance announce``: customer IT posts, lists and withdraws the banner every seat
 sees (R-2, R-13), as the boss does under Administration -> Announcements.
 
+Unlike the web app's writes, posting and withdrawing stay possible while the licence is in its
+grace period or ended (R-16): customer IT may announce the end to every seat.
+
 Thin Click commands over webapp.company. Registered on the main group in installer/cli.py;
 they take the group's context object through ``click.pass_obj``.
 """

@@ -22,7 +22,7 @@ TRANSLATIONS=webapp/translations
 DOMAIN=messages
 LOCALES=(zh)
 # Python keywords besides Babel's defaults (_, gettext, ngettext, ...); keep in step with tests/test_i18n.py.
-KEYWORDS=(-k _l -k lazy_gettext)
+KEYWORDS=(-k _l -k lazy_gettext -k N_)
 
 if [[ -x .venv/bin/pybabel ]]; then
     PYBABEL=.venv/bin/pybabel

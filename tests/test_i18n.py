@@ -25,8 +25,8 @@ BABEL_CFG = ROOT / "babel.cfg"
 LC_MESSAGES = ROOT / "webapp" / "translations" / "zh" / "LC_MESSAGES"
 PO_FILE = LC_MESSAGES / "messages.po"
 MO_FILE = LC_MESSAGES / "messages.mo"
-# The same keywords scripts/i18n.sh passes to pybabel (-k _l -k lazy_gettext).
-KEYWORDS = {**DEFAULT_KEYWORDS, "_l": None, "lazy_gettext": None}
+# The same keywords scripts/i18n.sh passes to pybabel (-k _l -k lazy_gettext -k N_).
+KEYWORDS = {**DEFAULT_KEYWORDS, "_l": None, "lazy_gettext": None, "N_": None}
 HOW_TO_FIX = ("run `bash scripts/i18n.sh`, translate the new or fuzzy entries in "
               "webapp/translations/zh/LC_MESSAGES/messages.po, then `bash scripts/i18n.sh compile`")
 

@@ -220,7 +220,7 @@ def test_purge_all_leaves_no_customer_rows_or_files_and_keeps_the_seats(clean_st
     LoginLog.create(email="boss@corp.cn", success=True, reason="ok")
     CompanyProfile.create(id=1, name="华信")
     Announcement.create(message="hello", starts_at=utcnow(), ends_at=utcnow(), created_by="boss@corp.cn")
-    for folder in ("exports", "imports"):
+    for folder in ("exports", "imports", "incoming"):  # incoming: an upload arriving (or left by a crash)
         (settings.appliance.data_dir / folder).mkdir(parents=True, exist_ok=True)
         (settings.appliance.data_dir / folder / "customer.zip").write_bytes(b"customer data")
     seats_before = [(u.email, u.role.name) for u in User.select().order_by(User.email)]
@@ -237,8 +237,9 @@ def test_purge_all_leaves_no_customer_rows_or_files_and_keeps_the_seats(clean_st
     data = settings.appliance.data_dir
     assert [p for p in (data / "exports").rglob("*") if p.is_file()] == []
     assert [p for p in (data / "imports").rglob("*") if p.is_file()] == []
+    assert [p for p in store.incoming_dir(settings).rglob("*") if p.is_file()] == []
     assert report.rows["account"] == 1 and report.rows["attachment"] == 1 and report.rows["login_log"] == 1
-    assert report.files == 3
+    assert report.files == 4
     assert report.backups == []
     assert report.wal_oldest == dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     assert report.wal_removed_on is None and "only once a base backup exists" in report.wal_condition
@@ -250,7 +251,7 @@ def _backup(id_, kind, started, state="verified"):
                       started_at=started and dt.datetime.fromisoformat(started).replace(tzinfo=dt.timezone.utc))
 
 
-def test_the_report_says_which_backups_hold_data_and_when_retention_removes_them():
+def test_the_report_says_which_backups_hold_data_and_when_retention_removes_them(settings):
     catalogue = [
         _backup("b1", "base", "2026-03-01T01:30:00"),
         _backup("b2", "base", "2026-03-05T01:30:00", state="unverified"),
@@ -260,13 +261,50 @@ def test_the_report_says_which_backups_hold_data_and_when_retention_removes_them
     ]
     purged_at = dt.datetime(2026, 3, 8, 12, 0, tzinfo=dt.timezone.utc)
     held = {h.id: (h.removed_on and h.removed_on.isoformat(), h.condition)
-            for h in lifecycle.backups_holding_data(catalogue, 7, purged_at)}
+            for h in lifecycle.backups_holding_data(catalogue, _with(settings, backup={"retention_days": 7}),
+                                                    purged_at)}
+    # 01:30 UTC is 09:30 in Shanghai: seven days on, the first prune (05:00 there) is the next morning's.
     assert held == {
-        "b1": ("2026-03-08", "once a newer base backup is verified"),  # the newest verified base backup
-        "b2": ("2026-03-12", ""),
-        "l1": ("2026-03-13", "once a newer logical backup exists (the next one holds no customer data)"),
+        "b1": ("2026-03-09", "once a newer base backup is verified"),  # the newest verified base backup
+        "b2": ("2026-03-13", ""),
+        "l1": ("2026-03-14", "once a newer logical backup exists (the next one holds no customer data)"),
         "d1": (None, "never removed by retention (unreadable): delete it by hand"),
     }
+    off = lifecycle.backups_holding_data(catalogue, _with(settings, schedule={"prune": None}), purged_at)
+    assert {h.removed_on for h in off} == {None}
+
+
+def test_the_report_gives_the_day_the_scheduled_prune_really_removes_a_backup(clean_store):
+    from zoneinfo import ZoneInfo
+
+    from appliance import backup, config
+
+    settings = _with(clean_store, backup={"retention_days": 7})
+    assert (settings.schedule.base_backup, settings.schedule.prune, settings.web.timezone) == (
+        "30 1 * * *", "0 5 * * *", "Asia/Shanghai"), "the defaults"
+    zone = ZoneInfo(settings.web.timezone)
+    settings.backup.dir.mkdir(parents=True)
+    for day in (1, 2, 20):  # three logical backups at 01:30 in Shanghai (17:30 UTC the day before)
+        started = dt.datetime(2026, 3, day, 1, 30, tzinfo=zone).astimezone(dt.timezone.utc)
+        path = settings.backup.dir / f"{started:%Y%m%dT%H%M%S}Z-logical"
+        path.mkdir()
+        (path / backup.MANIFEST).write_text(json.dumps({
+            "format": backup.FORMAT_VERSION, "kind": "logical", "files": [],
+            "started_at": started.isoformat().replace("+00:00", "Z")}))
+    first = backup.list_backups(settings)[0]
+    [held] = [h for h in lifecycle.backups_holding_data(backup.list_backups(settings), settings,
+                                                        dt.datetime(2026, 3, 10, tzinfo=dt.timezone.utc))
+              if h.id == first.id]
+    prune_at = config.cron_trigger(settings.schedule.prune, settings.web.timezone)
+
+    def pruned_on(day: dt.date) -> bool:
+        """Run prune itself at its scheduled time on ``day``: did it delete the first backup?"""
+        fire = prune_at.get_next_fire_time(None, dt.datetime.combine(day, dt.time(0, 0), zone))
+        return first.id in backup.prune(settings, now=fire).deleted
+
+    assert not pruned_on(held.removed_on - dt.timedelta(days=1)) and first.path.exists()
+    assert pruned_on(held.removed_on) and not first.path.exists()
+    assert held.removed_on == dt.date(2026, 3, 8)
 
 
 # ----------------------------------------------------------------------------- the licence's timeline
@@ -299,18 +337,19 @@ def test_the_grace_period_day_by_day_notices_once_then_destruction_once(clean_st
         if offset == 31:
             assert Account.get_by_id(acc.id).name == "华信科技", "kept through the last day of grace"
         messages = _job_at(settings, day)
+        assert _job_at(settings, day) == [], f"a second run on day {offset} sends nothing again"
         if messages:
             told[offset] = messages
         if offset == 32:
             audit.create(boss, Account, {"name": "after the end"})  # a second purge would take it
     assert sorted(told) == [-30, -7, -1, 1, 24, 30, 31]
     assert all(len(m) == 1 for m in told.values())
-    assert told[-30][0].startswith("The licence for 50 seats expires on 2026-06-30 (in 30 days). Then the CRM is "
+    assert told[-30][0].startswith("The licence for 50 seats expires on 2026-06-30 (days left: 30). Then the CRM is "
                                    "read-only for 30 days, and all customer data is destroyed on 2026-07-31.")
-    assert "(in 1 day)" in told[-1][0]
-    assert told[1][0].startswith("All customer data will be destroyed on 2026-07-31 (in 30 days): the licence "
+    assert "(days left: 1)" in told[-1][0]
+    assert told[1][0].startswith("All customer data will be destroyed on 2026-07-31 (days left: 30): the licence "
                                  "expired on 2026-06-30 and the CRM is read-only.")
-    assert "(in 7 days)" in told[24][0] and "(in 1 day)" in told[30][0]
+    assert "(days left: 7)" in told[24][0] and "(days left: 1)" in told[30][0]
     assert told[31][0].startswith("The licence ended on 2026-06-30 and its grace period is over: all customer data "
                                   "was destroyed. No backup or archived WAL holds data")
     assert [a.name for a in Account.select()] == ["after the end"], "destroyed once, on 2026-07-31"
@@ -337,9 +376,98 @@ def test_an_expiry_date_typed_in_the_past_costs_a_notice_and_a_day_not_the_data_
     audit.create(boss, Account, {"name": "kept one more day"})
     [warning] = _job_at(settings, dt.date(2026, 3, 1))
     assert "will be destroyed at the retention job's next run (tomorrow)" in warning
+    assert _job_at(settings, dt.date(2026, 3, 1)) == [], "run again the same day: said once, nothing destroyed"
     assert Account.select().count() == 1
     _job_at(settings, dt.date(2026, 3, 2))
     assert Account.select().count() == 0
+
+
+def test_the_licence_notices_are_mailed_to_the_bosses(clean_store, boss, make_seat, smtp_server):
+    import email
+    from email import policy
+
+    controller, inbox = smtp_server
+    make_seat("a@corp.cn", role="agent")
+    expires = dt.date(2026, 6, 30)
+    settings = _with(clean_store, seats={"expires": expires},
+                     smtp={"host": "127.0.0.1", "port": controller.port, "security": "none",
+                           "from_address": "crm@corp.cn"})
+    for offset in (-30, -30, 1, 31, 32):
+        _job_at(settings, expires + dt.timedelta(days=offset))
+    mails = [email.message_from_bytes(m.content, policy=policy.default) for m in inbox.messages]
+    assert [m["To"] for m in mails] == ["boss@corp.cn"] * 3, "one mail per notice, to the boss only"
+    assert [m["Subject"][:40] for m in mails] == ["[CRM warning] The licence for 50 seats e",
+                                                   "[CRM warning] All customer data will be ",
+                                                   "[CRM warning] The licence ended on 2026-"]
+    bodies = [m.get_content() for m in mails]
+    assert bodies[0].startswith("The licence for 50 seats expires on 2026-06-30 (days left: 30).")
+    assert "all customer data was destroyed" in bodies[2] and "Source: licence" in bodies[2]
+
+
+def test_a_renewal_the_scheduler_has_not_read_yet_destroys_nothing(clean_store, boss, tmp_path):
+    from appliance import config
+
+    expires = dt.date(2026, 6, 30)
+    path = _config(tmp_path, clean_store, expires=expires.isoformat())
+    started_with = config.load(path)  # what the daemon read when it started (re-read only on SIGHUP)
+    destroy_on = lifecycle.licence_state(started_with, expires).destroy_on
+    audit.create(boss, Account, {"name": "kept"})
+    _job_at(started_with, destroy_on - dt.timedelta(days=1))  # the last day of grace: the destruction notice
+    _config(tmp_path, clean_store, expires="2027-06-30")  # the operator renews; the scheduler is not told
+
+    [renewed] = _job_at(started_with, destroy_on)
+    assert renewed.startswith(f"The licence was renewed: {path} now says it expires on 2027-06-30.")
+    assert "destroyed nothing" in renewed
+    assert _job_at(started_with, destroy_on + dt.timedelta(days=1)) == [], "said once"
+    assert [a.name for a in Account.select()] == ["kept"]
+    assert AppState.get_or_none(AppState.key == "licence.purged") is None
+
+    _config(tmp_path, clean_store, expires=expires.isoformat())  # not renewed after all: the purge goes ahead
+    [purged] = _job_at(started_with, destroy_on + dt.timedelta(days=2))
+    assert "all customer data was destroyed" in purged and Account.select().count() == 0
+
+
+def test_two_runs_of_the_licence_step_at_once_send_a_notice_once(clean_store, boss, db):
+    import threading
+    import time
+
+    from appliance.db import open_database
+
+    expires = dt.date(2026, 6, 30)
+    settings = _with(clean_store, seats={"expires": expires})
+    lifecycle.licence_tick(settings, expires - dt.timedelta(days=60))  # its state row exists, nothing due
+    day = expires - dt.timedelta(days=30)
+
+    def tick():
+        database.connect(reuse_if_open=True)
+        try:
+            lifecycle.licence_tick(settings, day)
+        finally:
+            database.close()
+
+    other = open_database(_with(settings, database={"pool_size": 1}), bind=False)
+
+    def waiting(n: int) -> None:
+        for _ in range(200):
+            if other.execute_sql("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0] >= n:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"expected {n} sessions waiting for a lock")
+
+    first, second = threading.Thread(target=tick), threading.Thread(target=tick)
+    try:
+        with other.connection_context(), other.atomic():
+            # The first run pauses where it records what it sent, its notice already written.
+            other.execute_sql("SELECT 1 FROM app_state WHERE key = 'licence.notices' FOR UPDATE")
+            first.start()
+            waiting(1)
+            second.start()
+            waiting(2)
+    finally:
+        first.join(30)
+        second.join(30)
+        other.close_all()
+    assert [n.message[:40] for n in Notice.select()] == ["The licence for 50 seats expires on 2026"]
 
 
 # ----------------------------------------------------------------------------- the web app
@@ -386,12 +514,102 @@ def test_in_grace_every_write_is_refused_but_reading_login_and_export_work(clean
     assert AuditLog.get(AuditLog.action == "export_all").actor == "boss@corp.cn", "the boss's export still starts"
     assert chief.post("/auth/logout", token_from="/accounts/").status_code == 302
 
-    ended = _app_with(_expiring_on(clean_store, -40), db)
+
+
+# Every POST a read-only appliance still takes (the rest answer the licence's 403).
+WRITABLE_IN_GRACE = {"auth.login", "auth.logout", "auth.locale", "auth.set_password", "admin.data_export",
+                     "admin.suspend", "admin.acknowledge", "admin.change_seats"}
+
+
+def _post_urls(app) -> dict[str, str]:
+    """endpoint -> a URL of every POST route, its arguments filled in (numbers 1, names "account")."""
+    from flask import url_for
+    from werkzeug.routing import IntegerConverter
+
+    urls = {}
+    with app.test_request_context():
+        for rule in app.url_map.iter_rules():
+            if "POST" in rule.methods:
+                urls[rule.endpoint] = url_for(rule.endpoint, **{
+                    a: 1 if isinstance(rule._converters.get(a), IntegerConverter) else "account"
+                    for a in rule.arguments})
+    return urls
+
+
+def test_in_grace_every_post_route_is_refused_but_the_boss_keeps_the_seats_safe(clean_store, db, boss, make_seat):
+    from appliance.notices import record_notice
+
+    thief = make_seat("stolen@corp.cn", role="agent").user
+    leaver = make_seat("leaver@corp.cn", role="agent").user
+    notice = record_notice("warning", "licence", "The licence ended on %(expires)s; the customer data was "
+                           "destroyed on %(date)s.", {"expires": "x", "date": "y"})
+    app = _app_with(_expiring_on(clean_store, -3), db)
+    chief = _browser(app, "boss@corp.cn")
+    token = chief.csrf("/accounts/")
+    urls = _post_urls(app)
+    assert len(urls) > 30 and WRITABLE_IN_GRACE <= set(urls)
+    for endpoint, url in sorted(urls.items()):
+        if endpoint in WRITABLE_IN_GRACE:
+            continue
+        refused = chief.client.post(url, data={"csrf_token": token, "action": "disable"})
+        assert refused.status_code == 403, endpoint
+        assert "The data is read-only" in refused.get_data(as_text=True), endpoint
+    removing = chief.client.post(urls["admin.change_seats"], data={"csrf_token": token, "action": "remove",
+                                                                  "seat": str(leaver.id), "heir": str(boss.id)})
+    assert removing.status_code == 403 and User.get_by_id(leaver.id).active
+
+    assert chief.client.post(f"/admin/seats/{thief.id}/suspend", data={"csrf_token": token}).status_code == 302
+    assert chief.client.post("/admin/seats/change", data={"csrf_token": token, "action": "disable",
+                                                          "seat": str(leaver.id)}).status_code == 302
+    assert not User.get_by_id(thief.id).active and not User.get_by_id(leaver.id).active
+    assert chief.client.post(f"/admin/notices/{notice.id}/acknowledge",
+                             data={"csrf_token": token}).status_code == 302
+    assert Notice.get_by_id(notice.id).acknowledged_at is not None
+
+
+def test_in_grace_a_seat_gets_404_from_the_boss_pages_and_a_script_gets_json(clean_store, db, boss, make_seat):
+    from webapp.models import Opportunity
+
+    make_seat("a@corp.cn", role="agent")
+    acc = audit.create(boss, Account, {"name": "华信科技"})
+    audit.delete(boss, acc)
+    opp = audit.create(boss, Opportunity, {"name": "Deal", "stage": "prospecting"})
+    app = _app_with(_expiring_on(clean_store, -3), db)
+    agent = _browser(app, "a@corp.cn")
+    token = agent.csrf("/accounts/")
+    for url in (f"/admin/deleted/account/{acc.id}/undo", f"/admin/deleted/account/{acc.id}/destroy",
+                "/admin/seats/change", "/admin/company"):
+        assert agent.client.post(url, data={"csrf_token": token}).status_code == 404, url
+    chief = _browser(app, "boss@corp.cn")
+    token = chief.csrf("/opportunities/board")
+    moved = chief.client.post(f"/opportunities/{opp.id}/stage", data={"stage": "won", "csrf_token": token},
+                              headers={"Accept": "application/json", "X-CSRFToken": token})
+    assert moved.status_code == 403 and "will be destroyed on" in moved.get_json()["error"]
+
+
+def test_after_grace_the_pages_say_whether_the_data_was_destroyed_yet(clean_store, db, boss, make_seat):
+    make_seat("a@corp.cn", role="agent")
+    settings = _expiring_on(clean_store, -40)
+    ended = _app_with(settings, db)
     page = _browser(ended, "a@corp.cn").get("/").get_data(as_text=True)
-    assert "the customer data was destroyed on" in page
+    assert "will be destroyed at the scheduler&#39;s next retention run" in page, "the purge has not run"
+    assert "was destroyed" not in page
+    refused = _browser(ended, "a@corp.cn").post("/accounts/new", {"name": "x"}, token_from="/accounts/")
+    assert refused.status_code == 403 and "next retention run" in refused.get_data(as_text=True)
+
+    lic = lifecycle.licence_state(settings)
+    today = lifecycle.local_today(settings)
+    _job_at(settings, today - dt.timedelta(days=1))  # the last notice, a day late
+    _job_at(settings, today)  # the purge
+    assert lifecycle.purged_on(settings, lic) == today
+    page = _browser(ended, "a@corp.cn").get("/").get_data(as_text=True)
+    assert f"the customer data was destroyed on {today.isoformat()}" in page
 
 
 def test_a_renewed_licence_lifts_the_read_only_mode(clean_store, db, boss):
+    in_grace = _browser(_app_with(_expiring_on(clean_store, -3), db), "boss@corp.cn")
+    assert in_grace.post("/accounts/new", {"name": "New Ltd"}, token_from="/accounts/new").status_code == 403
+    # The operator types the new date and restarts the web service: an app on the renewed settings.
     renewed = _app_with(_expiring_on(clean_store, 365), db)
     b = _browser(renewed, "boss@corp.cn")
     assert "licence-banner" not in b.get("/accounts/").get_data(as_text=True)
@@ -491,6 +709,20 @@ def test_licence_deleted_and_undelete_commands(clean_store, boss, tmp_path):
     audit.delete(boss, acc)
     listed = CliRunner().invoke(main, ["--config", config, "deleted", "--json"])
     assert [(i["entity"], i["id"], i["title"]) for i in json.loads(listed.output)] == [("account", acc.id, "华信科技")]
+    refused = CliRunner().invoke(main, ["--config", config, "undelete", "account", str(acc.id)])
+    assert refused.exit_code == 1 and "undelete refused: the licence expired on" in refused.output
+    assert "the data is read-only until it is destroyed on" in refused.output and "renew the licence" in refused.output
+    assert Account.get_by_id(acc.id).deleted_at is not None
+    # Customer IT may still announce the end to every seat; demo data is a write like any other.
+    posted = CliRunner().invoke(main, ["--config", config, "announce", "post", "The CRM closes on Friday",
+                                       "--to", "2099-01-01 00:00", "--no-email"])
+    assert posted.exit_code == 0, posted.output
+    assert Announcement.get().message == "The CRM closes on Friday"
+    demo = CliRunner().invoke(main, ["--config", config, "demo-data", "--seats", "1", "--force"])
+    assert demo.exit_code == 1 and "demo-data refused: the licence expired" in demo.output
+    assert Account.select().count() == 1
+
+    config = _config(tmp_path, clean_store, expires=(today + dt.timedelta(days=365)).isoformat())  # renewed
     back = CliRunner().invoke(main, ["--config", config, "undelete", "account", str(acc.id)])
     assert back.exit_code == 0 and "is back" in back.output
     assert Account.get_by_id(acc.id).deleted_at is None

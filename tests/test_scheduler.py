@@ -279,3 +279,19 @@ def test_a_failed_job_is_mailed_to_every_active_boss_when_smtp_is_configured(set
     nobody = dataclasses.replace(mailing, smtp=dataclasses.replace(mailing.smtp, port=free_port()))
     again = scheduler.run_job(nobody, "prune", func=lambda s: (_ for _ in ()).throw(ApplianceError("disk gone")))
     assert again.outcome == "failed" and Notice.select().count() == 2 and len(inbox.messages) == 1
+
+
+def test_retention_turned_off_with_an_expiring_licence_is_warned_about_loudly(settings, db, caplog):
+    from webapp.models import Notice
+
+    assert scheduler.warn_about_settings(settings) == [], "the defaults: nothing to say"
+    expiring = dataclasses.replace(settings, seats=dataclasses.replace(settings.seats, expires=dt.date(2027, 6, 30)))
+    assert scheduler.warn_about_settings(expiring) == []
+    off = dataclasses.replace(expiring, schedule=dataclasses.replace(settings.schedule, retention=None))
+    [said] = scheduler.warn_about_settings(off)
+    assert said.startswith('[schedule] retention is "none" in <test settings> although [seats] expires is set '
+                           '(2027-06-30): no licence-end notice is sent, the data is not destroyed')
+    assert "Set retention to a cron expression" in said
+    assert any(r.levelname == "ERROR" and said in r.getMessage() for r in caplog.records)
+    [notice] = Notice.select()
+    assert (notice.level, notice.source, notice.message) == ("error", "scheduler", said)

@@ -5,14 +5,15 @@ brings one back, or destroys it for good after typing its name. Every page here 
 404 to a seat without administration rights. The work is done by appliance/lifecycle.py.
 
 While the licence is in its grace period (and after it), :func:`refuse_writes` turns every
-POST away except logging in and out and the boss's data export, and :func:`licence_banner`
-gives every page the date the data is destroyed. Both read the settings and today's date
-only: no query per request.
+POST away except logging in and out, the boss's data export and what keeps the seats safe
+(suspending or disabling a seat, acknowledging a notice), and :func:`licence_banner` gives
+every page the date the data is destroyed. Both read the settings and today's date only (after
+the grace period, one query: whether the data was destroyed yet).
 """
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, url_for
+from flask import Blueprint, abort, current_app, flash, g, jsonify, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 from flask_wtf import FlaskForm
 from wtforms import StringField
@@ -25,8 +26,13 @@ from webapp.i18n import lazy_gettext as _l
 bp = Blueprint("lifecycle", __name__, url_prefix="/admin/deleted")
 
 SHOWN = 500  # items on the page; retention keeps the list short
-# What a read-only appliance still accepts: signing in and out, the language, and the export.
-WRITABLE_WHEN_READ_ONLY = {"auth.login", "auth.logout", "auth.locale", "auth.set_password", "admin.data_export"}
+# What a read-only appliance still accepts: signing in and out, the language, the export, and
+# the boss's seat safety (suspend a stolen seat, acknowledge notices; admin.change_seats with
+# action=disable only: removing seats hands their records over).
+WRITABLE_WHEN_READ_ONLY = {"auth.login", "auth.logout", "auth.locale", "auth.set_password", "admin.data_export",
+                           "admin.suspend", "admin.acknowledge"}
+# Blueprints only the boss sees: anyone else gets their 404 before the licence's 403.
+ADMIN_BLUEPRINTS = ("admin", "company", "lifecycle", "sla")
 
 
 def _settings():
@@ -102,24 +108,39 @@ def destroy(entity: str, record_id: int):
 # ----------------------------------------------------------------------------- the licence's end
 
 
+def _writable_when_read_only() -> bool:
+    if request.endpoint in WRITABLE_WHEN_READ_ONLY:
+        return True
+    return request.endpoint == "admin.change_seats" and request.form.get("action") == "disable"
+
+
 def refuse_writes():
-    """Before every request: while the licence is in grace or ended, a POST other than signing
-    in or out and the data export gets a 403 page saying why. None lets the request through."""
-    if request.method in ("GET", "HEAD", "OPTIONS") or request.endpoint in WRITABLE_WHEN_READ_ONLY:
-        return None
-    if request.endpoint is None:  # no such page: its 404 says so
+    """Before every request: while the licence is in grace or ended, a POST other than those of
+    :data:`WRITABLE_WHEN_READ_ONLY` gets a 403 saying why (JSON to a script asking for it).
+    None lets the request through."""
+    if request.method in ("GET", "HEAD", "OPTIONS") or request.endpoint is None:  # no such page: its 404
         return None
     lic = lifecycle.licence_state(_settings())
     if not lic.read_only:
+        return None
+    if request.blueprint in ADMIN_BLUEPRINTS:
+        permissions.require_admin(g.user)  # as outside grace: not there for anyone but the boss
+    if _writable_when_read_only():
         return None
     if lic.state == "grace":
         message = _("The licence ended on %(expires)s. The data is read-only and will be destroyed on %(date)s. "
                     "The boss can still export all data (Administration → Export all data).",
                     expires=lic.expires.isoformat(), date=lic.destroy_on.isoformat())
-    else:
+    elif (purged := lifecycle.purged_on(_settings(), lic)) is not None:
         message = _("The licence ended on %(expires)s and its grace period is over: the customer data was "
                     "destroyed on %(date)s. Nothing can be changed.",
-                    expires=lic.expires.isoformat(), date=lic.destroy_on.isoformat())
+                    expires=lic.expires.isoformat(), date=purged.isoformat())
+    else:
+        message = _("The licence ended on %(expires)s and its grace period is over: the data is read-only and "
+                    "will be destroyed at the scheduler's next retention run. The boss can still export all "
+                    "data (Administration → Export all data).", expires=lic.expires.isoformat())
+    if request.accept_mimetypes.best == "application/json":  # the pipeline board's card move
+        return jsonify(error=message), 403
     return render_template("error.html", code=403, title=_("The licence has ended"), message=message), 403
 
 
@@ -131,9 +152,13 @@ def licence_banner() -> dict:
         text = _("The licence ended on %(expires)s: the CRM is read-only, and all data will be destroyed on "
                  "%(date)s. The boss can export it until then.",
                  expires=lic.expires.isoformat(), date=lic.destroy_on.isoformat())
-    elif lic.state == "ended":
+    elif lic.state == "ended" and (purged := lifecycle.purged_on(_settings(), lic)) is not None:
         text = _("The licence ended on %(expires)s; the customer data was destroyed on %(date)s.",
-                 expires=lic.expires.isoformat(), date=lic.destroy_on.isoformat())
+                 expires=lic.expires.isoformat(), date=purged.isoformat())
+    elif lic.state == "ended":
+        text = _("The licence ended on %(expires)s and its grace period is over: the CRM is read-only, and the "
+                 "customer data will be destroyed at the scheduler's next retention run.",
+                 expires=lic.expires.isoformat())
     elif lic.state == "expiring" and getattr(g, "user", None) is not None and g.user.role.is_admin:
         text = _("The licence expires on %(expires)s. Then the CRM becomes read-only, and the data is destroyed "
                  "on %(date)s unless the licence is renewed.",

@@ -331,7 +331,9 @@ class Notice(BaseModel):
     created_at = DateTimeField(default=utcnow)
     level = CharField(max_length=10)  # info, warning, error
     source = CharField(max_length=50)
-    message = TextField()
+    message = TextField()  # the English text (rows from before migration 0010 have only this)
+    message_id = TextField(null=True)  # the English template, translated when shown (appliance/notices.py)
+    params = BinaryJSONField(null=True, index=False)  # its %(name)s values
     acknowledged_at = DateTimeField(null=True)
     acknowledged_by = ForeignKeyField(User, null=True, on_delete="SET NULL", index=False)
 

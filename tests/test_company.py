@@ -177,3 +177,50 @@ def test_customer_it_announces_from_the_command_line(clean_store, db, tmp_path):
                                      "--to", "2026-12-05 20:00"])
     assert backwards.exit_code == 1 and "The end must be after the start." in backwards.output
     assert Announcement.select().count() == 1
+
+
+def test_a_save_that_read_the_profile_before_a_certification_cannot_undo_it(clean_store, make_seat, migrated_db,
+                                                                            monkeypatch):
+    """The save pauses inside its transaction, after reading the profile, while the
+    certification runs: without the row lock the save would write certified_at back to NULL."""
+    import threading
+    import time
+
+    boss = make_seat("boss@corp.cn", role="boss")
+    company.save_profile(boss.user, {"name": "华信科技有限公司", "registration_number": REAL_CODES[0],
+                                     "legal_representative": "王伟", "address": "上海市浦东新区世纪大道 100 号"})
+    store.attach(clean_store, boss.user, boss.user, "company", company.PROFILE_ID, "licence.pdf",
+                 store.receive(clean_store, io.BytesIO(PDF)), is_boss=True)
+    save_has_read, certify_done, outcomes = threading.Event(), threading.Event(), {}
+    real_utcnow = company.utcnow
+
+    def pausing_utcnow():
+        # The save calls it after reading the row and before writing it.
+        if threading.current_thread().name == "save" and not save_has_read.is_set():
+            save_has_read.set()
+            certify_done.wait(2)  # with the lock the certification waits for the save instead
+            time.sleep(0.2)
+        return real_utcnow()
+
+    monkeypatch.setattr(company, "utcnow", pausing_utcnow)
+
+    def run(name, work):
+        with migrated_db.connection_context():
+            try:
+                outcomes[name] = work()
+            finally:
+                if name == "certify":
+                    certify_done.set()
+
+    save = threading.Thread(target=run, name="save",
+                            args=("save", lambda: company.save_profile(boss.user, {"phone": "021-0000 0000"})))
+    certify = threading.Thread(target=run, name="certify", args=("certify", lambda: company.certify_profile(boss.user)))
+    save.start()
+    assert save_has_read.wait(10)
+    certify.start()
+    save.join()
+    certify.join()
+    assert outcomes == {"save": ({"phone": ["", "021-0000 0000"]}, []), "certify": []}
+    record = CompanyProfile.get_by_id(company.PROFILE_ID)
+    assert record.certified_at is not None and record.certified_by == "boss@corp.cn"
+    assert record.phone == "021-0000 0000"

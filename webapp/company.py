@@ -108,13 +108,21 @@ def licence_files() -> list[Attachment]:
                                           Attachment.deleted_at.is_null()).order_by(Attachment.id.desc()))
 
 
+def _locked_profile() -> CompanyProfile:
+    """The profile row, locked (FOR UPDATE) until the caller's transaction ends, and created
+    empty if there is none yet: a save, a certification and a change of the licence scan are
+    decided one after the other, each on the row as the one before left it."""
+    CompanyProfile.insert(id=PROFILE_ID).on_conflict_ignore().execute()
+    return CompanyProfile.select().where(CompanyProfile.id == PROFILE_ID).for_update().get()
+
+
 def save_profile(actor: User, values: dict) -> tuple[dict, list[str]]:
     """Apply the changes allowed: returns (changes made, certified fields whose change was refused).
 
     A refused change is audited as such, with the value that was asked for.
     """
     with database.atomic():
-        record = profile()
+        record = _locked_profile()
         locked = record.certified_at is not None
         changes, refused = {}, []
         for name, value in values.items():
@@ -128,10 +136,7 @@ def save_profile(actor: User, values: dict) -> tuple[dict, list[str]]:
             setattr(record, name, value)
         if changes:
             record.updated_at = utcnow()
-            if CompanyProfile.get_or_none(CompanyProfile.id == PROFILE_ID) is None:
-                record.save(force_insert=True)
-            else:
-                record.save()
+            record.save()
             audit.write_row(actor, "company", PROFILE_ID, "update", changes)
         if refused:
             audit.write_row(actor, "company", PROFILE_ID, "refused",
@@ -213,21 +218,29 @@ def licence_file(attachment_id: int):
     return response
 
 
+def certify_profile(actor: User) -> list[str]:
+    """Mark the profile certified, unless it already is; returns what is still missing
+    (nothing: certified). Decided on the locked row, so a save that read the profile before
+    cannot write the certification back out."""
+    with database.atomic():
+        record = _locked_profile()
+        missing = _missing_for_certification(record)
+        if record.certified_at is None and not missing:
+            record.certified_at, record.certified_by = utcnow(), actor.email
+            record.save()
+            audit.write_row(actor, "company", PROFILE_ID, "certify",
+                            {n: [None, getattr(record, n)] for n in CERTIFIED_FIELDS})
+    return missing
+
+
 @bp.route("/company/certify", methods=["POST"])
 def certify():
     """Mark the profile certified: from then on the licence fields are locked (R-11)."""
-    record = profile()
-    missing = _missing_for_certification(record)
-    if record.certified_at is not None:
+    if profile().certified_at is not None:
         flash(_("The company is already certified."), "success")
-    elif missing:
+    elif missing := certify_profile(g.user):
         flash(_("Fill in %(fields)s before certifying.", fields=", ".join(missing)), "error")
     else:
-        with database.atomic():
-            record.certified_at, record.certified_by = utcnow(), g.user.email
-            record.save()
-            audit.write_row(g.user, "company", PROFILE_ID, "certify",
-                            {n: [None, getattr(record, n)] for n in CERTIFIED_FIELDS})
         flash(_("The company is certified; its licence details are now locked."), "success")
     return redirect(url_for("company.company"))
 

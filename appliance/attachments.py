@@ -13,8 +13,10 @@ the file is moved into place and the row written. A refused or failed upload lea
 nothing behind.
 
 The quota is the licensed seats times ``[attachments] per_seat_mb`` (MB = 2^20 bytes).
-It counts every attachment row not deleted; a file on a deleted record still counts
-until the record is destroyed, since the boss can bring the record back. Crossing 90%
+It counts every attachment row until the row is destroyed: a deleted file, and a file on
+a deleted record, stay on disk for ``[retention] undo_days`` so the boss can bring them
+back, and the quota bounds the disk, so they count until destroyed (the boss's Destroy
+frees their space at once). Crossing 90%
 and 100% raises a notice to the boss (in the app, and by e-mail when SMTP is set up).
 
 Destroying a file's last row overwrites the file with zeros before unlinking it (R-15).
@@ -110,7 +112,8 @@ class Incoming:
 @dataclass(frozen=True)
 class Usage:
     quota: int
-    used: int
+    used: int  # every file not yet destroyed, deleted ones included
+    deleted: int  # of which in deleted files, waiting for the retention job or the boss's Destroy
     per_seat: list[tuple[int, str, str, int]]  # (user id, e-mail, name, bytes), largest first
 
     @property
@@ -144,19 +147,23 @@ def quota_bytes(settings: Settings) -> int:
     return settings.seats.licensed * settings.attachments.per_seat_mb * MB
 
 
-def _used() -> int:
-    return int(Attachment.select(fn.COALESCE(fn.SUM(Attachment.size), 0))
-               .where(Attachment.deleted_at.is_null()).scalar())
+def _used(deleted_only: bool = False) -> int:
+    """Bytes counted against the quota: every row until it is destroyed, since its file stays
+    on disk until then."""
+    query = Attachment.select(fn.COALESCE(fn.SUM(Attachment.size), 0))
+    if deleted_only:
+        query = query.where(Attachment.deleted_at.is_null(False))
+    return int(query.scalar())
 
 
 def usage(settings: Settings) -> Usage:
     """Total use against the quota and use per seat (for the boss only)."""
     per_seat = (Attachment.select(User.id, User.email, User.name, fn.SUM(Attachment.size))
                 .join(User, on=(Attachment.owner == User.id))
-                .where(Attachment.deleted_at.is_null())
                 .group_by(User.id).order_by(fn.SUM(Attachment.size).desc(), User.email).tuples())
     rows = [(uid, email, name, int(total)) for uid, email, name, total in per_seat]
-    return Usage(quota=quota_bytes(settings), used=sum(r[3] for r in rows), per_seat=rows)
+    return Usage(quota=quota_bytes(settings), used=sum(r[3] for r in rows), deleted=_used(deleted_only=True),
+                 per_seat=rows)
 
 
 def _level(used: int, quota: int) -> int:
@@ -284,7 +291,8 @@ def attach(settings: Settings, actor: User | str, owner: User, parent_type: str,
                 free = max(0, quota - used)
                 if is_boss:
                     message = _l("The file (%(size)s) does not fit: %(free)s of %(quota)s attachment space is "
-                                 "left. Delete files or add seats to the licence.",
+                                 "left. Deleted files count until they are destroyed: Administration → Deleted "
+                                 "items → Destroy frees their space at once. Or add seats to the licence.",
                                  size=_size(incoming.size), free=_size(free), quota=_size(quota))
                 else:
                     message = _l("There is not enough attachment space left for this file; nothing was stored. "
@@ -324,7 +332,8 @@ def open_file(settings: Settings, row: Attachment) -> Path:
 # ----------------------------------------------------------------------------- delete, undo, destroy
 
 def soft_delete(actor: User | str, row: Attachment) -> None:
-    """Hide a file; the boss can undo it until the retention job destroys it."""
+    """Hide a file; the boss can undo it until the retention job destroys it, and until then
+    it still counts against the quota (its bytes are still on disk)."""
     from webapp import audit
 
     with database.atomic():
@@ -335,25 +344,15 @@ def soft_delete(actor: User | str, row: Attachment) -> None:
 
 
 def undelete(settings: Settings, actor: User | str, row: Attachment) -> None:
-    """Bring a deleted file back, if it still fits in the quota.
-
-    :raise QuotaExceeded: the space it used has been taken since.
-    """
+    """Bring a deleted file back. No quota check: a deleted file still counts against the
+    quota (its bytes are still on disk), so bringing it back takes no new space."""
     from webapp import audit
 
     with database.atomic():
-        database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_QUOTA_LOCK,))
-        quota, used = quota_bytes(settings), _used()
-        if used + row.size > quota:
-            raise QuotaExceeded(_l("%(name)s (%(size)s) no longer fits in the attachment space (%(free)s left).",
-                                   name=row.filename, size=_size(row.size), free=_size(max(0, quota - used))),
-                                size=row.size, free=max(0, quota - used))
         row.deleted_at = None
         row.save()
         audit.write_row(actor, "attachment", row.id, "restore",
                         {"parent": [None, f"{row.parent_type}:{row.parent_id}"], "filename": [None, row.filename]})
-        message = _new_level(settings, used + row.size, quota)
-    _tell_boss(settings, message)
 
 
 def destroy_rows(rows: Iterable[Attachment]) -> set[str]:

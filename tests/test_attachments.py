@@ -175,24 +175,40 @@ def test_the_boss_is_told_at_90_and_100_percent_once_each(clean_store, make_seat
     last = _upload(settings, agent.user, acc, "d.pdf", _filler(store.MB // 2))  # exactly 100%
     assert len(quota_notices()) == 2 and "full" in quota_notices()[1]
     assert get_state("attachments.quota_level") == 100
-    # Falling below and crossing again tells again; the hourly check sees nothing new meanwhile.
+    # Deleting frees nothing (the file stays on disk); destroying does. Falling below and
+    # crossing again tells again; the hourly check sees nothing new meanwhile.
     store.soft_delete(agent.user, last)
+    assert "100% level" in store.check_quota(settings)
+    with store.database.atomic():
+        store.shred_unnamed(settings, store.destroy_rows([Attachment.get_by_id(last.id)]))
     assert "90% level" in store.check_quota(settings)
     assert len(quota_notices()) == 2
-    store.undelete(settings, agent.user, last)
+    _upload(settings, agent.user, acc, "d.pdf", _filler(store.MB // 2))
     assert len(quota_notices()) == 3
 
 
-def test_undelete_refuses_a_file_that_no_longer_fits(clean_store, make_seat):
+def test_deleted_files_count_until_destroyed(clean_store, make_seat):
+    """Upload-and-delete cycles cannot fill the disk: a deleted file stays on disk for the undo
+    window, so it counts until it is destroyed; bringing it back then needs no new space."""
     settings = _with_quota(clean_store, 2 * store.MB)
-    agent = make_seat("agent@corp.cn", role="agent")
-    acc = audit.create(agent.user, Account, {"name": "A"})
-    gone = _upload(settings, agent.user, acc, "a.pdf", _filler(store.MB + 5))
-    store.soft_delete(agent.user, gone)
-    _upload(settings, agent.user, acc, "b.pdf", _filler(store.MB))
-    with pytest.raises(store.QuotaExceeded, match="no longer fits"):
-        store.undelete(settings, agent.user, Attachment.get_by_id(gone.id))
-    assert Attachment.get_by_id(gone.id).deleted_at is not None
+    boss = make_seat("boss@corp.cn", role="boss")
+    acc = audit.create(boss.user, Account, {"name": "A"})
+    gone = _upload(settings, boss.user, acc, "a.pdf", _filler(store.MB + 5))
+    store.soft_delete(boss.user, gone)
+    assert store.blob_path(settings, gone.sha256).exists()
+    used = store.usage(settings)
+    assert (used.used, used.deleted, used.per_seat[0][3]) == (store.MB + 5, store.MB + 5, store.MB + 5)
+    with pytest.raises(store.QuotaExceeded) as refused:
+        _upload(settings, boss.user, acc, "b.pdf", _filler(store.MB), is_boss=True)
+    assert "Deleted files count until they are destroyed" in str(refused.value)
+    assert "Administration → Deleted items → Destroy" in str(refused.value)
+    store.undelete(settings, boss.user, Attachment.get_by_id(gone.id))  # takes no new space: always fits
+    assert Attachment.get_by_id(gone.id).deleted_at is None and store.usage(settings).deleted == 0
+    store.soft_delete(boss.user, Attachment.get_by_id(gone.id))
+    with store.database.atomic():
+        store.shred_unnamed(settings, store.destroy_rows([Attachment.get_by_id(gone.id)]))
+    assert store.usage(settings).used == 0
+    _upload(settings, boss.user, acc, "b.pdf", _filler(store.MB), is_boss=True)  # the space is free again
 
 
 def test_destroying_the_last_row_overwrites_the_file(clean_store, make_seat, tmp_path):
@@ -316,3 +332,7 @@ def test_the_boss_sees_used_and_remaining_space_per_seat(clean_store, make_seat,
     assert (settings.seats.licensed, settings.attachments.per_seat_mb) == (50, 50)
     assert "1.5 MB of 2.4 GB used, 2.4 GB left" in page
     assert "agent@corp.cn" in page and "1.5 MB" in page
+    assert 'id="quota-deleted"' not in page
+    store.soft_delete(agent.user, Attachment.get())
+    page = browser_for(boss).get("/admin/quota").get_data(as_text=True)
+    assert "1.5 MB of 2.4 GB used" in page and "Deleted files waiting to be destroyed: 1.5 MB." in page

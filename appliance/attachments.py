@@ -290,10 +290,11 @@ def attach(settings: Settings, actor: User | str, owner: User, parent_type: str,
             if used + incoming.size > quota:
                 free = max(0, quota - used)
                 if is_boss:
+                    size, left = _sizes_apart(incoming.size, free)
                     message = _l("The file (%(size)s) does not fit: %(free)s of %(quota)s attachment space is "
                                  "left. Deleted files count until they are destroyed: Administration → Deleted "
                                  "items → Destroy frees their space at once. Or add seats to the licence.",
-                                 size=_size(incoming.size), free=_size(free), quota=_size(quota))
+                                 size=size, free=left, quota=_size(quota))
                 else:
                     message = _l("There is not enough attachment space left for this file; nothing was stored. "
                                  "Ask your administrator.")
@@ -433,6 +434,13 @@ def _remove_stale(folder: Path) -> None:
         except FileNotFoundError:
             pass
 
+
+
+def _sizes_apart(size: int, free: int) -> tuple[str, str]:
+    """Two sizes as people read them, or in bytes when rounding would show them alike (a file
+    refused for one byte must not read "the file (1 MB) does not fit: 1 MB is left")."""
+    shown = _size(size), _size(free)
+    return shown if shown[0] != shown[1] else (f"{size:,} B", f"{free:,} B")
 
 
 def _size(n: int) -> str:

@@ -130,6 +130,20 @@ def test_quota_edges_exactly_full_then_one_byte_over(clean_store, make_seat):
     assert Attachment.select().count() == 2
 
 
+def test_the_boss_sees_two_different_figures_when_one_byte_is_missing(clean_store, make_seat):
+    settings = _with_quota(clean_store, 2 * store.MB)
+    boss = make_seat("boss@corp.cn", role="boss")
+    acc = audit.create(boss.user, Account, {"name": "A"})
+    _upload(settings, boss.user, acc, "a.pdf", _filler(store.MB))
+    with pytest.raises(store.QuotaExceeded) as told:
+        _upload(settings, boss.user, acc, "b.pdf", _filler(store.MB + 1), is_boss=True)
+    # Rounded, both are "1 MB": the message gives the bytes instead.
+    assert "The file (1,048,577 B) does not fit: 1,048,576 B of 2 MB attachment space is left." in str(told.value)
+    with pytest.raises(store.QuotaExceeded) as rounded:
+        _upload(settings, boss.user, acc, "c.pdf", _filler(store.MB + store.MB // 2), is_boss=True)
+    assert "The file (1.5 MB) does not fit: 1 MB of 2 MB" in str(rounded.value)  # figures differ: kept short
+
+
 def test_two_uploads_racing_for_the_last_space_one_wins(clean_store, make_seat, migrated_db):
     """Each fits alone, not both: exactly one is stored, the other refused and gone."""
     settings = _with_quota(clean_store, 2 * store.MB)

@@ -39,7 +39,7 @@ from peewee import fn
 from appliance.config import Settings
 from appliance.errors import ApplianceError
 from appliance.files import fsync_dir
-from webapp.models import Attachment, User, database, get_state, set_state, utcnow
+from webapp.models import Attachment, CompanyProfile, User, database, get_state, set_state, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -346,10 +346,19 @@ def soft_delete(actor: User | str, row: Attachment) -> None:
 
 def undelete(settings: Settings, actor: User | str, row: Attachment) -> None:
     """Bring a deleted file back. No quota check: a deleted file still counts against the
-    quota (its bytes are still on disk), so bringing it back takes no new space."""
+    quota (its bytes are still on disk), so bringing it back takes no new space.
+
+    :raise AttachmentError: a licence scan of a company profile certified since (R-11).
+    """
     from webapp import audit
 
     with database.atomic():
+        if row.parent_type == "company":
+            # Locked like the company pages lock it, so a certification cannot slip in between.
+            profile = CompanyProfile.select().where(CompanyProfile.id == row.parent_id).for_update().first()
+            if profile is not None and profile.certified_at is not None:
+                raise AttachmentError(_l("The company is certified: a business licence scan deleted before "
+                                         "cannot be brought back."))
         row.deleted_at = None
         row.save()
         audit.write_row(actor, "attachment", row.id, "restore",

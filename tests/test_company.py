@@ -75,8 +75,52 @@ def test_certification_locks_the_licence_fields_and_audits_attempts(clean_store,
     refused = AuditLog.get(AuditLog.entity == "company", AuditLog.action == "refused")
     assert refused.changes == {"name": ["华信科技有限公司", "Other Ltd"],
                                "address": ["上海市浦东新区世纪大道 100 号", "elsewhere"]}
+    # Replacing the scan is refused too, and audited with the file asked for.
     assert _upload_licence(b, "new.pdf").status_code == 302
     assert [f.filename for f in company.licence_files()] == ["licence.pdf"]
+    assert "the business licence cannot be replaced" in b.get("/admin/company").get_data(as_text=True)
+    [replace] = AuditLog.select().where(AuditLog.entity == "company", AuditLog.action == "refused",
+                                        AuditLog.id > refused.id)
+    assert replace.changes == {"licence": ["licence.pdf", "new.pdf"]} and replace.actor == "boss@corp.cn"
+    assert list(store.incoming_dir(clean_store).glob("*")) == []  # the refused upload left nothing
+
+
+def test_a_wrong_scan_can_be_removed_until_certification(clean_store, make_seat, browser_for):
+    from appliance import lifecycle
+    from webapp.models import Account, Attachment
+
+    boss = make_seat("boss@corp.cn", role="boss")
+    b = browser_for(boss)
+    _fill(b)
+    _upload_licence(b, "wrong.pdf", PDF + b" of another company")
+    [wrong] = company.licence_files()
+    resp = b.post(f"/admin/company/licence/{wrong.id}/delete", token_from="/admin/company")
+    assert resp.status_code == 302 and company.licence_files() == []
+    assert "wrong.pdf deleted." in b.get("/admin/company").get_data(as_text=True)
+    assert Attachment.get_by_id(wrong.id).deleted_at is not None  # in Deleted items, like any file
+    assert AuditLog.get(AuditLog.entity == "attachment", AuditLog.record_id == wrong.id).action == "create"
+    assert AuditLog.select().where(AuditLog.entity == "attachment", AuditLog.action == "delete").count() == 1
+    # Only company files go through this route: an account's file answers 404 and stays.
+    acc = company.audit.create(boss.user, Account, {"name": "A"})
+    other = store.attach(clean_store, boss.user, boss.user, "account", acc.id, "a.pdf",
+                         store.receive(clean_store, io.BytesIO(PDF)))
+    assert b.post(f"/admin/company/licence/{other.id}/delete", token_from="/admin/company").status_code == 404
+    assert Attachment.get_by_id(other.id).deleted_at is None
+
+    _upload_licence(b)
+    [scan] = company.licence_files()
+    b.post("/admin/company/certify", token_from="/admin/company")
+    assert CompanyProfile.get_by_id(1).certified_at is not None
+    assert 'licence/%d/delete' % scan.id not in b.get("/admin/company").get_data(as_text=True)
+    # Certified: removing is refused and audited, and the scan deleted before cannot come back.
+    resp = b.post(f"/admin/company/licence/{scan.id}/delete", token_from="/admin/company")
+    assert resp.status_code == 302 and [f.id for f in company.licence_files()] == [scan.id]
+    assert "the business licence scan cannot be removed" in b.get("/admin/company").get_data(as_text=True)
+    refused = AuditLog.get(AuditLog.entity == "company", AuditLog.action == "refused")
+    assert refused.changes == {"licence": ["licence.pdf", None]}
+    with pytest.raises(lifecycle.LifecycleError, match="cannot be brought back"):
+        lifecycle.undo(clean_store, boss.user, "attachment", wrong.id)
+    assert Attachment.get_by_id(wrong.id).deleted_at is not None
 
 
 def test_a_mistyped_credit_code_is_a_field_error(clean_store, make_seat, browser_for):
@@ -92,8 +136,8 @@ def test_only_the_boss_reaches_the_company_and_announcement_pages(clean_store, m
     b = browser_for(make_seat("m@corp.cn", role="manager"))
     for path in ("/admin/company", "/admin/announcements", "/admin/company/licence/1"):
         assert b.get(path).status_code == 404, path
-    for path in ("/admin/company", "/admin/company/certify", "/admin/company/licence", "/admin/announcements",
-                 "/admin/announcements/1/withdraw"):
+    for path in ("/admin/company", "/admin/company/certify", "/admin/company/licence", "/admin/company/licence/1/delete",
+                 "/admin/announcements", "/admin/announcements/1/withdraw"):
         assert b.post(path).status_code == 404, path
     assert CompanyProfile.select().count() == 0
 

@@ -44,6 +44,10 @@ class AnnouncementError(ApplianceError):
     """An announcement cannot be posted as given."""
 
 
+class CertifiedError(ApplianceError):
+    """A change to what certification locks (the licence scan) is refused; the attempt is audited."""
+
+
 @bp.before_request
 def _admins_only():
     permissions.require_admin(g.user)
@@ -175,26 +179,67 @@ def _missing_for_certification(record: CompanyProfile) -> list[str]:
     return missing
 
 
+def add_licence_scan(settings, actor: User, filename: str, stream) -> Attachment:
+    """Keep an uploaded scan of the business licence on the profile, unless it is certified.
+
+    :raise CertifiedError: certified (the attempt is audited, nothing is stored).
+    :raise AttachmentError: type or quota refused.
+    """
+    incoming = store.receive(settings, stream)  # before the row lock: an upload may take a while
+    try:
+        with database.atomic():
+            record = _locked_profile()
+            if record.certified_at is None:
+                return store.attach(settings, actor, actor, "company", PROFILE_ID, filename, incoming,
+                                    is_boss=True)
+            audit.write_row(actor, "company", PROFILE_ID, "refused",
+                            {"licence": [_scan_names(), filename[:255]]})
+    finally:
+        incoming.path.unlink(missing_ok=True)  # attach() consumed it, or it was refused
+    raise CertifiedError(_l("The company is certified: the business licence cannot be replaced. The attempt "
+                            "was recorded in the audit log."))
+
+
+def remove_licence_scan(actor: User, row: Attachment) -> None:
+    """Delete a wrongly uploaded scan (to Deleted items, like any file), unless certified.
+
+    :raise CertifiedError: certified (the attempt is audited, the scan stays).
+    """
+    with database.atomic():
+        if _locked_profile().certified_at is None:
+            store.soft_delete(actor, row)
+            return
+        audit.write_row(actor, "company", PROFILE_ID, "refused", {"licence": [_scan_names(), None]})
+    raise CertifiedError(_l("The company is certified: the business licence scan cannot be removed. The attempt "
+                            "was recorded in the audit log."))
+
+
+def _scan_names() -> str:
+    return ", ".join(f.filename for f in licence_files())
+
+
+def _licence_file_or_404(attachment_id: int) -> Attachment:
+    if not permissions.valid_id(attachment_id):
+        abort(404)
+    row = Attachment.get_or_none(Attachment.id == attachment_id, Attachment.parent_type == "company",
+                                 Attachment.deleted_at.is_null())
+    if row is None:
+        abort(404)
+    return row
+
+
 @bp.route("/company/licence", methods=["POST"])
 def upload_licence():
     """The scan of the business licence: PDF or an image, kept as an attachment on the profile."""
-    record = profile()
     upload = request.files.get("file")
-    if record.certified_at is not None:
-        flash(_("The company is certified: the business licence cannot be replaced."), "error")
-    elif upload is None or not upload.filename:
+    if upload is None or not upload.filename:
         flash(_("Choose a file to attach."), "error")
     elif upload.filename.rpartition(".")[2].lower() not in LICENCE_TYPES:
         flash(_("The business licence must be a PDF, PNG or JPEG file."), "error")
     else:
-        settings = _settings()
         try:
-            if CompanyProfile.get_or_none(CompanyProfile.id == PROFILE_ID) is None:
-                record.save(force_insert=True)
-            incoming = store.receive(settings, upload.stream)
-            row = store.attach(settings, g.user, g.user, "company", PROFILE_ID, upload.filename, incoming,
-                               is_boss=True)
-        except store.AttachmentError as exc:
+            row = add_licence_scan(_settings(), g.user, upload.filename, upload.stream)
+        except ApplianceError as exc:  # certified, or the type or quota refused
             flash(str(exc), "error")
         else:
             flash(_("%(name)s attached.", name=row.filename), "success")
@@ -203,12 +248,7 @@ def upload_licence():
 
 @bp.route("/company/licence/<int:attachment_id>")
 def licence_file(attachment_id: int):
-    if not permissions.valid_id(attachment_id):
-        abort(404)
-    row = Attachment.get_or_none(Attachment.id == attachment_id, Attachment.parent_type == "company",
-                                 Attachment.deleted_at.is_null())
-    if row is None:
-        abort(404)
+    row = _licence_file_or_404(attachment_id)
     try:
         path = store.open_file(_settings(), row)
     except store.AttachmentError as exc:
@@ -216,6 +256,18 @@ def licence_file(attachment_id: int):
     response = send_file(path, mimetype=row.content_type, as_attachment=True, download_name=row.filename)
     response.headers["Cache-Control"] = "no-store"
     return response
+
+
+@bp.route("/company/licence/<int:attachment_id>/delete", methods=["POST"])
+def delete_licence_file(attachment_id: int):
+    row = _licence_file_or_404(attachment_id)
+    try:
+        remove_licence_scan(g.user, row)
+    except CertifiedError as exc:
+        flash(str(exc), "error")
+    else:
+        flash(_("%(name)s deleted.", name=row.filename), "success")
+    return redirect(url_for("company.company"))
 
 
 def certify_profile(actor: User) -> list[str]:

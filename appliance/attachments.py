@@ -213,8 +213,11 @@ def check_quota(settings: Settings) -> str:
 def check_name(filename: str) -> tuple[str, str]:
     """(a safe file name to keep, its content type); refuses a type we do not take."""
     name = os.path.basename((filename or "").replace("\\", "/")).strip()
-    name = "".join(ch for ch in name if ch.isprintable() and ch not in '"<>|:*?')[:255]
-    ext = name.rpartition(".")[2].lower() if "." in name else ""
+    name = "".join(ch for ch in name if ch.isprintable() and ch not in '"<>|:*?')
+    stem, dot, ext = name.rpartition(".")
+    ext = ext.lower() if dot else ""
+    if len(name) > 255 and ext in ALLOWED_TYPES:
+        name = stem[:255 - len(ext) - 1] + name[len(stem):]  # the column's limit; keep the extension
     if not name or ext not in ALLOWED_TYPES:
         raise AttachmentError(_l("Files of this type cannot be attached. Allowed: %(types)s.",
                                  types=", ".join(sorted(ALLOWED_TYPES))))

@@ -102,6 +102,13 @@ def test_a_path_in_the_name_is_dropped():
     assert store.check_name("C:\\Users\\li\\报价单.XLSX")[0] == "报价单.XLSX"
 
 
+def test_a_long_name_is_shortened_before_its_extension():
+    name, content_type = store.check_name("报" * 300 + ".PDF")
+    assert (name, content_type) == ("报" * 251 + ".PDF", "application/pdf") and len(name) == 255
+    assert store.check_name("a" * 255 + ".txt")[0] == "a" * 251 + ".txt"
+    assert store.check_name("a" * 251 + ".txt")[0] == "a" * 251 + ".txt"  # 255 already: unchanged
+
+
 def test_an_upload_over_the_size_limit_stops_early_and_leaves_nothing(clean_store):
     settings = clean_store
     with pytest.raises(store.AttachmentError, match="larger than 1 MB"):

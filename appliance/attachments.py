@@ -19,7 +19,8 @@ back, and the quota bounds the disk, so they count until destroyed (the boss's D
 frees their space at once). Crossing 90%
 and 100% raises a notice to the boss (in the app, and by e-mail when SMTP is set up).
 
-Destroying a file's last row overwrites the file with zeros before unlinking it (R-15).
+Stored files are read-only (0400). Destroying a file's last row first renames the file out
+of its hash name, then overwrites it with zeros before unlinking it (R-15).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ _QUOTA_LOCK = 0x41_54_54_51  # "ATTQ"
 #: Percent levels of the quota at which the boss is told.
 NOTICE_LEVELS = (90, 100)
 _STATE_KEY = "attachments.quota_level"
+#: How shred() names a file it has moved aside to overwrite.
+_SHRED_PREFIX = ".shred-"
 #: Incoming files older than this are left-overs of a killed process and are removed.
 _STALE_INCOMING_SECONDS = 24 * 3600
 
@@ -305,6 +308,7 @@ def attach(settings: Settings, actor: User | str, owner: User, parent_type: str,
             target = blob_path(settings, incoming.sha256)
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.chmod(incoming.path, 0o400)  # never changed once stored; shred() alone opens it to write
                 os.replace(incoming.path, target)
                 placed = target
                 fsync_dir(target.parent)
@@ -387,27 +391,38 @@ def shred_unnamed(settings: Settings, hashes: Iterable[str] | None = None) -> in
         database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_QUOTA_LOCK,))
         if hashes is None:
             root = store_dir(settings)
-            candidates = {p.name for p in root.glob("??/*") if p.is_file()} if root.exists() else set()
+            found = [p for p in root.glob("??/*") if p.is_file()] if root.exists() else []
+            # A shred killed after its rename left its file aside: finish it.
+            leftovers = sum(1 for p in found if p.name.startswith(_SHRED_PREFIX) and shred(p))
+            candidates = {p.name for p in found if not p.name.startswith(".")}
         else:
+            leftovers = 0
             candidates = set(hashes)
         named = set()
         listed = sorted(candidates)
         for start in range(0, len(listed), 5000):
             named |= {sha for (sha,) in Attachment.select(Attachment.sha256)
                       .where(Attachment.sha256.in_(listed[start:start + 5000])).tuples()}
-        return sum(1 for sha in sorted(candidates - named) if shred(blob_path(settings, sha)))
+        return leftovers + sum(1 for sha in sorted(candidates - named) if shred(blob_path(settings, sha)))
 
 
 def shred(path: Path) -> bool:
     """Overwrite a file with zeros, flush it to disk, unlink it; False when it was not there.
 
-    On a copy-on-write or journalling-data file system the old blocks may survive the
-    overwrite; docs/data.md says so, and what encrypting the disk adds.
+    The file is first renamed aside (a unique name in its directory, starting with a dot so
+    backups skip it): killed half way, it never sits half-zeroed under its hash name, where
+    an upload of the same content would take it for the stored copy. The retention sweep
+    finishes such a left-over. On a copy-on-write or journalling-data file system the old
+    blocks may survive the overwrite; docs/data.md says so, and what encrypting the disk adds.
     """
+    aside = path.with_name(f"{_SHRED_PREFIX}{secrets.token_hex(8)}")
     try:
-        fd = os.open(path, os.O_WRONLY)
+        os.rename(path, aside)
     except FileNotFoundError:
         return False
+    fsync_dir(path.parent)
+    os.chmod(aside, 0o600)  # stored files are read-only
+    fd = os.open(aside, os.O_WRONLY)
     try:
         remaining = os.fstat(fd).st_size
         zeros = bytes(CHUNK)
@@ -416,7 +431,7 @@ def shred(path: Path) -> bool:
         os.fsync(fd)
     finally:
         os.close(fd)
-    path.unlink()
+    aside.unlink()
     fsync_dir(path.parent)
     return True
 

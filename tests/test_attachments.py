@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import shutil
+import stat
 import threading
 
 import pytest
@@ -253,6 +254,39 @@ def test_destroying_the_last_row_overwrites_the_file(clean_store, make_seat, tmp
     assert not path.exists() and Attachment.select().count() == 0
     assert witness.read_bytes() == bytes(len(secret))  # overwritten with zeros before unlinking
     witness.unlink()
+
+
+def test_a_stored_file_is_read_only_and_an_interrupted_shred_never_poisons_a_new_upload(clean_store, make_seat,
+                                                                                          monkeypatch):
+    settings = clean_store
+    boss = make_seat("boss@corp.cn", role="boss")
+    acc = audit.create(boss.user, Account, {"name": "A"})
+    secret = b"%PDF-1.4 " + b"CONFIDENTIAL " * 1000
+    row = _upload(settings, boss.user, acc, "a.pdf", secret)
+    path = store.blob_path(settings, row.sha256)
+    assert path.stat().st_mode & 0o777 == 0o400
+    real_fsync = os.fsync
+
+    def power_cut(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # the file's zeros, not a directory's entries
+            raise OSError("power cut while shredding")
+        real_fsync(fd)
+
+    # The shred is killed after its zeros are written, before they are flushed and unlinked.
+    with store.database.atomic():
+        hashes = store.destroy_rows([row])
+    monkeypatch.setattr(store.os, "fsync", power_cut)
+    with pytest.raises(OSError, match="power cut"):
+        store.shred_unnamed(settings, hashes)
+    monkeypatch.undo()
+    [aside] = [p for p in path.parent.iterdir()]
+    assert not path.exists() and aside.name.startswith(".shred-") and aside.read_bytes() == bytes(len(secret))
+
+    again = _upload(settings, boss.user, acc, "a.pdf", secret)  # the same content: a good copy is stored
+    assert again.sha256 == row.sha256 and path.read_bytes() == secret
+    assert path.stat().st_mode & 0o777 == 0o400
+    assert store.shred_unnamed(settings) == 1  # the sweep finishes the left-over, keeps the new copy
+    assert [p.name for p in path.parent.iterdir()] == [row.sha256] and path.read_bytes() == secret
 
 
 def test_the_sweep_shreds_files_no_row_names(clean_store, make_seat):

@@ -334,6 +334,7 @@ def test_upload_download_delete_through_the_pages(clean_store, make_seat, browse
     assert got.headers["Content-Type"] == "application/pdf"
     assert got.headers["Content-Disposition"].startswith("attachment;")
     assert "sandbox" in got.headers["Content-Security-Policy"] and got.headers["Cache-Control"] == "no-store"
+    assert got.headers["X-Content-Type-Options"] == "nosniff"
     resp = b.post(f"/attachments/{row.id}/delete", token_from=f"/accounts/{acc.id}")
     assert resp.status_code == 302 and Attachment.get_by_id(row.id).deleted_at is not None
     assert b.get(f"/attachments/{row.id}").status_code == 404

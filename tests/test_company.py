@@ -59,7 +59,11 @@ def test_certification_locks_the_licence_fields_and_audits_attempts(clean_store,
     assert company.licence_files() == []
     assert _upload_licence(b).status_code == 302
     [scan] = company.licence_files()
-    assert b.get(f"/admin/company/licence/{scan.id}").data == PDF
+    got = b.get(f"/admin/company/licence/{scan.id}")
+    assert got.data == PDF and got.headers["Content-Type"] == "application/pdf"
+    assert got.headers["Content-Disposition"].startswith("attachment;") and got.headers["Cache-Control"] == "no-store"
+    assert got.headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
+    assert got.headers["X-Content-Type-Options"] == "nosniff"
     b.post("/admin/company/certify", token_from="/admin/company")
     profile = CompanyProfile.get_by_id(1)
     assert profile.certified_at is not None and profile.certified_by == "boss@corp.cn"

@@ -78,8 +78,16 @@ def upload(entity: str, record_id: int):
 
 @bp.route("/<int:attachment_id>")
 def download(attachment_id: int):
-    """The file, always as a download (never shown inline), with the type its name was checked for."""
     row, _parent = _attachment_and_parent(attachment_id)
+    return send_stored(row)
+
+
+def send_stored(row: Attachment):
+    """A stored file, always as a download (never shown inline), with the type its name was
+    checked for: for attachments and the company's licence scan alike.
+
+    :raise 404: the file is missing from the store (the message says to restore it).
+    """
     try:
         path = store.open_file(_settings(), row)
     except store.AttachmentError as exc:
@@ -87,8 +95,10 @@ def download(attachment_id: int):
     response = send_file(path, mimetype=row.content_type, as_attachment=True, download_name=row.filename,
                          conditional=True, etag=row.sha256)
     response.headers["Cache-Control"] = "no-store"  # customer data: not kept by browsers or proxies
-    # Opened from the disk by mistake, the file still cannot run script in the CRM's name.
+    # Opened from the disk by mistake, the file still cannot run script in the CRM's name;
+    # and no browser guesses another type than the one checked.
     response.headers["Content-Security-Policy"] = "sandbox; default-src 'none'"
+    response.headers["X-Content-Type-Options"] = "nosniff"
     return response
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 import zoneinfo
 
-from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, send_file, url_for
+from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 from flask_babel import to_utc
 from flask_wtf import FlaskForm
@@ -28,6 +28,7 @@ from wtforms.validators import DataRequired, Length, Optional, ValidationError
 from appliance import attachments as store
 from appliance.errors import ApplianceError
 from webapp import audit, permissions
+from webapp.attachments import send_stored
 from webapp.i18n import lazy_gettext as _l
 from webapp.models import Announcement, Attachment, CompanyProfile, User, database, utcnow
 
@@ -248,14 +249,7 @@ def upload_licence():
 
 @bp.route("/company/licence/<int:attachment_id>")
 def licence_file(attachment_id: int):
-    row = _licence_file_or_404(attachment_id)
-    try:
-        path = store.open_file(_settings(), row)
-    except store.AttachmentError as exc:
-        abort(404, str(exc))
-    response = send_file(path, mimetype=row.content_type, as_attachment=True, download_name=row.filename)
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    return send_stored(_licence_file_or_404(attachment_id))
 
 
 @bp.route("/company/licence/<int:attachment_id>/delete", methods=["POST"])

@@ -392,3 +392,103 @@ def test_the_boss_sees_used_and_remaining_space_per_seat(clean_store, make_seat,
     store.soft_delete(agent.user, Attachment.get())
     page = browser_for(boss).get("/admin/quota").get_data(as_text=True)
     assert "1.5 MB of 2.4 GB used" in page and "Deleted files waiting to be destroyed: 1.5 MB." in page
+
+
+# ----------------------------------------------------------------------------- refusals through the web
+
+ZH = {"Accept-Language": "zh-CN,zh;q=0.9"}
+
+
+def _browser_with(settings, db, seat):
+    """A logged-in browser on an app built with ``settings`` (a small quota or upload limit)."""
+    from tests.conftest import Browser
+    from webapp import create_app
+
+    app = create_app(settings, database=db)
+    app.config.update(TESTING=True)
+    b = Browser(app.test_client())
+    assert b.login(seat.email, seat.password).status_code == 302
+    return b
+
+
+def _flashed(browser, path, headers=None) -> str:
+    return browser.get(path, headers=headers or {}).get_data(as_text=True)
+
+
+def test_a_web_upload_over_the_quota_gives_figures_to_the_boss_only(clean_store, make_seat, db):
+    settings = _with_quota(clean_store, store.MB)
+    boss, agent = make_seat("boss@corp.cn", role="boss"), make_seat("agent@corp.cn", role="agent")
+    acc = audit.create(agent.user, Account, {"name": "A"})
+    _upload(settings, agent.user, acc, "a.pdf", _filler(store.MB - 1000))
+    record, target = f"/accounts/{acc.id}", f"/attachments/account/{acc.id}"
+    for seat, headers in ((agent, {}), (agent, ZH), (boss, {}), (boss, ZH)):
+        b = _browser_with(settings, db, seat)
+        token = b.csrf(record)
+        resp = b.client.post(target, data={"csrf_token": token, "file": (io.BytesIO(_filler(5000)), "b.pdf")},
+                             content_type="multipart/form-data", headers=headers)
+        assert resp.status_code == 302
+        page = _flashed(b, record, headers)
+        if seat is agent:
+            told = ("附件空间不足以存放此文件，未保存任何内容。请联系管理员。" if headers else
+                    "There is not enough attachment space left for this file; nothing was stored.")
+            assert told in page
+            # Neither the space left (1000 B), the quota (1 MB) nor the file's size leaks.
+            for figure in ("1000 B", "1,000 B", "1 MB", "4.9 KB", "5,000 B", "1,048,576"):
+                assert figure not in page, (figure, headers)
+        else:
+            assert "4.9 KB" in page and "1000 B" in page and "1 MB" in page, headers
+    assert Attachment.select().count() == 1 and _incoming(settings) == []
+
+
+def test_quota_notices_are_mailed_to_the_boss_only(clean_store, make_seat, smtp_server):
+    controller, inbox = smtp_server
+    settings = _with_quota(clean_store, 10 * store.MB)
+    settings = dataclasses.replace(settings, smtp=dataclasses.replace(
+        settings.smtp, host="127.0.0.1", port=controller.port, security="none"))
+    make_seat("boss@corp.cn", role="boss")
+    make_seat("manager@corp.cn", role="manager")
+    agent = make_seat("agent@corp.cn", role="agent")
+    acc = audit.create(agent.user, Account, {"name": "A"})
+    _upload(settings, agent.user, acc, "a.pdf", _filler(8 * store.MB))
+    assert inbox.messages == []
+    _upload(settings, agent.user, acc, "b.pdf", _filler(store.MB))  # 90%
+    _upload(settings, agent.user, acc, "c.pdf", _filler(store.MB))  # 100%
+    assert [m.rcpt_tos for m in inbox.messages] == [["boss@corp.cn"], ["boss@corp.cn"]]
+    bodies = [m.content.decode() for m in inbox.messages]
+    assert "90% used" in bodies[0] and "Attachment space is full" in bodies[1]
+
+
+def test_a_web_upload_over_the_size_limit_is_a_clear_413_and_leaves_nothing(clean_store, make_seat, db):
+    settings = dataclasses.replace(clean_store, attachments=dataclasses.replace(clean_store.attachments,
+                                                                                max_upload_mb=1))
+    boss = make_seat("boss@corp.cn", role="boss")
+    acc = audit.create(boss.user, Account, {"name": "A"})
+    b = _browser_with(settings, db, boss)
+    big = _filler(2 * store.MB + 1)  # over the request limit (the upload limit plus 1 MB for the form)
+    for record, target in ((f"/accounts/{acc.id}", f"/attachments/account/{acc.id}"),
+                           ("/admin/company", "/admin/company/licence")):
+        token = b.csrf(record)
+        resp = b.client.post(target, data={"csrf_token": token, "file": (io.BytesIO(big), "big.pdf")},
+                             content_type="multipart/form-data")
+        assert resp.status_code == 413, target
+        assert "The file is larger than 1 MB; nothing was stored." in resp.get_data(as_text=True)
+    # Between the limit and the request limit the file is refused while it arrives, with the same words.
+    resp = _post_file(b, f"/accounts/{acc.id}", f"/attachments/account/{acc.id}", "big.pdf", _filler(store.MB + 1))
+    assert resp.status_code == 302
+    assert "The file is larger than 1 MB; nothing was stored." in _flashed(b, f"/accounts/{acc.id}")
+    assert Attachment.select().count() == 0 and _files(settings) == [] and _incoming(settings) == []
+
+
+def test_upload_and_delete_without_a_csrf_token_are_refused(clean_store, make_seat, browser_for):
+    agent = make_seat("agent@corp.cn", role="agent")
+    acc = audit.create(agent.user, Account, {"name": "A"})
+    row = _upload(clean_store, agent.user, acc, "a.pdf", PDF)
+    b = browser_for(agent)
+    for data in ({}, {"csrf_token": "forged"}):
+        resp = b.client.post(f"/attachments/account/{acc.id}", content_type="multipart/form-data",
+                             data={**data, "file": (io.BytesIO(PNG), "b.png")})
+        assert resp.status_code == 400 and "Form expired" in resp.get_data(as_text=True)
+        assert b.client.post(f"/attachments/{row.id}/delete", data=data).status_code == 400
+    assert [(r.id, r.deleted_at) for r in Attachment.select()] == [(row.id, None)]
+    assert _files(clean_store) == [row.sha256] and _incoming(clean_store) == []
+    assert AuditLog.select().where(AuditLog.entity == "attachment").count() == 1

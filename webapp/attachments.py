@@ -8,7 +8,7 @@ only the boss is told the figures (R-9), everyone else whether the file fits.
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, current_app, flash, g, redirect, request, send_file, url_for
+from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, send_file, url_for
 from flask_babel import gettext as _
 
 from appliance import attachments as store
@@ -54,6 +54,17 @@ def _attachment_and_parent(attachment_id: int, action: str = "read"):
     if row is None:
         abort(404)
     return row, permissions.parent_or_404(g.user, row.parent_type, row.parent_id, action)
+
+
+def too_large(_exc):
+    """A request over MAX_CONTENT_LENGTH (``[attachments] max_upload_mb`` plus room for the
+    form) is stopped before it is read: say the limit, as for a file refused while it arrives."""
+    return render_template("error.html", code=413, title=_("Too large"),
+                           message=_("The file is larger than %(mb)d MB; nothing was stored.",
+                                     mb=_settings().attachments.max_upload_mb)), 413
+
+
+bp.register_error_handler(413, too_large)
 
 
 @bp.route("/<entity>/<int:record_id>", methods=["POST"])

@@ -7,7 +7,7 @@ committed row names at the backup's point is in it (appliance/backup.py). A row 
 ``attachment`` puts a file on a record; two rows may share one file.
 
 An upload is streamed to ``<data_dir>/incoming/`` while it is hashed and measured, never
-held whole in memory; then, under one transaction-wide advisory lock (so that two uploads
+held whole in memory (through the web, the form parser writes it there itself: ``spool``); then, under one transaction-wide advisory lock (so that two uploads
 racing for the last megabytes are decided one after the other), the quota is checked,
 the file is moved into place and the row written. A refused or failed upload leaves
 nothing behind.
@@ -227,38 +227,67 @@ def check_name(filename: str) -> tuple[str, str]:
     return name, ALLOWED_TYPES[ext][0]
 
 
+def spool(settings: Settings) -> BinaryIO:
+    """A new file in the incoming directory for the web's form parser to write an upload into,
+    instead of a temporary file in /tmp: ``receive`` then hashes it where it is and the store
+    takes it by rename, so the bytes are written once and never left outside the data
+    directory. The web request removes it at its end if it is still there."""
+    return open(_new_part(settings), "r+b")
+
+
 def receive(settings: Settings, stream: BinaryIO, max_bytes: int | None = None) -> Incoming:
-    """Copy an upload to the incoming directory in chunks, hashing it on the way.
+    """Copy an upload to the incoming directory in chunks, hashing it on the way; a file
+    ``spool`` made is only read and hashed, where it is.
 
     :raise AttachmentError: larger than ``[attachments] max_upload_mb`` (the part written is removed).
     """
     limit = max_bytes if max_bytes is not None else settings.attachments.max_upload_mb * MB
+    spooled = getattr(stream, "name", None)
+    spooled = Path(spooled) if isinstance(spooled, str) and Path(spooled).parent == incoming_dir(settings) else None
+    path = spooled or _new_part(settings)
+    try:
+        if spooled:
+            stream.flush()
+            os.fsync(stream.fileno())
+            with open(path, "rb") as data:
+                size, sha256, head = _measure(data, limit)
+        else:
+            with open(path, "wb") as out:
+                size, sha256, head = _measure(stream, limit, out)
+                out.flush()
+                os.fsync(out.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return Incoming(path=path, size=size, sha256=sha256, head=head)
+
+
+def _new_part(settings: Settings) -> Path:
+    """A new empty file, readable by the appliance only, in the incoming directory."""
     folder = incoming_dir(settings)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     _remove_stale(folder)
     path = folder / f"{secrets.token_hex(16)}.part"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return path
+
+
+def _measure(source: BinaryIO, limit: int, copy_to: BinaryIO | None = None) -> tuple[int, str, bytes]:
+    """(size, SHA-256, first bytes) of a stream read in chunks, copied to ``copy_to`` if given.
+
+    :raise AttachmentError: larger than ``limit`` bytes.
+    """
     digest, size, head = hashlib.sha256(), 0, b""
-    try:
-        with open(path, "xb") as out:
-            os.fchmod(out.fileno(), 0o600)
-            while True:
-                chunk = stream.read(CHUNK)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > limit:
-                    raise AttachmentError(_l("The file is larger than %(mb)d MB; nothing was stored.",
-                                             mb=limit // MB or 1))
-                if len(head) < 64:
-                    head += chunk[:64 - len(head)]
-                digest.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return Incoming(path=path, size=size, sha256=digest.hexdigest(), head=head)
+    while chunk := source.read(CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise AttachmentError(_l("The file is larger than %(mb)d MB; nothing was stored.", mb=limit // MB or 1))
+        if len(head) < 64:
+            head += chunk[:64 - len(head)]
+        digest.update(chunk)
+        if copy_to is not None:
+            copy_to.write(chunk)
+    return size, digest.hexdigest(), head
 
 
 def _check_content(name: str, head: bytes) -> None:

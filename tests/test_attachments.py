@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -492,3 +493,31 @@ def test_upload_and_delete_without_a_csrf_token_are_refused(clean_store, make_se
     assert [(r.id, r.deleted_at) for r in Attachment.select()] == [(row.id, None)]
     assert _files(clean_store) == [row.sha256] and _incoming(clean_store) == []
     assert AuditLog.select().where(AuditLog.entity == "attachment").count() == 1
+
+
+def test_a_web_upload_is_written_once_into_incoming_and_taken_into_the_store(clean_store, make_seat, browser_for,
+                                                                            monkeypatch):
+    """The form parser writes the upload into <data_dir>/incoming (not /tmp) and the store takes
+    that very file by rename: the stored file is the spooled inode."""
+    agent = make_seat("agent@corp.cn", role="agent")
+    acc = audit.create(agent.user, Account, {"name": "A"})
+    spooled, real_spool = [], store.spool
+
+    def watched_spool(settings):
+        part = real_spool(settings)
+        spooled.append((Path(part.name), os.fstat(part.fileno()).st_ino))
+        return part
+
+    monkeypatch.setattr(store, "spool", watched_spool)
+    b = browser_for(agent)
+    data = _filler(2 * store.MB)  # large enough that Werkzeug would have used a file in /tmp
+    resp = _post_file(b, f"/accounts/{acc.id}", f"/attachments/account/{acc.id}", "big.pdf", data)
+    assert resp.status_code == 302
+    [(path, inode)] = spooled
+    assert path.parent == store.incoming_dir(clean_store)
+    stored = store.blob_path(clean_store, hashlib.sha256(data).hexdigest())
+    assert stored.read_bytes() == data and stored.stat().st_ino == inode
+    assert _incoming(clean_store) == []
+    # Refused after it arrived (a program): the spooled file is gone too.
+    _post_file(b, f"/accounts/{acc.id}", f"/attachments/account/{acc.id}", "tool.pdf", b"MZ" + data)
+    assert len(spooled) == 2 and _incoming(clean_store) == [] and Attachment.select().count() == 1

@@ -8,7 +8,10 @@ only the boss is told the figures (R-9), everyone else whether the file fits.
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, send_file, url_for
+from pathlib import Path
+
+from flask import (Blueprint, Request, abort, current_app, flash, g, redirect, render_template, request, send_file,
+                   url_for)
 from flask_babel import gettext as _
 
 from appliance import attachments as store
@@ -18,6 +21,32 @@ from webapp.models import Attachment, User
 from webapp.prepared import Prepared
 
 bp = Blueprint("attachments", __name__, url_prefix="/attachments")
+
+
+class UploadRequest(Request):
+    """Uploaded files go to ``<data_dir>/incoming`` (appliance.attachments.spool), not to
+    Werkzeug's temporary files in /tmp: written once, on the store's file system, taken into
+    the store by rename. What the request did not store is removed when it ends."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._spooled: list[Path] = []
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        part = store.spool(_settings())
+        self._spooled.append(Path(part.name))
+        return part
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            for path in self._spooled:
+                path.unlink(missing_ok=True)  # gone already when the store took it
+
+
+# Every upload of the app goes through it (attachments, the licence scan, imports).
+bp.record_once(lambda state: setattr(state.app, "request_class", UploadRequest))
 
 
 def _settings():

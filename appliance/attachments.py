@@ -7,17 +7,17 @@ committed row names at the backup's point is in it (appliance/backup.py). A row 
 ``attachment`` puts a file on a record; two rows may share one file.
 
 An upload is streamed to ``<data_dir>/incoming/`` while it is hashed and measured, never
-held whole in memory (through the web, the form parser writes it there itself: ``spool``); then, under one transaction-wide advisory lock (so that two uploads
-racing for the last megabytes are decided one after the other), the quota is checked,
-the file is moved into place and the row written. A refused or failed upload leaves
-nothing behind.
+held whole in memory (through the web, the form parser writes it there itself: ``spool``);
+then, under one transaction-wide advisory lock (so that two uploads racing for the last
+megabytes are decided one after the other), the quota is checked, the file is moved into
+place and the row written. A refused or failed upload leaves nothing behind.
 
 The quota is the licensed seats times ``[attachments] per_seat_mb`` (MB = 2^20 bytes).
 It counts every attachment row until the row is destroyed: a deleted file, and a file on
 a deleted record, stay on disk for ``[retention] undo_days`` so the boss can bring them
-back, and the quota bounds the disk, so they count until destroyed (the boss's Destroy
-frees their space at once). Crossing 90%
-and 100% raises a notice to the boss (in the app, and by e-mail when SMTP is set up).
+back, and the quota bounds the disk (the boss's Destroy frees their space at once).
+Crossing 90% and 100% raises a notice to the boss (in the app, and by e-mail when SMTP is
+set up).
 
 Stored files are read-only (0400). Destroying a file's last row first renames the file out
 of its hash name, then overwrites it with zeros before unlinking it (R-15).

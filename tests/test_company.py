@@ -91,6 +91,7 @@ def test_certification_locks_the_licence_fields_and_audits_attempts(clean_store,
 
 def test_a_wrong_scan_can_be_removed_until_certification(clean_store, make_seat, browser_for):
     from appliance import lifecycle
+    from webapp import audit
     from webapp.models import Account, Attachment
 
     boss = make_seat("boss@corp.cn", role="boss")
@@ -105,7 +106,7 @@ def test_a_wrong_scan_can_be_removed_until_certification(clean_store, make_seat,
     assert AuditLog.get(AuditLog.entity == "attachment", AuditLog.record_id == wrong.id).action == "create"
     assert AuditLog.select().where(AuditLog.entity == "attachment", AuditLog.action == "delete").count() == 1
     # Only company files go through this route: an account's file answers 404 and stays.
-    acc = company.audit.create(boss.user, Account, {"name": "A"})
+    acc = audit.create(boss.user, Account, {"name": "A"})
     other = store.attach(clean_store, boss.user, boss.user, "account", acc.id, "a.pdf",
                          store.receive(clean_store, io.BytesIO(PDF)))
     assert b.post(f"/admin/company/licence/{other.id}/delete", token_from="/admin/company").status_code == 404

@@ -7,17 +7,20 @@ committed row names at the backup's point is in it (appliance/backup.py). A row 
 ``attachment`` puts a file on a record; two rows may share one file.
 
 An upload is streamed to ``<data_dir>/incoming/`` while it is hashed and measured, never
-held whole in memory; then, under one transaction-wide advisory lock (so that two uploads
-racing for the last megabytes are decided one after the other), the quota is checked,
-the file is moved into place and the row written. A refused or failed upload leaves
-nothing behind.
+held whole in memory (through the web, the form parser writes it there itself: ``spool``);
+then, under one transaction-wide advisory lock (so that two uploads racing for the last
+megabytes are decided one after the other), the quota is checked, the file is moved into
+place and the row written. A refused or failed upload leaves nothing behind.
 
 The quota is the licensed seats times ``[attachments] per_seat_mb`` (MB = 2^20 bytes).
-It counts every attachment row not deleted; a file on a deleted record still counts
-until the record is destroyed, since the boss can bring the record back. Crossing 90%
-and 100% raises a notice to the boss (in the app, and by e-mail when SMTP is set up).
+It counts every attachment row until the row is destroyed: a deleted file, and a file on
+a deleted record, stay on disk for ``[retention] undo_days`` so the boss can bring them
+back, and the quota bounds the disk (the boss's Destroy frees their space at once).
+Crossing 90% and 100% raises a notice to the boss (in the app, and by e-mail when SMTP is
+set up).
 
-Destroying a file's last row overwrites the file with zeros before unlinking it (R-15).
+Stored files are read-only (0400). Destroying a file's last row first renames the file out
+of its hash name, then overwrites it with zeros before unlinking it (R-15).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from peewee import fn
 from appliance.config import Settings
 from appliance.errors import ApplianceError
 from appliance.files import fsync_dir
-from webapp.models import Attachment, User, database, get_state, set_state, utcnow
+from webapp.models import Attachment, CompanyProfile, User, database, get_state, set_state, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ _QUOTA_LOCK = 0x41_54_54_51  # "ATTQ"
 #: Percent levels of the quota at which the boss is told.
 NOTICE_LEVELS = (90, 100)
 _STATE_KEY = "attachments.quota_level"
+#: How shred() names a file it has moved aside to overwrite.
+_SHRED_PREFIX = ".shred-"
 #: Incoming files older than this are left-overs of a killed process and are removed.
 _STALE_INCOMING_SECONDS = 24 * 3600
 
@@ -110,7 +115,8 @@ class Incoming:
 @dataclass(frozen=True)
 class Usage:
     quota: int
-    used: int
+    used: int  # every file not yet destroyed, deleted ones included
+    deleted: int  # of which in deleted files, waiting for the retention job or the boss's Destroy
     per_seat: list[tuple[int, str, str, int]]  # (user id, e-mail, name, bytes), largest first
 
     @property
@@ -144,19 +150,23 @@ def quota_bytes(settings: Settings) -> int:
     return settings.seats.licensed * settings.attachments.per_seat_mb * MB
 
 
-def _used() -> int:
-    return int(Attachment.select(fn.COALESCE(fn.SUM(Attachment.size), 0))
-               .where(Attachment.deleted_at.is_null()).scalar())
+def _used(deleted_only: bool = False) -> int:
+    """Bytes counted against the quota: every row until it is destroyed, since its file stays
+    on disk until then."""
+    query = Attachment.select(fn.COALESCE(fn.SUM(Attachment.size), 0))
+    if deleted_only:
+        query = query.where(Attachment.deleted_at.is_null(False))
+    return int(query.scalar())
 
 
 def usage(settings: Settings) -> Usage:
     """Total use against the quota and use per seat (for the boss only)."""
     per_seat = (Attachment.select(User.id, User.email, User.name, fn.SUM(Attachment.size))
                 .join(User, on=(Attachment.owner == User.id))
-                .where(Attachment.deleted_at.is_null())
                 .group_by(User.id).order_by(fn.SUM(Attachment.size).desc(), User.email).tuples())
     rows = [(uid, email, name, int(total)) for uid, email, name, total in per_seat]
-    return Usage(quota=quota_bytes(settings), used=sum(r[3] for r in rows), per_seat=rows)
+    return Usage(quota=quota_bytes(settings), used=sum(r[3] for r in rows), deleted=_used(deleted_only=True),
+                 per_seat=rows)
 
 
 def _level(used: int, quota: int) -> int:
@@ -210,46 +220,78 @@ def check_quota(settings: Settings) -> str:
 def check_name(filename: str) -> tuple[str, str]:
     """(a safe file name to keep, its content type); refuses a type we do not take."""
     name = os.path.basename((filename or "").replace("\\", "/")).strip()
-    name = "".join(ch for ch in name if ch.isprintable() and ch not in '"<>|:*?')[:255]
-    ext = name.rpartition(".")[2].lower() if "." in name else ""
+    name = "".join(ch for ch in name if ch.isprintable() and ch not in '"<>|:*?')
+    stem, dot, ext = name.rpartition(".")
+    ext = ext.lower() if dot else ""
+    if len(name) > 255 and ext in ALLOWED_TYPES:
+        name = stem[:255 - len(ext) - 1] + name[len(stem):]  # the column's limit; keep the extension
     if not name or ext not in ALLOWED_TYPES:
         raise AttachmentError(_l("Files of this type cannot be attached. Allowed: %(types)s.",
                                  types=", ".join(sorted(ALLOWED_TYPES))))
     return name, ALLOWED_TYPES[ext][0]
 
 
+def spool(settings: Settings) -> BinaryIO:
+    """A new file in the incoming directory for the web's form parser to write an upload into,
+    instead of a temporary file in /tmp: ``receive`` then hashes it where it is and the store
+    takes it by rename, so the bytes are written once and never left outside the data
+    directory. The web request removes it at its end if it is still there."""
+    return open(_new_part(settings), "r+b")
+
+
 def receive(settings: Settings, stream: BinaryIO, max_bytes: int | None = None) -> Incoming:
-    """Copy an upload to the incoming directory in chunks, hashing it on the way.
+    """Copy an upload to the incoming directory in chunks, hashing it on the way; a file
+    ``spool`` made is only read and hashed, where it is.
 
     :raise AttachmentError: larger than ``[attachments] max_upload_mb`` (the part written is removed).
     """
     limit = max_bytes if max_bytes is not None else settings.attachments.max_upload_mb * MB
+    spooled = getattr(stream, "name", None)
+    spooled = Path(spooled) if isinstance(spooled, str) and Path(spooled).parent == incoming_dir(settings) else None
+    path = spooled or _new_part(settings)
+    try:
+        if spooled:
+            stream.flush()
+            os.fsync(stream.fileno())
+            with open(path, "rb") as data:
+                size, sha256, head = _measure(data, limit)
+        else:
+            with open(path, "wb") as out:
+                size, sha256, head = _measure(stream, limit, out)
+                out.flush()
+                os.fsync(out.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return Incoming(path=path, size=size, sha256=sha256, head=head)
+
+
+def _new_part(settings: Settings) -> Path:
+    """A new empty file, readable by the appliance only, in the incoming directory."""
     folder = incoming_dir(settings)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     _remove_stale(folder)
     path = folder / f"{secrets.token_hex(16)}.part"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return path
+
+
+def _measure(source: BinaryIO, limit: int, copy_to: BinaryIO | None = None) -> tuple[int, str, bytes]:
+    """(size, SHA-256, first bytes) of a stream read in chunks, copied to ``copy_to`` if given.
+
+    :raise AttachmentError: larger than ``limit`` bytes.
+    """
     digest, size, head = hashlib.sha256(), 0, b""
-    try:
-        with open(path, "xb") as out:
-            os.fchmod(out.fileno(), 0o600)
-            while True:
-                chunk = stream.read(CHUNK)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > limit:
-                    raise AttachmentError(_l("The file is larger than %(mb)d MB; nothing was stored.",
-                                             mb=limit // MB or 1))
-                if len(head) < 64:
-                    head += chunk[:64 - len(head)]
-                digest.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return Incoming(path=path, size=size, sha256=digest.hexdigest(), head=head)
+    while chunk := source.read(CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise AttachmentError(_l("The file is larger than %(mb)d MB; nothing was stored.", mb=limit // MB or 1))
+        if len(head) < 64:
+            head += chunk[:64 - len(head)]
+        digest.update(chunk)
+        if copy_to is not None:
+            copy_to.write(chunk)
+    return size, digest.hexdigest(), head
 
 
 def _check_content(name: str, head: bytes) -> None:
@@ -287,9 +329,11 @@ def attach(settings: Settings, actor: User | str, owner: User, parent_type: str,
             if used + incoming.size > quota:
                 free = max(0, quota - used)
                 if is_boss:
+                    size, left = _sizes_apart(incoming.size, free)
                     message = _l("The file (%(size)s) does not fit: %(free)s of %(quota)s attachment space is "
-                                 "left. Delete files or add seats to the licence.",
-                                 size=_size(incoming.size), free=_size(free), quota=_size(quota))
+                                 "left. Deleted files count until they are destroyed: Administration → Deleted "
+                                 "items → Destroy frees their space at once. Or add seats to the licence.",
+                                 size=size, free=left, quota=_size(quota))
                 else:
                     message = _l("There is not enough attachment space left for this file; nothing was stored. "
                                  "Ask your administrator.")
@@ -297,6 +341,7 @@ def attach(settings: Settings, actor: User | str, owner: User, parent_type: str,
             target = blob_path(settings, incoming.sha256)
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.chmod(incoming.path, 0o400)  # never changed once stored; shred() alone opens it to write
                 os.replace(incoming.path, target)
                 placed = target
                 fsync_dir(target.parent)
@@ -328,7 +373,8 @@ def open_file(settings: Settings, row: Attachment) -> Path:
 # ----------------------------------------------------------------------------- delete, undo, destroy
 
 def soft_delete(actor: User | str, row: Attachment) -> None:
-    """Hide a file; the boss can undo it until the retention job destroys it."""
+    """Hide a file; the boss can undo it until the retention job destroys it, and until then
+    it still counts against the quota (its bytes are still on disk)."""
     from webapp import audit
 
     with database.atomic():
@@ -339,25 +385,24 @@ def soft_delete(actor: User | str, row: Attachment) -> None:
 
 
 def undelete(settings: Settings, actor: User | str, row: Attachment) -> None:
-    """Bring a deleted file back, if it still fits in the quota.
+    """Bring a deleted file back. No quota check: a deleted file still counts against the
+    quota (its bytes are still on disk), so bringing it back takes no new space.
 
-    :raise QuotaExceeded: the space it used has been taken since.
+    :raise AttachmentError: a licence scan of a company profile certified since (R-11).
     """
     from webapp import audit
 
     with database.atomic():
-        database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_QUOTA_LOCK,))
-        quota, used = quota_bytes(settings), _used()
-        if used + row.size > quota:
-            raise QuotaExceeded(_l("%(name)s (%(size)s) no longer fits in the attachment space (%(free)s left).",
-                                   name=row.filename, size=_size(row.size), free=_size(max(0, quota - used))),
-                                size=row.size, free=max(0, quota - used))
+        if row.parent_type == "company":
+            # Locked like the company pages lock it, so a certification cannot slip in between.
+            profile = CompanyProfile.select().where(CompanyProfile.id == row.parent_id).for_update().first()
+            if profile is not None and profile.certified_at is not None:
+                raise AttachmentError(_l("The company is certified: a business licence scan deleted before "
+                                         "cannot be brought back."))
         row.deleted_at = None
         row.save()
         audit.write_row(actor, "attachment", row.id, "restore",
                         {"parent": [None, f"{row.parent_type}:{row.parent_id}"], "filename": [None, row.filename]})
-        message = _new_level(settings, used + row.size, quota)
-    _tell_boss(settings, message)
 
 
 def destroy_rows(rows: Iterable[Attachment]) -> set[str]:
@@ -379,27 +424,38 @@ def shred_unnamed(settings: Settings, hashes: Iterable[str] | None = None) -> in
         database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_QUOTA_LOCK,))
         if hashes is None:
             root = store_dir(settings)
-            candidates = {p.name for p in root.glob("??/*") if p.is_file()} if root.exists() else set()
+            found = [p for p in root.glob("??/*") if p.is_file()] if root.exists() else []
+            # A shred killed after its rename left its file aside: finish it.
+            leftovers = sum(1 for p in found if p.name.startswith(_SHRED_PREFIX) and shred(p))
+            candidates = {p.name for p in found if not p.name.startswith(".")}
         else:
+            leftovers = 0
             candidates = set(hashes)
         named = set()
         listed = sorted(candidates)
         for start in range(0, len(listed), 5000):
             named |= {sha for (sha,) in Attachment.select(Attachment.sha256)
                       .where(Attachment.sha256.in_(listed[start:start + 5000])).tuples()}
-        return sum(1 for sha in sorted(candidates - named) if shred(blob_path(settings, sha)))
+        return leftovers + sum(1 for sha in sorted(candidates - named) if shred(blob_path(settings, sha)))
 
 
 def shred(path: Path) -> bool:
     """Overwrite a file with zeros, flush it to disk, unlink it; False when it was not there.
 
-    On a copy-on-write or journalling-data file system the old blocks may survive the
-    overwrite; docs/data.md says so, and what encrypting the disk adds.
+    The file is first renamed aside (a unique name in its directory, starting with a dot so
+    backups skip it): killed half way, it never sits half-zeroed under its hash name, where
+    an upload of the same content would take it for the stored copy. The retention sweep
+    finishes such a left-over. On a copy-on-write or journalling-data file system the old
+    blocks may survive the overwrite; docs/data.md says so, and what encrypting the disk adds.
     """
+    aside = path.with_name(f"{_SHRED_PREFIX}{secrets.token_hex(8)}")
     try:
-        fd = os.open(path, os.O_WRONLY)
+        os.rename(path, aside)
     except FileNotFoundError:
         return False
+    fsync_dir(path.parent)
+    os.chmod(aside, 0o600)  # stored files are read-only
+    fd = os.open(aside, os.O_WRONLY)
     try:
         remaining = os.fstat(fd).st_size
         zeros = bytes(CHUNK)
@@ -408,7 +464,7 @@ def shred(path: Path) -> bool:
         os.fsync(fd)
     finally:
         os.close(fd)
-    path.unlink()
+    aside.unlink()
     fsync_dir(path.parent)
     return True
 
@@ -438,6 +494,13 @@ def _remove_stale(folder: Path) -> None:
         except FileNotFoundError:
             pass
 
+
+
+def _sizes_apart(size: int, free: int) -> tuple[str, str]:
+    """Two sizes as people read them, or in bytes when rounding would show them alike (a file
+    refused for one byte must not read "the file (1 MB) does not fit: 1 MB is left")."""
+    shown = _size(size), _size(free)
+    return shown if shown[0] != shown[1] else (f"{size:,} B", f"{free:,} B")
 
 
 def _size(n: int) -> str:

@@ -59,7 +59,11 @@ def test_certification_locks_the_licence_fields_and_audits_attempts(clean_store,
     assert company.licence_files() == []
     assert _upload_licence(b).status_code == 302
     [scan] = company.licence_files()
-    assert b.get(f"/admin/company/licence/{scan.id}").data == PDF
+    got = b.get(f"/admin/company/licence/{scan.id}")
+    assert got.data == PDF and got.headers["Content-Type"] == "application/pdf"
+    assert got.headers["Content-Disposition"].startswith("attachment;") and got.headers["Cache-Control"] == "no-store"
+    assert got.headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
+    assert got.headers["X-Content-Type-Options"] == "nosniff"
     b.post("/admin/company/certify", token_from="/admin/company")
     profile = CompanyProfile.get_by_id(1)
     assert profile.certified_at is not None and profile.certified_by == "boss@corp.cn"
@@ -75,8 +79,53 @@ def test_certification_locks_the_licence_fields_and_audits_attempts(clean_store,
     refused = AuditLog.get(AuditLog.entity == "company", AuditLog.action == "refused")
     assert refused.changes == {"name": ["华信科技有限公司", "Other Ltd"],
                                "address": ["上海市浦东新区世纪大道 100 号", "elsewhere"]}
+    # Replacing the scan is refused too, and audited with the file asked for.
     assert _upload_licence(b, "new.pdf").status_code == 302
     assert [f.filename for f in company.licence_files()] == ["licence.pdf"]
+    assert "the business licence cannot be replaced" in b.get("/admin/company").get_data(as_text=True)
+    [replace] = AuditLog.select().where(AuditLog.entity == "company", AuditLog.action == "refused",
+                                        AuditLog.id > refused.id)
+    assert replace.changes == {"licence": ["licence.pdf", "new.pdf"]} and replace.actor == "boss@corp.cn"
+    assert list(store.incoming_dir(clean_store).glob("*")) == []  # the refused upload left nothing
+
+
+def test_a_wrong_scan_can_be_removed_until_certification(clean_store, make_seat, browser_for):
+    from appliance import lifecycle
+    from webapp import audit
+    from webapp.models import Account, Attachment
+
+    boss = make_seat("boss@corp.cn", role="boss")
+    b = browser_for(boss)
+    _fill(b)
+    _upload_licence(b, "wrong.pdf", PDF + b" of another company")
+    [wrong] = company.licence_files()
+    resp = b.post(f"/admin/company/licence/{wrong.id}/delete", token_from="/admin/company")
+    assert resp.status_code == 302 and company.licence_files() == []
+    assert "wrong.pdf deleted." in b.get("/admin/company").get_data(as_text=True)
+    assert Attachment.get_by_id(wrong.id).deleted_at is not None  # in Deleted items, like any file
+    assert AuditLog.get(AuditLog.entity == "attachment", AuditLog.record_id == wrong.id).action == "create"
+    assert AuditLog.select().where(AuditLog.entity == "attachment", AuditLog.action == "delete").count() == 1
+    # Only company files go through this route: an account's file answers 404 and stays.
+    acc = audit.create(boss.user, Account, {"name": "A"})
+    other = store.attach(clean_store, boss.user, boss.user, "account", acc.id, "a.pdf",
+                         store.receive(clean_store, io.BytesIO(PDF)))
+    assert b.post(f"/admin/company/licence/{other.id}/delete", token_from="/admin/company").status_code == 404
+    assert Attachment.get_by_id(other.id).deleted_at is None
+
+    _upload_licence(b)
+    [scan] = company.licence_files()
+    b.post("/admin/company/certify", token_from="/admin/company")
+    assert CompanyProfile.get_by_id(1).certified_at is not None
+    assert 'licence/%d/delete' % scan.id not in b.get("/admin/company").get_data(as_text=True)
+    # Certified: removing is refused and audited, and the scan deleted before cannot come back.
+    resp = b.post(f"/admin/company/licence/{scan.id}/delete", token_from="/admin/company")
+    assert resp.status_code == 302 and [f.id for f in company.licence_files()] == [scan.id]
+    assert "the business licence scan cannot be removed" in b.get("/admin/company").get_data(as_text=True)
+    refused = AuditLog.get(AuditLog.entity == "company", AuditLog.action == "refused")
+    assert refused.changes == {"licence": ["licence.pdf", None]}
+    with pytest.raises(lifecycle.LifecycleError, match="cannot be brought back"):
+        lifecycle.undo(clean_store, boss.user, "attachment", wrong.id)
+    assert Attachment.get_by_id(wrong.id).deleted_at is not None
 
 
 def test_a_mistyped_credit_code_is_a_field_error(clean_store, make_seat, browser_for):
@@ -92,8 +141,8 @@ def test_only_the_boss_reaches_the_company_and_announcement_pages(clean_store, m
     b = browser_for(make_seat("m@corp.cn", role="manager"))
     for path in ("/admin/company", "/admin/announcements", "/admin/company/licence/1"):
         assert b.get(path).status_code == 404, path
-    for path in ("/admin/company", "/admin/company/certify", "/admin/company/licence", "/admin/announcements",
-                 "/admin/announcements/1/withdraw"):
+    for path in ("/admin/company", "/admin/company/certify", "/admin/company/licence", "/admin/company/licence/1/delete",
+                 "/admin/announcements", "/admin/announcements/1/withdraw"):
         assert b.post(path).status_code == 404, path
     assert CompanyProfile.select().count() == 0
 
@@ -177,3 +226,50 @@ def test_customer_it_announces_from_the_command_line(clean_store, db, tmp_path):
                                      "--to", "2026-12-05 20:00"])
     assert backwards.exit_code == 1 and "The end must be after the start." in backwards.output
     assert Announcement.select().count() == 1
+
+
+def test_a_save_that_read_the_profile_before_a_certification_cannot_undo_it(clean_store, make_seat, migrated_db,
+                                                                            monkeypatch):
+    """The save pauses inside its transaction, after reading the profile, while the
+    certification runs: without the row lock the save would write certified_at back to NULL."""
+    import threading
+    import time
+
+    boss = make_seat("boss@corp.cn", role="boss")
+    company.save_profile(boss.user, {"name": "华信科技有限公司", "registration_number": REAL_CODES[0],
+                                     "legal_representative": "王伟", "address": "上海市浦东新区世纪大道 100 号"})
+    store.attach(clean_store, boss.user, boss.user, "company", company.PROFILE_ID, "licence.pdf",
+                 store.receive(clean_store, io.BytesIO(PDF)), is_boss=True)
+    save_has_read, certify_done, outcomes = threading.Event(), threading.Event(), {}
+    real_utcnow = company.utcnow
+
+    def pausing_utcnow():
+        # The save calls it after reading the row and before writing it.
+        if threading.current_thread().name == "save" and not save_has_read.is_set():
+            save_has_read.set()
+            certify_done.wait(2)  # with the lock the certification waits for the save instead
+            time.sleep(0.2)
+        return real_utcnow()
+
+    monkeypatch.setattr(company, "utcnow", pausing_utcnow)
+
+    def run(name, work):
+        with migrated_db.connection_context():
+            try:
+                outcomes[name] = work()
+            finally:
+                if name == "certify":
+                    certify_done.set()
+
+    save = threading.Thread(target=run, name="save",
+                            args=("save", lambda: company.save_profile(boss.user, {"phone": "021-0000 0000"})))
+    certify = threading.Thread(target=run, name="certify", args=("certify", lambda: company.certify_profile(boss.user)))
+    save.start()
+    assert save_has_read.wait(10)
+    certify.start()
+    save.join()
+    certify.join()
+    assert outcomes == {"save": ({"phone": ["", "021-0000 0000"]}, []), "certify": []}
+    record = CompanyProfile.get_by_id(company.PROFILE_ID)
+    assert record.certified_at is not None and record.certified_by == "boss@corp.cn"
+    assert record.phone == "021-0000 0000"

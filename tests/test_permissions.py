@@ -318,7 +318,8 @@ COVERED = {
     "/admin/quota": "admin",
     # Company profile and announcements: boss only, tested in test_company.py (404 for a manager).
     "/admin/company": "admin", "/admin/company/licence": "admin", "/admin/company/licence/<int:attachment_id>": "admin",
-    "/admin/company/certify": "admin", "/admin/announcements": "admin",
+    "/admin/company/licence/<int:attachment_id>/delete": "admin", "/admin/company/certify": "admin",
+    "/admin/announcements": "admin",
     "/admin/announcements/<int:announcement_id>/withdraw": "admin",
     "/attachments/<entity>/<int:record_id>": "attachments", "/attachments/<int:attachment_id>": "attachments",
     "/attachments/<int:attachment_id>/delete": "attachments",

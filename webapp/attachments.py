@@ -8,7 +8,10 @@ only the boss is told the figures (R-9), everyone else whether the file fits.
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, current_app, flash, g, redirect, request, send_file, url_for
+from pathlib import Path
+
+from flask import (Blueprint, Request, abort, current_app, flash, g, redirect, render_template, request, send_file,
+                   url_for)
 from flask_babel import gettext as _
 
 from appliance import attachments as store
@@ -18,6 +21,32 @@ from webapp.models import Attachment, User
 from webapp.prepared import Prepared
 
 bp = Blueprint("attachments", __name__, url_prefix="/attachments")
+
+
+class UploadRequest(Request):
+    """Uploaded files go to ``<data_dir>/incoming`` (appliance.attachments.spool), not to
+    Werkzeug's temporary files in /tmp: written once, on the store's file system, taken into
+    the store by rename. What the request did not store is removed when it ends."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._spooled: list[Path] = []
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        part = store.spool(_settings())
+        self._spooled.append(Path(part.name))
+        return part
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            for path in self._spooled:
+                path.unlink(missing_ok=True)  # gone already when the store took it
+
+
+# Every upload of the app goes through it (attachments, the licence scan, imports).
+bp.record_once(lambda state: setattr(state.app, "request_class", UploadRequest))
 
 
 def _settings():
@@ -56,6 +85,17 @@ def _attachment_and_parent(attachment_id: int, action: str = "read"):
     return row, permissions.parent_or_404(g.user, row.parent_type, row.parent_id, action)
 
 
+def too_large(_exc):
+    """A request over MAX_CONTENT_LENGTH (``[attachments] max_upload_mb`` plus room for the
+    form) is stopped before it is read: say the limit, as for a file refused while it arrives."""
+    return render_template("error.html", code=413, title=_("Too large"),
+                           message=_("The file is larger than %(mb)d MB; nothing was stored.",
+                                     mb=_settings().attachments.max_upload_mb)), 413
+
+
+bp.register_error_handler(413, too_large)
+
+
 @bp.route("/<entity>/<int:record_id>", methods=["POST"])
 def upload(entity: str, record_id: int):
     """:raise 404: the record is not visible. :raise 403: visible, not editable."""
@@ -78,8 +118,16 @@ def upload(entity: str, record_id: int):
 
 @bp.route("/<int:attachment_id>")
 def download(attachment_id: int):
-    """The file, always as a download (never shown inline), with the type its name was checked for."""
     row, _parent = _attachment_and_parent(attachment_id)
+    return send_stored(row)
+
+
+def send_stored(row: Attachment):
+    """A stored file, always as a download (never shown inline), with the type its name was
+    checked for: for attachments and the company's licence scan alike.
+
+    :raise 404: the file is missing from the store (the message says to restore it).
+    """
     try:
         path = store.open_file(_settings(), row)
     except store.AttachmentError as exc:
@@ -87,8 +135,10 @@ def download(attachment_id: int):
     response = send_file(path, mimetype=row.content_type, as_attachment=True, download_name=row.filename,
                          conditional=True, etag=row.sha256)
     response.headers["Cache-Control"] = "no-store"  # customer data: not kept by browsers or proxies
-    # Opened from the disk by mistake, the file still cannot run script in the CRM's name.
+    # Opened from the disk by mistake, the file still cannot run script in the CRM's name;
+    # and no browser guesses another type than the one checked.
     response.headers["Content-Security-Policy"] = "sandbox; default-src 'none'"
+    response.headers["X-Content-Type-Options"] = "nosniff"
     return response
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 import zoneinfo
 
-from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, send_file, url_for
+from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 from flask_babel import to_utc
 from flask_wtf import FlaskForm
@@ -28,10 +28,12 @@ from wtforms.validators import DataRequired, Length, Optional, ValidationError
 from appliance import attachments as store
 from appliance.errors import ApplianceError
 from webapp import audit, permissions
+from webapp.attachments import send_stored, too_large
 from webapp.i18n import lazy_gettext as _l
 from webapp.models import Announcement, Attachment, CompanyProfile, User, database, utcnow
 
 bp = Blueprint("company", __name__, url_prefix="/admin")
+bp.register_error_handler(413, too_large)  # a licence scan over the upload limit
 log = logging.getLogger(__name__)
 
 #: The fields printed on the business licence: locked once certified.
@@ -42,6 +44,10 @@ PROFILE_ID = 1
 
 class AnnouncementError(ApplianceError):
     """An announcement cannot be posted as given."""
+
+
+class CertifiedError(ApplianceError):
+    """A change to what certification locks (the licence scan) is refused; the attempt is audited."""
 
 
 @bp.before_request
@@ -108,13 +114,21 @@ def licence_files() -> list[Attachment]:
                                           Attachment.deleted_at.is_null()).order_by(Attachment.id.desc()))
 
 
+def _locked_profile() -> CompanyProfile:
+    """The profile row, locked (FOR UPDATE) until the caller's transaction ends, and created
+    empty if there is none yet: a save, a certification and a change of the licence scan are
+    decided one after the other, each on the row as the one before left it."""
+    CompanyProfile.insert(id=PROFILE_ID).on_conflict_ignore().execute()
+    return CompanyProfile.select().where(CompanyProfile.id == PROFILE_ID).for_update().get()
+
+
 def save_profile(actor: User, values: dict) -> tuple[dict, list[str]]:
     """Apply the changes allowed: returns (changes made, certified fields whose change was refused).
 
     A refused change is audited as such, with the value that was asked for.
     """
     with database.atomic():
-        record = profile()
+        record = _locked_profile()
         locked = record.certified_at is not None
         changes, refused = {}, []
         for name, value in values.items():
@@ -128,10 +142,7 @@ def save_profile(actor: User, values: dict) -> tuple[dict, list[str]]:
             setattr(record, name, value)
         if changes:
             record.updated_at = utcnow()
-            if CompanyProfile.get_or_none(CompanyProfile.id == PROFILE_ID) is None:
-                record.save(force_insert=True)
-            else:
-                record.save()
+            record.save()
             audit.write_row(actor, "company", PROFILE_ID, "update", changes)
         if refused:
             audit.write_row(actor, "company", PROFILE_ID, "refused",
@@ -170,26 +181,67 @@ def _missing_for_certification(record: CompanyProfile) -> list[str]:
     return missing
 
 
+def add_licence_scan(settings, actor: User, filename: str, stream) -> Attachment:
+    """Keep an uploaded scan of the business licence on the profile, unless it is certified.
+
+    :raise CertifiedError: certified (the attempt is audited, nothing is stored).
+    :raise AttachmentError: type or quota refused.
+    """
+    incoming = store.receive(settings, stream)  # before the row lock: an upload may take a while
+    try:
+        with database.atomic():
+            record = _locked_profile()
+            if record.certified_at is None:
+                return store.attach(settings, actor, actor, "company", PROFILE_ID, filename, incoming,
+                                    is_boss=True)
+            audit.write_row(actor, "company", PROFILE_ID, "refused",
+                            {"licence": [_scan_names(), filename[:255]]})
+    finally:
+        incoming.path.unlink(missing_ok=True)  # attach() consumed it, or it was refused
+    raise CertifiedError(_l("The company is certified: the business licence cannot be replaced. The attempt "
+                            "was recorded in the audit log."))
+
+
+def remove_licence_scan(actor: User, row: Attachment) -> None:
+    """Delete a wrongly uploaded scan (to Deleted items, like any file), unless certified.
+
+    :raise CertifiedError: certified (the attempt is audited, the scan stays).
+    """
+    with database.atomic():
+        if _locked_profile().certified_at is None:
+            store.soft_delete(actor, row)
+            return
+        audit.write_row(actor, "company", PROFILE_ID, "refused", {"licence": [_scan_names(), None]})
+    raise CertifiedError(_l("The company is certified: the business licence scan cannot be removed. The attempt "
+                            "was recorded in the audit log."))
+
+
+def _scan_names() -> str:
+    return ", ".join(f.filename for f in licence_files())
+
+
+def _licence_file_or_404(attachment_id: int) -> Attachment:
+    if not permissions.valid_id(attachment_id):
+        abort(404)
+    row = Attachment.get_or_none(Attachment.id == attachment_id, Attachment.parent_type == "company",
+                                 Attachment.deleted_at.is_null())
+    if row is None:
+        abort(404)
+    return row
+
+
 @bp.route("/company/licence", methods=["POST"])
 def upload_licence():
     """The scan of the business licence: PDF or an image, kept as an attachment on the profile."""
-    record = profile()
     upload = request.files.get("file")
-    if record.certified_at is not None:
-        flash(_("The company is certified: the business licence cannot be replaced."), "error")
-    elif upload is None or not upload.filename:
+    if upload is None or not upload.filename:
         flash(_("Choose a file to attach."), "error")
     elif upload.filename.rpartition(".")[2].lower() not in LICENCE_TYPES:
         flash(_("The business licence must be a PDF, PNG or JPEG file."), "error")
     else:
-        settings = _settings()
         try:
-            if CompanyProfile.get_or_none(CompanyProfile.id == PROFILE_ID) is None:
-                record.save(force_insert=True)
-            incoming = store.receive(settings, upload.stream)
-            row = store.attach(settings, g.user, g.user, "company", PROFILE_ID, upload.filename, incoming,
-                               is_boss=True)
-        except store.AttachmentError as exc:
+            row = add_licence_scan(_settings(), g.user, upload.filename, upload.stream)
+        except ApplianceError as exc:  # certified, or the type or quota refused
             flash(str(exc), "error")
         else:
             flash(_("%(name)s attached.", name=row.filename), "success")
@@ -198,36 +250,44 @@ def upload_licence():
 
 @bp.route("/company/licence/<int:attachment_id>")
 def licence_file(attachment_id: int):
-    if not permissions.valid_id(attachment_id):
-        abort(404)
-    row = Attachment.get_or_none(Attachment.id == attachment_id, Attachment.parent_type == "company",
-                                 Attachment.deleted_at.is_null())
-    if row is None:
-        abort(404)
+    return send_stored(_licence_file_or_404(attachment_id))
+
+
+@bp.route("/company/licence/<int:attachment_id>/delete", methods=["POST"])
+def delete_licence_file(attachment_id: int):
+    row = _licence_file_or_404(attachment_id)
     try:
-        path = store.open_file(_settings(), row)
-    except store.AttachmentError as exc:
-        abort(404, str(exc))
-    response = send_file(path, mimetype=row.content_type, as_attachment=True, download_name=row.filename)
-    response.headers["Cache-Control"] = "no-store"
-    return response
+        remove_licence_scan(g.user, row)
+    except CertifiedError as exc:
+        flash(str(exc), "error")
+    else:
+        flash(_("%(name)s deleted.", name=row.filename), "success")
+    return redirect(url_for("company.company"))
+
+
+def certify_profile(actor: User) -> list[str]:
+    """Mark the profile certified, unless it already is; returns what is still missing
+    (nothing: certified). Decided on the locked row, so a save that read the profile before
+    cannot write the certification back out."""
+    with database.atomic():
+        record = _locked_profile()
+        missing = _missing_for_certification(record)
+        if record.certified_at is None and not missing:
+            record.certified_at, record.certified_by = utcnow(), actor.email
+            record.save()
+            audit.write_row(actor, "company", PROFILE_ID, "certify",
+                            {n: [None, getattr(record, n)] for n in CERTIFIED_FIELDS})
+    return missing
 
 
 @bp.route("/company/certify", methods=["POST"])
 def certify():
     """Mark the profile certified: from then on the licence fields are locked (R-11)."""
-    record = profile()
-    missing = _missing_for_certification(record)
-    if record.certified_at is not None:
+    if profile().certified_at is not None:
         flash(_("The company is already certified."), "success")
-    elif missing:
+    elif missing := certify_profile(g.user):
         flash(_("Fill in %(fields)s before certifying.", fields=", ".join(missing)), "error")
     else:
-        with database.atomic():
-            record.certified_at, record.certified_by = utcnow(), g.user.email
-            record.save()
-            audit.write_row(g.user, "company", PROFILE_ID, "certify",
-                            {n: [None, getattr(record, n)] for n in CERTIFIED_FIELDS})
         flash(_("The company is certified; its licence details are now locked."), "success")
     return redirect(url_for("company.company"))
 

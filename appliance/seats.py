@@ -187,29 +187,45 @@ def _decode(data: bytes, source: str) -> str:
     raise SeatError(_l("%(source)s is neither UTF-8 nor GBK text; save it as CSV (UTF-8)", source=source))
 
 
-def read_seat_rows(data: bytes, source: str) -> list[SeatRow]:
-    """The seats in a CSV file with a header row: email, name, role and optionally team."""
+def _csv_lines(data: bytes, source: str) -> list[tuple[int, list[str]]]:
+    """The non-empty rows of a CSV file (or of cells pasted from a spreadsheet), each with its
+    line number in the file, so that messages name the line an editor shows."""
     import csv
     import io
 
     text = _decode(data, source)
     # Cells copied from a spreadsheet arrive separated by tabs.
     dialect = "excel-tab" if "\t" in text.split("\n", 1)[0] else "excel"
-    rows = list(csv.reader(io.StringIO(text), dialect=dialect))
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
-    if not rows:
-        raise SeatError(_l("%(source)s is empty; expected a header row: email,name,role,team", source=source))
-    columns = {}
-    for index, header in enumerate(rows[0]):
+    reader = csv.reader(io.StringIO(text), dialect=dialect)
+    rows = []
+    for row in reader:
+        if any(cell.strip() for cell in row):
+            rows.append((reader.line_num, row))
+    return rows
+
+
+def _header_columns(row: list[str]) -> dict[str, int]:
+    """{column: index} for the known headers in ``row`` (empty if it is not a header row)."""
+    columns: dict[str, int] = {}
+    for index, header in enumerate(row):
         key = _HEADERS.get(header.strip().lower())
         if key and key not in columns:
             columns[key] = index
+    return columns
+
+
+def read_seat_rows(data: bytes, source: str) -> list[SeatRow]:
+    """The seats in a CSV file with a header row: email, name, role and optionally team."""
+    rows = _csv_lines(data, source)
+    if not rows:
+        raise SeatError(_l("%(source)s is empty; expected a header row: email,name,role,team", source=source))
+    columns = _header_columns(rows[0][1])
     missing = [c for c in ("email", "name", "role") if c not in columns]
     if missing:
         raise SeatError(_l("%(source)s: the header row lacks %(missing)s; expected email,name,role,team "
                            "(or 邮箱,姓名,角色,团队)", source=source, missing=", ".join(missing)))
     seats = []
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in rows[1:]:
         cell = lambda key: row[columns[key]].strip() if key in columns and columns[key] < len(row) else ""  # noqa: E731
         seats.append(SeatRow(line, cell("email"), cell("name"), cell("role"), cell("team") or None))
     if not seats:
@@ -218,6 +234,40 @@ def read_seat_rows(data: bytes, source: str) -> list[SeatRow]:
         raise SeatError(_l("%(source)s holds %(n)d seats; one operation adds at most %(max)d: split the file",
                            source=source, n=len(seats), max=MAX_BULK))
     return seats
+
+
+def read_seat_emails(data: bytes, source: str) -> dict[str, int]:
+    """The e-mails in a file naming seats to disable or remove: one per line, or the e-mail
+    column of a CSV file (its first column, or the one its optional header row names).
+
+    Returns {e-mail: line}. Every other non-empty line is refused by number, so that a typo
+    cannot leave a seat active unnoticed.
+    """
+    rows = _csv_lines(data, source)
+    if not rows:
+        raise SeatError(_l("%(source)s names no seat; expected one e-mail per line", source=source))
+    column = _header_columns(rows[0][1]).get("email")
+    if column is not None:
+        rows = rows[1:]
+    found: dict[str, int] = {}
+    problems = []
+    for line, row in rows:
+        cell = row[column or 0].strip() if (column or 0) < len(row) else ""
+        try:
+            found.setdefault(normalise_email(cell), line)
+        except SeatError as exc:
+            problems.append((line, str(exc)))
+    if problems:
+        raise SeatError(_l("nothing was changed: %(n)d lines of %(source)s are wrong: %(shown)s", n=len(problems),
+                           source=source, shown=_shown(problems)))
+    if not found:
+        raise SeatError(_l("%(source)s names no seat; expected one e-mail per line", source=source))
+    return found
+
+
+def _shown(problems: list[tuple[int, str]]) -> str:
+    """The first 20 (line, problem) pairs, for a message."""
+    return "; ".join(str(_l("line %(line)d: %(problem)s", line=line, problem=text)) for line, text in problems[:20])
 
 
 def _lock_seat_count() -> None:
@@ -259,9 +309,8 @@ def add_seats(settings: Settings, rows: list[SeatRow]) -> list[NewSeat]:
             problems.sort()
             if len(rows) == 1:
                 raise SeatError(problems[0][1])
-            shown = "; ".join(str(_l("line %(line)d: %(problem)s", line=line, problem=text))
-                              for line, text in problems[:20])
-            raise SeatError(_l("no seat was added: %(n)d lines are wrong: %(shown)s", n=len(problems), shown=shown))
+            raise SeatError(_l("no seat was added: %(n)d lines are wrong: %(shown)s", n=len(problems),
+                               shown=_shown(problems)))
         taken = in_use()
         free = settings.seats.licensed - taken
         if len(clean) > free:
@@ -281,8 +330,9 @@ def add_seats(settings: Settings, rows: list[SeatRow]) -> list[NewSeat]:
     return created
 
 
-def find_seats(emails: list[str]) -> list[User]:
-    """The seats with these e-mails, in the given order; SeatError naming any that is unknown."""
+def find_seats(emails: list[str], lines: dict[str, int] | None = None) -> list[User]:
+    """The seats with these e-mails, in the given order; SeatError naming any that is unknown
+    (with its line in the file, if ``lines`` maps e-mails to lines)."""
     wanted = [normalise_email(e) for e in emails]
     if not wanted:
         raise SeatError(_l("name at least one seat by its e-mail"))
@@ -292,6 +342,8 @@ def find_seats(emails: list[str]) -> list[User]:
     found = {u.email: u for u in User.select().where(User.email.in_(wanted))}
     unknown = [e for e in wanted if e not in found]
     if unknown:
+        lines = lines or {}
+        unknown = [str(_l("%(email)s (line %(line)d)", email=e, line=lines[e])) if e in lines else e for e in unknown]
         raise SeatError(_l("no seat has the e-mail %(emails)s; nothing was changed", emails=", ".join(unknown)))
     return [found[e] for e in dict.fromkeys(wanted)]
 

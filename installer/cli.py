@@ -185,25 +185,28 @@ def seats_add(ctx: Context, email, name, role, team, seats_file, as_json) -> Non
                    f"in use: {seats_lib.in_use()} of {ctx.settings.seats.licensed} licensed.")
 
 
-def _emails(emails: tuple[str, ...], emails_file: Path | None) -> list[str]:
-    found = list(emails)
+def _emails(emails: tuple[str, ...], emails_file: Path | None) -> tuple[list[str], dict[str, int]]:
+    """The e-mails named as arguments and in --file, and {e-mail: line} for those in the file."""
+    from appliance import seats as seats_lib
+
+    lines: dict[str, int] = {}
     if emails_file:
         try:
-            text = emails_file.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise click.BadParameter(f"{emails_file}: {getattr(exc, 'strerror', None) or exc}",
-                                     param_hint="--file") from None
-        found += [line.split(",")[0].strip() for line in text.splitlines()
-                  if line.strip() and "@" in line.split(",")[0]]
+            data = emails_file.read_bytes()
+        except OSError as exc:
+            raise click.BadParameter(f"{emails_file}: {exc.strerror}", param_hint="--file") from None
+        lines = seats_lib.read_seat_emails(data, str(emails_file))
+    found = list(emails) + list(lines)
     if not found:
         raise click.UsageError("name the seats: e-mails as arguments, or --file with one e-mail per line")
-    return found
+    return found, lines
 
 
 @seats.command("disable")
 @click.argument("emails", nargs=-1)
 @click.option("--file", "emails_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="One e-mail per line (or a CSV whose first column is the e-mail).")
+              help="One e-mail per line, or a CSV whose first column (or the one headed email or 邮箱) "
+                   "is the e-mail; UTF-8 or GBK. A line that is not an e-mail stops the command.")
 @click.option("--reason", default="disabled by customer IT", show_default=True, help="Kept with the seat.")
 @pass_ctx
 @handle_errors
@@ -214,7 +217,7 @@ def seats_disable(ctx: Context, emails, emails_file, reason) -> None:
     from webapp import audit
 
     with ctx.database().connection_context():
-        users = seats_lib.find_seats(_emails(emails, emails_file))
+        users = seats_lib.find_seats(*_emails(emails, emails_file))
         changed = seats_lib.disable_seats(users, reason)
         for user in changed:
             audit.write_row(f"cli:{_os_user()}", "user", user.id, "suspend", {"active": [True, False]})
@@ -226,7 +229,8 @@ def seats_disable(ctx: Context, emails, emails_file, reason) -> None:
 @seats.command("remove")
 @click.argument("emails", nargs=-1)
 @click.option("--file", "emails_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="One e-mail per line (or a CSV whose first column is the e-mail).")
+              help="One e-mail per line, or a CSV whose first column (or the one headed email or 邮箱) "
+                   "is the e-mail; UTF-8 or GBK. A line that is not an e-mail stops the command.")
 @click.option("--reassign-to", "heir_email", required=True, help="The active seat that takes over their records.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_ctx
@@ -237,7 +241,7 @@ def seats_remove(ctx: Context, emails, emails_file, heir_email, yes) -> None:
     from appliance import seats as seats_lib
 
     with ctx.database().connection_context():
-        users = seats_lib.find_seats(_emails(emails, emails_file))
+        users = seats_lib.find_seats(*_emails(emails, emails_file))
         heir = seats_lib.find_seats([heir_email])[0]
         if not yes:
             click.confirm(f"Remove {len(users)} seats and hand their records to {heir.email}?", abort=True)

@@ -3,6 +3,7 @@ with the records handed over. Real PostgreSQL; the CLI through Click's runner.""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -43,6 +44,49 @@ def test_a_seats_file_in_utf8_with_bom_gbk_and_chinese_headers_reads_the_same():
 def test_a_bad_seats_file_is_refused_with_what_is_wrong(data, message):
     with pytest.raises(SeatError, match="^" + message.replace("(", r"\(")):
         seats.read_seat_rows(data, "seats.csv")
+
+
+def test_a_file_of_seats_to_disable_reads_every_line_as_an_e_mail():
+    plain = "a@corp.cn\n\nB@Corp.cn\n"
+    assert seats.read_seat_emails(plain.encode("gbk"), "f.txt") == {"a@corp.cn": 1, "b@corp.cn": 3}
+    # The seats file that added them works too: the header names the e-mail column.
+    added = "姓名,邮箱,角色\n王伟,wang.wei@corp.cn,agent\n"
+    for data in (added.encode("utf-8"), b"\xef\xbb\xbf" + added.encode("utf-8"), added.encode("gbk")):
+        assert seats.read_seat_emails(data, "f.csv") == {"wang.wei@corp.cn": 2}
+    assert seats.read_seat_emails(b"email\tname\nx@corp.cn\tX\n", "f.csv") == {"x@corp.cn": 2}
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"a@corp.cn\nbob.corp.cn\nc@corp.cn\nbob at corp\n",
+     "nothing was changed: 2 lines of f.txt are wrong: line 2: 'bob.corp.cn' is not an e-mail address; "
+     "line 4: 'bob at corp' is not an e-mail address"),
+    (b"email,name\n,Nobody\n", "nothing was changed: 1 lines of f.txt are wrong: line 2: '' is not an e-mail"),
+    (b"\n \n", "f.txt names no seat; expected one e-mail per line"),
+    (b"email\n", "f.txt names no seat"),
+])
+def test_a_line_that_is_not_an_e_mail_stops_a_disable_or_remove(data, message):
+    with pytest.raises(SeatError, match="^" + re.escape(message)):
+        seats.read_seat_emails(data, "f.txt")
+
+
+def test_the_commands_refuse_a_file_with_a_typo_or_an_unknown_seat_and_change_nothing(tmp_path, settings, db):
+    config = _config_file(tmp_path, settings)
+    for n in range(3):
+        seats.add_seat(settings, f"seat{n}@corp.cn", f"Seat {n}", "agent")
+    file = tmp_path / "stolen.txt"
+    for text, message in (("seat0@corp.cn\nseat1.corp.cn\n", "line 2: 'seat1.corp.cn' is not an e-mail address"),
+                          ("email\nseat0@corp.cn\nnobody@corp.cn\n",
+                           "no seat has the e-mail nobody@corp.cn (line 3); nothing was changed")):
+        file.write_text(text)
+        for args in (["disable"], ["remove", "--reassign-to", "seat2@corp.cn", "--yes"]):
+            result = CliRunner().invoke(main, ["--config", config, "seats", *args, "--file", str(file)])
+            assert result.exit_code == 1 and message in result.output, result.output
+            assert "Traceback" not in result.output
+            assert User.select().where(User.active).count() == 3, "nothing was changed"
+    file.write_text("email\nseat0@corp.cn\n\nSEAT1@corp.cn\n")
+    result = CliRunner().invoke(main, ["--config", config, "seats", "disable", "--file", str(file)])
+    assert result.exit_code == 0 and "Seats disabled: 2" in result.output, result.output
+    assert [u.email for u in User.select().where(User.active)] == ["seat2@corp.cn"]
 
 
 # ----------------------------------------------------------------------------- adding

@@ -123,12 +123,24 @@ def set_password(token_row: SetPasswordToken, password: str) -> User:
     return user
 
 
+# A removed seat is a disabled one whose reason starts so (remove_seats writes it).
+_REMOVED = "removed; "
+
+
+def is_removed(user: User) -> bool:
+    """Whether the seat was removed, its records handed to another seat."""
+    return not user.active and (user.suspended_reason or "").startswith(_REMOVED)
+
+
 def suspend(user: User, reason: str = "suspended") -> None:
-    """Stop a seat at once: its next request finds the session ended (R-10, stolen account)."""
-    user.active = False
-    user.suspended_reason = reason[:200]
-    user.session_version += 1
-    user.save()
+    """Stop a seat at once: its next request finds the session ended, and its unused
+    set-password links stop working (R-10, stolen account)."""
+    with database.atomic():
+        user.active = False
+        user.suspended_reason = reason[:200]
+        user.session_version += 1
+        user.save()
+        SetPasswordToken.delete().where(SetPasswordToken.user == user, SetPasswordToken.used_at.is_null()).execute()
 
 
 def in_use() -> int:
@@ -136,15 +148,26 @@ def in_use() -> int:
     return User.select().where(User.active).count()
 
 
-def reactivate(settings: Settings, user: User) -> None:
+def reactivate(settings: Settings, user: User) -> NewSeat:
+    """Bring a suspended or removed seat back like a new seat: its old password, perhaps known
+    to whoever stole the account, stops working, and the seat gets a new set-password link.
+    A removed seat comes back without records: they stay with the seats that took them over."""
     with database.atomic():
         _lock_seat_count()
+        if user.active:
+            raise SeatError(_l("%(email)s is active already", email=user.email))
         taken = in_use()
         if taken >= settings.seats.licensed:
             raise SeatError(_l("the licence allows %(n)d seats and all are in use", n=settings.seats.licensed))
         user.active = True
         user.suspended_reason = None
+        user.password_hash = None
+        user.failed_logins = 0
+        user.locked_until = None
+        user.session_version += 1
         user.save()
+        link, expires = issue_link(settings, user)
+    return NewSeat(user=user, link=link, expires_at=expires)
 
 
 def list_seats() -> list[dict]:
@@ -152,7 +175,7 @@ def list_seats() -> list[dict]:
             .order_by(User.email))
     return [
         {"id": u.id, "email": u.email, "name": u.name, "role": u.role.name,
-         "team": u.team.name if u.team_id else None, "active": u.active,
+         "team": u.team.name if u.team_id else None, "active": u.active, "removed": is_removed(u),
          "password_set": bool(u.password_hash),
          "last_login_at": u.last_login_at.isoformat() if u.last_login_at else None}
         for u in rows
@@ -396,7 +419,7 @@ def remove_seats(users: list[User], heir: User, actor) -> dict[str, int]:
             moved["attachment"] = files
         for user in users:
             was_active = user.active
-            suspend(user, f"removed; records handed to {heir.email}")
+            suspend(user, f"{_REMOVED}records handed to {heir.email}")
             audit.write_row(actor, "user", user.id, "remove", {"active": [was_active, False],
                                                                "records_to": [None, heir.email]})
     return moved

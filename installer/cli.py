@@ -270,7 +270,8 @@ def seats_list(ctx: Context, as_json: bool) -> None:
     width = max([len(r["email"]) for r in rows] + [5])
     click.echo(f"{'EMAIL':{width}}  {'ROLE':8}  {'TEAM':12}  STATE")
     for r in rows:
-        state = "active" if r["active"] and r["password_set"] else ("invited" if r["active"] else "suspended")
+        state = ("removed" if r["removed"] else "suspended") if not r["active"] else (
+            "active" if r["password_set"] else "invited")
         click.echo(f"{r['email']:{width}}  {r['role']:8}  {(r['team'] or '-'):12}  {state}")
 
 

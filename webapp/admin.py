@@ -183,16 +183,23 @@ def change_seats():
 
 @bp.route("/seats/<int:user_id>/reactivate", methods=["POST"])
 def reactivate(user_id: int):
+    """Bring a seat back with a new set-password link, shown once, here: its old password ends."""
     user = _seat_or_404(user_id)
+    removed, had_password = seats.is_removed(user), bool(user.password_hash)
     try:
         with database.atomic():
-            seats.reactivate(_settings(), user)
-            audit.write_row(g.user, "user", user.id, "reactivate", {"active": [False, True]})
+            new = seats.reactivate(_settings(), user)
+            audit.write_row(g.user, "user", user.id, "reactivate",
+                            {"active": [False, True], "password_set": [had_password, False]})
     except SeatError as exc:
         flash(str(exc), "error")
+        return redirect(url_for("admin.seat_list"))
+    if removed:
+        flash(_("Seat %(email)s is active again, without records: those it had stay with the seats that took "
+                "them over. Its old password no longer works.", email=user.email), "success")
     else:
-        flash(_("Seat %(email)s is active again.", email=user.email), "success")
-    return redirect(url_for("admin.seat_list"))
+        flash(_("Seat %(email)s is active again. Its old password no longer works.", email=user.email), "success")
+    return render_template("admin/link.html", seat=user, link=new.link, expires_at=new.expires_at)
 
 
 @bp.route("/seats/<int:user_id>/link", methods=["POST"])

@@ -136,11 +136,26 @@ def suspend(user: User, reason: str = "suspended") -> None:
     """Stop a seat at once: its next request finds the session ended, and its unused
     set-password links stop working (R-10, stolen account)."""
     with database.atomic():
+        _keep_an_admin(user)
         user.active = False
         user.suspended_reason = reason[:200]
         user.session_version += 1
         user.save()
         SetPasswordToken.delete().where(SetPasswordToken.user == user, SetPasswordToken.used_at.is_null()).execute()
+
+
+def _keep_an_admin(user: User) -> None:
+    """Refuse to stop the last active seat with administration rights: nobody could manage the
+    seats on the web any more. Serialised, so that two bosses cannot stop each other at once."""
+    admin_roles = Role.select(Role.id).where(Role.is_admin)
+    if not user.active or not admin_roles.where(Role.id == user.role_id).exists():
+        return
+    _lock_seat_count()
+    others = User.select().where(User.active, User.role.in_(admin_roles), User.id != user.id)
+    if not others.exists():
+        raise SeatError(_l("nothing was changed: %(email)s is the last active seat with administration rights; "
+                           "give another active seat a role with administration rights (boss) first",
+                           email=user.email))
 
 
 def in_use() -> int:

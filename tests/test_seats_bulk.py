@@ -217,6 +217,30 @@ def test_removing_seats_hands_every_record_to_the_chosen_seat_audited(make_seat)
         seats.remove_seats(seats.find_seats(["staying@corp.cn"]), staying.user, boss.user)
 
 
+def test_the_last_active_seat_with_administration_rights_cannot_be_stopped(tmp_path, settings, make_seat):
+    config = _config_file(tmp_path, settings)
+    first, second = make_seat("first.boss@corp.cn", role="boss"), make_seat("second.boss@corp.cn", role="boss")
+    agent = make_seat("agent@corp.cn")
+    acc = audit.create(first.user, Account, {"name": "Boss Ltd"})
+    refused = "nothing was changed: second.boss@corp.cn is the last active seat with administration rights"
+
+    both = CliRunner().invoke(main, ["--config", config, "seats", "disable", first.email, second.email])
+    assert both.exit_code == 1 and refused in both.output, both.output
+    assert User.select().where(User.active).count() == 3, "the whole operation is undone"
+    one = CliRunner().invoke(main, ["--config", config, "seats", "disable", first.email])
+    assert one.exit_code == 0 and "Seats disabled: 1" in one.output, one.output
+    for args in (["disable", second.email], ["remove", second.email, "--reassign-to", agent.email, "--yes"]):
+        result = CliRunner().invoke(main, ["--config", config, "seats", *args])
+        assert result.exit_code == 1 and refused in result.output and "Traceback" not in result.output, result.output
+        assert User.get_by_id(second.user.id).active
+    with pytest.raises(SeatError, match=refused):
+        seats.suspend(User.get_by_id(second.user.id))
+    assert Account.get_by_id(acc.id).owner_id == first.user.id
+    # A seat without administration rights is stopped as before, the last boss still active.
+    seats.disable_seats([User.get_by_id(agent.user.id)])
+    assert [u.email for u in User.select().where(User.active)] == [second.email]
+
+
 # ----------------------------------------------------------------------------- the commands
 
 

@@ -136,10 +136,14 @@ def suspend(user_id: int):
     if user.id == g.user.id:
         flash(_("You cannot suspend your own seat."), "error")
     else:
-        with database.atomic():
-            seats.suspend(user, (request.form.get("reason") or "suspended by the boss")[:200])
-            audit.write_row(g.user, "user", user.id, "suspend", {"active": [True, False]})
-        flash(_("Seat %(email)s suspended; its sessions have ended.", email=user.email), "success")
+        try:
+            with database.atomic():
+                seats.suspend(user, (request.form.get("reason") or "suspended by the boss")[:200])
+                audit.write_row(g.user, "user", user.id, "suspend", {"active": [True, False]})
+        except SeatError as exc:
+            flash(str(exc), "error")
+        else:
+            flash(_("Seat %(email)s suspended; its sessions have ended.", email=user.email), "success")
     return redirect(url_for("admin.seat_list"))
 
 
@@ -159,11 +163,15 @@ def change_seats():
     elif any(u.id == g.user.id for u in users):
         flash(_("You cannot disable or remove your own seat."), "error")
     elif action == "disable":
-        with database.atomic():
-            changed = seats.disable_seats(users, "disabled by the boss")
-            for user in changed:
-                audit.write_row(g.user, "user", user.id, "suspend", {"active": [True, False]})
-        flash(_("Seats disabled: %(n)d; their sessions have ended.", n=len(changed)), "success")
+        try:
+            with database.atomic():
+                changed = seats.disable_seats(users, "disabled by the boss")
+                for user in changed:
+                    audit.write_row(g.user, "user", user.id, "suspend", {"active": [True, False]})
+        except SeatError as exc:
+            flash(str(exc), "error")
+        else:
+            flash(_("Seats disabled: %(n)d; their sessions have ended.", n=len(changed)), "success")
     else:
         heir_raw = request.form.get("heir") or ""
         valid = heir_raw.isdigit() and permissions.valid_id(int(heir_raw))

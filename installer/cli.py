@@ -156,6 +156,7 @@ def seats_add(ctx: Context, email, name, role, team, seats_file, as_json) -> Non
 
     if seats_file and (email or name or role or team):
         raise click.UsageError("give either --file or --email/--name/--role, not both")
+    _refuse_when_read_only(ctx, "added")
     if seats_file:
         try:
             data = seats_file.read_bytes()
@@ -183,6 +184,19 @@ def seats_add(ctx: Context, email, name, role, team, seats_file, as_json) -> Non
     if seats_file:
         click.echo(f"Seats added: {len(created)}; "
                    f"in use: {seats_lib.in_use()} of {ctx.settings.seats.licensed} licensed.")
+
+
+def _refuse_when_read_only(ctx: Context, doing: str) -> None:
+    """Seats are neither added nor removed once the licence has ended (its grace period
+    included); disabling one still works, so that a stolen seat can always be stopped."""
+    from appliance.errors import SeatError
+    from appliance.lifecycle import licence_state
+
+    lic = licence_state(ctx.settings)
+    if lic.read_only:
+        raise SeatError(f"the licence ended on {lic.expires.isoformat()} and the data is read-only: seats cannot be "
+                        f"{doing}. Renew the licence: set [seats] expires in {ctx.config_path} to the new last day "
+                        f"(then restart the services, docs/data.md). 'seats disable' still works.")
 
 
 def _emails(emails: tuple[str, ...], emails_file: Path | None) -> tuple[list[str], dict[str, int]]:
@@ -240,6 +254,7 @@ def seats_remove(ctx: Context, emails, emails_file, heir_email, yes) -> None:
     they can no longer log in. Their notes and the audit trail keep their names."""
     from appliance import seats as seats_lib
 
+    _refuse_when_read_only(ctx, "removed")
     with ctx.database().connection_context():
         users = seats_lib.find_seats(*_emails(emails, emails_file))
         heir = seats_lib.find_seats([heir_email])[0]

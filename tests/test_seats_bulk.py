@@ -270,6 +270,34 @@ def test_the_seats_commands_add_disable_and_remove_in_bulk(tmp_path, settings, d
     assert both.exit_code == 2 and "either --file or --email" in both.output
 
 
+@pytest.mark.parametrize("days_ago", [1, 40])  # in the grace period (30 days), and after it
+def test_once_the_licence_has_ended_seats_are_neither_added_nor_removed_but_can_be_disabled(
+        tmp_path, settings, make_seat, days_ago):
+    import datetime as dt
+
+    from appliance.lifecycle import local_today
+
+    make_seat("boss@corp.cn", role="boss")
+    make_seat("stolen@corp.cn")
+    config = _config_file(tmp_path, settings)
+    expires = local_today(settings) - dt.timedelta(days=days_ago)
+    with open(config) as f:
+        text = f.read().replace("[seats]\n", f"[seats]\nexpires = {expires.isoformat()}\n")
+    with open(config, "w") as f:
+        f.write(text)
+    file = tmp_path / "seats.csv"
+    file.write_bytes(_csv(2))
+    for args in (["add", "--email", "new@corp.cn", "--name", "New", "--role", "agent"], ["add", "--file", str(file)],
+                 ["remove", "stolen@corp.cn", "--reassign-to", "boss@corp.cn", "--yes"]):
+        result = CliRunner().invoke(main, ["--config", config, "seats", *args])
+        assert result.exit_code == 1, result.output
+        assert f"the licence ended on {expires.isoformat()} and the data is read-only: seats cannot be" in result.output
+        assert f"set [seats] expires in {config} to the new last day" in result.output
+    assert sorted(u.email for u in User.select().where(User.active)) == ["boss@corp.cn", "stolen@corp.cn"]
+    disabled = CliRunner().invoke(main, ["--config", config, "seats", "disable", "stolen@corp.cn"])
+    assert disabled.exit_code == 0 and "Seats disabled: 1" in disabled.output, disabled.output
+
+
 # ----------------------------------------------------------------------------- the boss's page
 
 

@@ -104,6 +104,19 @@ def test_login_log_records_success_and_failure_with_reason(make_seat, browser_fo
     assert rows[2].ip == "127.0.0.1" and rows[2].user_agent
 
 
+def test_a_password_typed_in_the_e_mail_field_is_not_written_to_the_login_log(make_seat, browser_for, db):
+    make_seat("a@corp.cn")
+    b = browser_for(None)
+    for typed in ("My Secret Pass 42", "a@corp.cn secret", "p@ssw0rd!"):
+        assert b.login(typed, "whatever password").status_code == 401
+    assert b.login(" A@Corp.cn ", "wrong password!!").status_code == 401
+    rows = list(LoginLog.select().order_by(LoginLog.id))
+    assert [(r.email, r.reason) for r in rows] == [("(not an e-mail address)", "unknown user")] * 3 + [
+        ("a@corp.cn", "wrong password")]
+    dump = " ".join(str(r) for r in db.execute_sql('SELECT * FROM "login_log"').fetchall())
+    assert "My Secret Pass" not in dump and "secret" not in dump and "p@ss" not in dump
+
+
 def test_lock_out_after_repeated_failures(settings, make_seat, browser_for):
     make_seat("a@corp.cn")
     b = browser_for(None)

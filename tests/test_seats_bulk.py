@@ -15,7 +15,7 @@ from appliance.errors import SeatError
 from installer.cli import main
 from tests.test_cli import _config_file
 from webapp import audit
-from webapp.models import Account, AuditLog, Contact, Ticket, User
+from webapp.models import Account, Activity, AuditLog, Contact, Lead, Opportunity, Ticket, User
 
 
 def _csv(n: int, start: int = 0, header: str = "email,name,role,team") -> bytes:
@@ -198,11 +198,16 @@ def test_removing_seats_hands_every_record_to_the_chosen_seat_audited(make_seat)
     acc = audit.create(leaving.user, Account, {"name": "Kept Ltd"})
     contact = audit.create(leaving.user, Contact, {"last_name": "Wang", "account": acc.id})
     ticket = audit.create(leaving.user, Ticket, {"subject": "Invoice"})
+    lead = audit.create(leaving.user, Lead, {"last_name": "Zhao", "company": "Zhao Co"})
+    opportunity = audit.create(leaving.user, Opportunity, {"name": "Big deal", "account": acc.id})
+    activity = audit.create(leaving.user, Activity, {"subject": "Call back", "parent_type": "account",
+                                                     "parent_id": acc.id})
     other = audit.create(staying.user, Account, {"name": "Other Ltd"})
 
     moved = seats.remove_seats(seats.find_seats(["leaving@corp.cn"]), staying.user, boss.user)
-    assert moved == {"account": 1, "contact": 1, "ticket": 1}
-    for model, record in ((Account, acc), (Contact, contact), (Ticket, ticket)):
+    assert moved == {"account": 1, "contact": 1, "ticket": 1, "lead": 1, "opportunity": 1, "activity": 1}
+    for model, record in ((Account, acc), (Contact, contact), (Ticket, ticket), (Lead, lead),
+                          (Opportunity, opportunity), (Activity, activity)):
         row = model.get_by_id(record.id)
         assert row.owner_id == staying.user.id and row.team_id == staying.user.team_id
         trail = AuditLog.get(AuditLog.entity == model.entity, AuditLog.record_id == record.id,
@@ -210,7 +215,8 @@ def test_removing_seats_hands_every_record_to_the_chosen_seat_audited(make_seat)
         assert trail.changes["owner"] == [leaving.user.id, staying.user.id] and trail.actor == "boss@corp.cn"
     assert Account.get_by_id(other.id).owner_id == staying.user.id
     assert not User.get_by_id(leaving.user.id).active
-    assert not Account.select().where(Account.owner == leaving.user.id).exists(), "nothing left without an owner"
+    for model in (Account, Contact, Ticket, Lead, Opportunity, Activity):
+        assert not model.select().where(model.owner == leaving.user.id).exists(), model.entity
     with pytest.raises(SeatError, match="leaving@corp.cn is not an active seat"):
         seats.remove_seats(seats.find_seats(["staying@corp.cn"]), User.get_by_id(leaving.user.id), boss.user)
     with pytest.raises(SeatError, match="cannot take over its own records"):
@@ -298,7 +304,61 @@ def test_once_the_licence_has_ended_seats_are_neither_added_nor_removed_but_can_
     assert disabled.exit_code == 0 and "Seats disabled: 1" in disabled.output, disabled.output
 
 
+def test_a_seats_file_of_101_is_refused_whole_and_one_of_100_is_added(tmp_path, settings, db):
+    config = _config_file(tmp_path, settings)
+    with open(config) as f:
+        text = f.read().replace("licensed = 50", "licensed = 200")
+    with open(config, "w") as f:
+        f.write(text)
+    file = tmp_path / "seats.csv"
+    file.write_bytes(_csv(101))
+    refused = CliRunner().invoke(main, ["--config", config, "seats", "add", "--file", str(file)])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert f"{file} holds 101 seats; one operation adds at most 100: split the file" in refused.output
+    assert User.select().count() == 0
+    file.write_bytes(_csv(100))
+    added = CliRunner().invoke(main, ["--config", config, "seats", "add", "--file", str(file)])
+    assert added.exit_code == 0 and "Seats added: 100; in use: 100 of 200 licensed." in added.output, added.output
+    assert added.output.count("/auth/set-password/") == 100 and User.select().count() == 100
+
+
 # ----------------------------------------------------------------------------- the boss's page
+
+
+@pytest.fixture
+def roomy_browser(pg_cluster, secrets_dir, db, make_seat):
+    """The boss's browser on an appliance licensed for 200 seats."""
+    from tests.conftest import Browser, make_settings
+    from webapp import create_app
+
+    app = create_app(make_settings(pg_cluster, secrets_dir, seats={"licensed": 200}), database=db)
+    app.config.update(TESTING=True)
+    boss = make_seat("boss@corp.cn", role="boss")
+    browser = Browser(app.test_client())
+    assert browser.login(boss.email).status_code == 302
+    return browser
+
+
+def test_the_boss_adds_100_seats_at_once_but_not_101(roomy_browser):
+    resp = roomy_browser.post("/admin/seats/bulk", {"text": _csv(101).decode()}, token_from="/admin/seats/bulk")
+    assert resp.status_code == 400
+    assert "the pasted text holds 101 seats; one operation adds at most 100: split the file" in resp.get_data(
+        as_text=True)
+    assert User.select().count() == 1, "only the boss"
+    resp = roomy_browser.post("/admin/seats/bulk", {"text": _csv(100).decode()}, token_from="/admin/seats/bulk")
+    assert resp.status_code == 200 and resp.get_data(as_text=True).count("/auth/set-password/") == 100
+    assert User.select().count() == 101
+
+
+def test_a_bulk_add_without_the_csrf_token_is_refused_and_adds_nothing(make_seat, browser_for):
+    b = browser_for(make_seat("boss@corp.cn", role="boss"))
+    for data in ({"text": _csv(2).decode()}, {"text": _csv(2).decode(), "csrf_token": "forged"}):
+        assert b.client.post("/admin/seats/bulk", data=data).status_code == 400
+    assert User.select().count() == 1, "only the boss"
+    assert b.post("/admin/seats/bulk", {"text": _csv(2).decode()}, token_from="/admin/seats/bulk").status_code == 200
+    assert User.select().count() == 3, "the same post with the token works"
+
+
 
 
 def test_the_boss_pastes_seats_from_a_spreadsheet_and_gets_their_links(make_seat, browser_for):

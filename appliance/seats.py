@@ -77,6 +77,7 @@ class NewSeat:
     user: User
     link: str
     expires_at: dt.datetime
+    new_team: bool = False  # its team was created by this add
 
 
 def add_seat(settings: Settings, email: str, name: str, role: str, team: str | None = None) -> NewSeat:
@@ -206,6 +207,11 @@ _HEADERS = {"email": "email", "e-mail": "email", "邮箱": "email", "电子邮�
             "role": "role", "角色": "role", "team": "team", "团队": "team"}
 
 
+# The built-in roles as the Chinese UI shows them (webapp/i18n.py ROLE_NAMES, translated;
+# tests/test_seats_bulk.py checks the two agree), as a boss writes them in a seats file.
+_ROLE_NAMES_ZH = {"老板": "boss", "经理": "manager", "专员": "agent"}
+
+
 @dataclass
 class SeatRow:
     line: int  # in the file (the header is line 1), for messages
@@ -308,6 +314,18 @@ def _shown(problems: list[tuple[int, str]]) -> str:
     return "; ".join(str(_l("line %(line)d: %(problem)s", line=line, problem=text)) for line, text in problems[:20])
 
 
+def _roles_by_name() -> dict[str, Role]:
+    """Every role by its name, then in lower case, and the built-in ones by their Chinese names
+    too: look a name up as written, then in lower case."""
+    roles = {r.name: r for r in Role.select()}
+    for role in list(roles.values()):
+        roles.setdefault(role.name.lower(), role)
+    for shown, name in _ROLE_NAMES_ZH.items():
+        if name in roles:
+            roles.setdefault(shown, roles[name])
+    return roles
+
+
 def _lock_seat_count() -> None:
     """Serialise the seat-count checks of concurrent adds (two boss tabs, the CLI)."""
     database.execute_sql("SELECT pg_advisory_xact_lock(hashtext('crm-appliance seats'))")
@@ -321,7 +339,7 @@ def add_seats(settings: Settings, rows: list[SeatRow]) -> list[NewSeat]:
     if len(rows) > MAX_BULK:
         raise SeatError(_l("one operation adds at most %(max)d seats; this one adds %(n)d", max=MAX_BULK,
                            n=len(rows)))
-    roles = {r.name: r for r in Role.select()}
+    roles = _roles_by_name()
     problems, seen, clean = [], {}, []
     for row in rows:
         try:
@@ -329,13 +347,18 @@ def add_seats(settings: Settings, rows: list[SeatRow]) -> list[NewSeat]:
             name = (row.name or "").strip()
             if not name or len(name) > 100:
                 raise SeatError(_l("a seat needs a name of 1 to 100 characters"))
-            if row.role not in roles:
+            written = (row.role or "").strip()
+            role = roles.get(written) or roles.get(written.lower())
+            if role is None:
                 raise SeatError(_l("unknown role %(role)s; expected one of: %(names)s", role=repr(row.role),
-                                   names=", ".join(sorted(roles))))
+                                   names=", ".join(sorted({r.name for r in roles.values()}))))
+            team = (row.team or "").strip()
+            if len(team) > 100:
+                raise SeatError(_l("the team name %(team)s is longer than 100 characters", team=repr(team)))
             if email in seen:
                 raise SeatError(_l("%(email)s is also on line %(line)d", email=email, line=seen[email]))
             seen[email] = row.line
-            clean.append(SeatRow(row.line, email, name, row.role, (row.team or "").strip()[:100] or None))
+            clean.append(SeatRow(row.line, email, name, role.name, team or None))
         except SeatError as exc:
             problems.append((row.line, str(exc)))
     with database.atomic():
@@ -361,11 +384,16 @@ def add_seats(settings: Settings, rows: list[SeatRow]) -> list[NewSeat]:
                                n=len(clean)))
         created = []
         for row in clean:
-            team = Team.get_or_create(name=row.team)[0] if row.team else None
+            team, new_team = Team.get_or_create(name=row.team) if row.team else (None, False)
             user = User.create(email=row.email, name=row.name, role=roles[row.role], team=team)
             link, expires = issue_link(settings, user)
-            created.append(NewSeat(user=user, link=link, expires_at=expires))
+            created.append(NewSeat(user=user, link=link, expires_at=expires, new_team=new_team))
     return created
+
+
+def new_teams(created: list[NewSeat]) -> list[str]:
+    """The teams an add created, for its message: a typo ("Eats" for "East") shows at once."""
+    return sorted({c.user.team.name for c in created if c.new_team})
 
 
 def find_seats(emails: list[str], lines: dict[str, int] | None = None) -> list[User]:

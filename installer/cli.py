@@ -140,7 +140,7 @@ def seats() -> None:
 @seats.command("add")
 @click.option("--email", help="The person's e-mail; also the login name.")
 @click.option("--name", help="Full name as shown in the CRM.")
-@click.option("--role", help="boss, manager, agent, or a custom role.")
+@click.option("--role", help="boss, manager, agent (or 老板, 经理, 专员), or a custom role; any case.")
 @click.option("--team", default=None, help="Team name (created if new).")
 @click.option("--file", "seats_file", type=click.Path(dir_okay=False, path_type=Path),
               help="CSV with a header row email,name,role,team (or 邮箱,姓名,角色,团队), UTF-8 or GBK: "
@@ -173,7 +173,8 @@ def seats_add(ctx: Context, email, name, role, team, seats_file, as_json) -> Non
             audit.write_row(f"cli:{_os_user()}", "user", new.user.id, "create",
                             {"email": [None, new.user.email], "role": [None, new.user.role.name]})
     if as_json:
-        out = [{"id": c.user.id, "email": c.user.email, "link": c.link, "expires_at": c.expires_at.isoformat() + "Z"}
+        out = [{"id": c.user.id, "email": c.user.email, "link": c.link, "expires_at": c.expires_at.isoformat() + "Z",
+                "team": c.user.team.name if c.user.team else None, "new_team": c.new_team}
                for c in created]
         click.echo(json.dumps(out if seats_file else out[0]))
         return
@@ -184,6 +185,9 @@ def seats_add(ctx: Context, email, name, role, team, seats_file, as_json) -> Non
     if seats_file:
         click.echo(f"Seats added: {len(created)}; "
                    f"in use: {seats_lib.in_use()} of {ctx.settings.seats.licensed} licensed.")
+    teams = seats_lib.new_teams(created)
+    if teams:
+        click.echo(f"New teams created: {', '.join(teams)}.")
 
 
 def _refuse_when_read_only(ctx: Context, doing: str) -> None:

@@ -427,3 +427,98 @@ def test_the_boss_disables_and_removes_ticked_seats(make_seat, browser_for):
     assert no_csrf.status_code == 400 and User.get_by_id(heir.user.id).active
     agent = browser_for(heir)
     assert agent.post("/admin/seats/change", {"seat": [boss.user.id], "action": "disable"}).status_code == 404
+
+
+# ----------------------------------------------------------------------------- smaller mends
+
+
+def test_roles_are_matched_in_any_case_and_by_their_chinese_names(settings, db):
+    from webapp.models import Role
+
+    Role.create(name="Sales", permissions={})
+    data = ("email,name,role\na@corp.cn,A,AGENT\nb@corp.cn,B,老板\nc@corp.cn,C,Manager\nd@corp.cn,D, 专员 \n"
+            "e@corp.cn,E,sales\nf@corp.cn,F,经理\n").encode()
+    created = seats.add_seats(settings, seats.read_seat_rows(data, "seats.csv"))
+    assert [c.user.role.name for c in created] == ["agent", "boss", "manager", "agent", "Sales", "manager"]
+    with pytest.raises(SeatError, match=r"unknown role '主管'; expected one of: Sales, agent, boss, manager"):
+        seats.add_seat(settings, "g@corp.cn", "G", "主管")
+
+
+def test_the_chinese_role_names_are_those_the_chinese_pages_show():
+    from pathlib import Path
+
+    from babel.support import Translations
+
+    from webapp.i18n import ROLE_NAMES
+
+    catalogue = Translations.load(str(Path(__file__).parent.parent / "webapp" / "translations"), ["zh"])
+    shown = {name: catalogue.ugettext(str(label)) for name, label in ROLE_NAMES.items()}
+    assert {v: k for k, v in shown.items()} == seats._ROLE_NAMES_ZH
+
+
+def test_a_team_name_over_100_characters_is_refused_with_its_line(settings, db):
+    data = f"email,name,role,team\na@corp.cn,A,agent,East\nb@corp.cn,B,agent,{'T' * 101}\n".encode()
+    with pytest.raises(SeatError, match=r"^no seat was added: 1 lines are wrong: line 3: the team name 'T+' is "
+                                        r"longer than 100 characters$"):
+        seats.add_seats(settings, seats.read_seat_rows(data, "seats.csv"))
+    assert User.select().count() == 0
+    seats.add_seat(settings, "c@corp.cn", "C", "agent", "T" * 100)
+
+
+def test_the_teams_an_add_creates_are_named_by_the_command_and_the_page(tmp_path, settings, make_seat, browser_for):
+    boss = make_seat("boss@corp.cn", role="boss", team="East")
+    config = _config_file(tmp_path, settings)
+    file = tmp_path / "seats.csv"
+    file.write_text("email,name,role,team\na@corp.cn,A,agent,East\nb@corp.cn,B,agent,Eats\nc@corp.cn,C,agent,Eats\n"
+                    "d@corp.cn,D,agent,West\n")
+    added = CliRunner().invoke(main, ["--config", config, "seats", "add", "--file", str(file)])
+    assert added.exit_code == 0 and "New teams created: Eats, West.\n" in added.output, added.output
+    one = CliRunner().invoke(main, ["--config", config, "seats", "add", "--email", "e@corp.cn", "--name", "E",
+                                    "--role", "agent", "--team", "East"])
+    assert one.exit_code == 0 and "New teams created" not in one.output
+
+    b = browser_for(boss)
+    page = b.post("/admin/seats/bulk", {"text": "email,name,role,team\nf@corp.cn,F,agent,North\ng@corp.cn,G,agent,"
+                                                 "West\n"}, token_from="/admin/seats/bulk").get_data(as_text=True)
+    assert '<p id="new-teams">New teams created: North.</p>' in page
+    page = b.post("/admin/seats", {"email": "h@corp.cn", "name": "H", "role": "agent", "team": "South"},
+                  token_from="/admin/seats").get_data(as_text=True)
+    assert '<p id="new-teams">New teams created: South.</p>' in page
+    page = b.post("/admin/seats", {"email": "i@corp.cn", "name": "I", "role": "agent", "team": "South"},
+                  token_from="/admin/seats").get_data(as_text=True)
+    assert "/auth/set-password/" in page and "new-teams" not in page
+
+
+def test_pasting_seats_and_choosing_a_file_at_once_is_refused(make_seat, browser_for):
+    import io
+
+    b = browser_for(make_seat("boss@corp.cn", role="boss"))
+    resp = b.post("/admin/seats/bulk", {"text": _csv(1).decode(), "file": (io.BytesIO(_csv(2, start=5)), "seats.csv")},
+                  token_from="/admin/seats/bulk", content_type="multipart/form-data")
+    assert resp.status_code == 400
+    assert "You both pasted seats and chose a file: choose one" in resp.get_data(as_text=True)
+    assert User.select().count() == 1, "only the boss"
+
+
+def test_suspending_an_inactive_seat_changes_and_audits_nothing(make_seat, browser_for):
+    boss = make_seat("boss@corp.cn", role="boss")
+    gone, heir = make_seat("gone@corp.cn"), make_seat("heir@corp.cn")
+    seats.remove_seats([User.get_by_id(gone.user.id)], heir.user, boss.user)
+    rows = AuditLog.select().count()
+    b = browser_for(boss)
+    resp = b.post(f"/admin/seats/{gone.user.id}/suspend", token_from="/admin/seats")
+    assert resp.status_code == 302
+    assert "Seat gone@corp.cn is not active; nothing was changed." in b.get("/admin/seats").get_data(as_text=True)
+    assert AuditLog.select().count() == rows
+    assert seats.is_removed(User.get_by_id(gone.user.id)), "still shown as removed"
+
+
+def test_ticked_seats_that_do_not_exist_are_an_error_and_nothing_is_changed(make_seat, browser_for):
+    boss = make_seat("boss@corp.cn", role="boss")
+    agent = make_seat("agent@corp.cn")
+    b = browser_for(boss)
+    resp = b.post("/admin/seats/change", {"seat": [agent.user.id, agent.user.id + 1000], "action": "disable"},
+                  token_from="/admin/seats")
+    assert resp.status_code == 302 and User.get_by_id(agent.user.id).active
+    assert "1 of the ticked seats do not exist (any more); nothing was changed." in b.get("/admin/seats").get_data(
+        as_text=True)

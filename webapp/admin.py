@@ -72,7 +72,8 @@ def seat_list():
         else:
             audit.write_row(g.user, "user", created.user.id, "create",
                             {"email": [None, created.user.email], "role": [None, form.role.data]})
-            new_link = {"email": created.user.email, "link": created.link, "expires_at": created.expires_at}
+            new_link = {"email": created.user.email, "link": created.link, "expires_at": created.expires_at,
+                        "new_teams": seats.new_teams([created])}
             form = SeatForm(formdata=None)
             form.role.choices = _role_choices()
     rows = seats.list_seats()
@@ -99,9 +100,12 @@ def bulk_seats():
     created, status = [], 200
     if form.validate_on_submit():
         upload = form.file.data
-        data = upload.read(MAX_SEATS_FILE + 1) if upload and upload.filename else (form.text.data or "").encode()
-        source = upload.filename if upload and upload.filename else _("the pasted text")
+        uploaded = bool(upload and upload.filename)
+        data = upload.read(MAX_SEATS_FILE + 1) if uploaded else (form.text.data or "").encode()
+        source = upload.filename if uploaded else _("the pasted text")
         try:
+            if uploaded and (form.text.data or "").strip():
+                raise SeatError(_("You both pasted seats and chose a file: choose one, then add the seats again."))
             if len(data) > MAX_SEATS_FILE:
                 raise SeatError(_("%(source)s is larger than 1 MB; a hundred seats fit in a few kilobytes",
                                   source=source))
@@ -116,7 +120,8 @@ def bulk_seats():
             form = BulkSeatsForm(formdata=None)
     elif form.errors:
         status = 400
-    return render_template("admin/seats_bulk.html", form=form, created=created, in_use=seats.in_use(),
+    return render_template("admin/seats_bulk.html", form=form, created=created, new_teams=seats.new_teams(created),
+                           in_use=seats.in_use(),
                            licensed=_settings().seats.licensed, most=seats.MAX_BULK), status
 
 
@@ -135,6 +140,8 @@ def suspend(user_id: int):
     user = _seat_or_404(user_id)
     if user.id == g.user.id:
         flash(_("You cannot suspend your own seat."), "error")
+    elif not user.active:
+        flash(_("Seat %(email)s is not active; nothing was changed.", email=user.email), "error")
     else:
         try:
             with database.atomic():
@@ -156,8 +163,11 @@ def change_seats():
         abort(400)
     ids = list(dict.fromkeys(int(r) for r in raw_ids))
     users = list(User.select().where(User.id.in_(ids))) if ids else []
-    if not users:
+    if not ids:
         flash(_("Tick the seats to change first."), "error")
+    elif len(users) < len(ids):
+        flash(_("%(n)d of the ticked seats do not exist (any more); nothing was changed. Reload the page and "
+                "tick the seats again.", n=len(ids) - len(users)), "error")
     elif len(users) > seats.MAX_BULK:
         flash(_("One operation changes at most %(max)d seats.", max=seats.MAX_BULK), "error")
     elif any(u.id == g.user.id for u in users):

@@ -291,12 +291,14 @@ def read_seat_emails(data: bytes, source: str) -> dict[str, int]:
     if not rows:
         raise SeatError(_l("%(source)s names no seat; expected one e-mail per line", source=source))
     column = _header_columns(rows[0][1]).get("email")
-    if column is not None:
+    if column is None:
+        column = 0  # no header row: the first column
+    else:
         rows = rows[1:]
     found: dict[str, int] = {}
     problems = []
     for line, row in rows:
-        cell = row[column or 0].strip() if (column or 0) < len(row) else ""
+        cell = row[column].strip() if column < len(row) else ""
         try:
             found.setdefault(normalise_email(cell), line)
         except SeatError as exc:

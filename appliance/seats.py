@@ -77,6 +77,7 @@ class NewSeat:
     user: User
     link: str
     expires_at: dt.datetime
+    new_team: bool = False  # its team was created by this add
 
 
 def add_seat(settings: Settings, email: str, name: str, role: str, team: str | None = None) -> NewSeat:
@@ -123,12 +124,39 @@ def set_password(token_row: SetPasswordToken, password: str) -> User:
     return user
 
 
+# A removed seat is a disabled one whose reason starts so (remove_seats writes it).
+_REMOVED = "removed; "
+
+
+def is_removed(user: User) -> bool:
+    """Whether the seat was removed, its records handed to another seat."""
+    return not user.active and (user.suspended_reason or "").startswith(_REMOVED)
+
+
 def suspend(user: User, reason: str = "suspended") -> None:
-    """Stop a seat at once: its next request finds the session ended (R-10, stolen account)."""
-    user.active = False
-    user.suspended_reason = reason[:200]
-    user.session_version += 1
-    user.save()
+    """Stop a seat at once: its next request finds the session ended, and its unused
+    set-password links stop working (R-10, stolen account)."""
+    with database.atomic():
+        _keep_an_admin(user)
+        user.active = False
+        user.suspended_reason = reason[:200]
+        user.session_version += 1
+        user.save()
+        SetPasswordToken.delete().where(SetPasswordToken.user == user, SetPasswordToken.used_at.is_null()).execute()
+
+
+def _keep_an_admin(user: User) -> None:
+    """Refuse to stop the last active seat with administration rights: nobody could manage the
+    seats on the web any more. Serialised, so that two bosses cannot stop each other at once."""
+    admin_roles = Role.select(Role.id).where(Role.is_admin)
+    if not user.active or not admin_roles.where(Role.id == user.role_id).exists():
+        return
+    _lock_seat_count()
+    others = User.select().where(User.active, User.role.in_(admin_roles), User.id != user.id)
+    if not others.exists():
+        raise SeatError(_l("nothing was changed: %(email)s is the last active seat with administration rights; "
+                           "give another active seat a role with administration rights (boss) first",
+                           email=user.email))
 
 
 def in_use() -> int:
@@ -136,15 +164,26 @@ def in_use() -> int:
     return User.select().where(User.active).count()
 
 
-def reactivate(settings: Settings, user: User) -> None:
+def reactivate(settings: Settings, user: User) -> NewSeat:
+    """Bring a suspended or removed seat back like a new seat: its old password, perhaps known
+    to whoever stole the account, stops working, and the seat gets a new set-password link.
+    A removed seat comes back without records: they stay with the seats that took them over."""
     with database.atomic():
         _lock_seat_count()
+        if user.active:
+            raise SeatError(_l("%(email)s is active already", email=user.email))
         taken = in_use()
         if taken >= settings.seats.licensed:
             raise SeatError(_l("the licence allows %(n)d seats and all are in use", n=settings.seats.licensed))
         user.active = True
         user.suspended_reason = None
+        user.password_hash = None
+        user.failed_logins = 0
+        user.locked_until = None
+        user.session_version += 1
         user.save()
+        link, expires = issue_link(settings, user)
+    return NewSeat(user=user, link=link, expires_at=expires)
 
 
 def list_seats() -> list[dict]:
@@ -152,7 +191,7 @@ def list_seats() -> list[dict]:
             .order_by(User.email))
     return [
         {"id": u.id, "email": u.email, "name": u.name, "role": u.role.name,
-         "team": u.team.name if u.team_id else None, "active": u.active,
+         "team": u.team.name if u.team_id else None, "active": u.active, "removed": is_removed(u),
          "password_set": bool(u.password_hash),
          "last_login_at": u.last_login_at.isoformat() if u.last_login_at else None}
         for u in rows
@@ -166,6 +205,11 @@ MAX_BULK = 100  # seats one operation adds, disables or removes
 _HEADERS = {"email": "email", "e-mail": "email", "邮箱": "email", "电子邮件": "email",
             "name": "name", "姓名": "name", "名字": "name",
             "role": "role", "角色": "role", "team": "team", "团队": "team"}
+
+
+# The built-in roles as the Chinese UI shows them (webapp/i18n.py ROLE_NAMES, translated;
+# tests/test_seats_bulk.py checks the two agree), as a boss writes them in a seats file.
+_ROLE_NAMES_ZH = {"老板": "boss", "经理": "manager", "专员": "agent"}
 
 
 @dataclass
@@ -187,29 +231,45 @@ def _decode(data: bytes, source: str) -> str:
     raise SeatError(_l("%(source)s is neither UTF-8 nor GBK text; save it as CSV (UTF-8)", source=source))
 
 
-def read_seat_rows(data: bytes, source: str) -> list[SeatRow]:
-    """The seats in a CSV file with a header row: email, name, role and optionally team."""
+def _csv_lines(data: bytes, source: str) -> list[tuple[int, list[str]]]:
+    """The non-empty rows of a CSV file (or of cells pasted from a spreadsheet), each with its
+    line number in the file, so that messages name the line an editor shows."""
     import csv
     import io
 
     text = _decode(data, source)
     # Cells copied from a spreadsheet arrive separated by tabs.
     dialect = "excel-tab" if "\t" in text.split("\n", 1)[0] else "excel"
-    rows = list(csv.reader(io.StringIO(text), dialect=dialect))
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
-    if not rows:
-        raise SeatError(_l("%(source)s is empty; expected a header row: email,name,role,team", source=source))
-    columns = {}
-    for index, header in enumerate(rows[0]):
+    reader = csv.reader(io.StringIO(text), dialect=dialect)
+    rows = []
+    for row in reader:
+        if any(cell.strip() for cell in row):
+            rows.append((reader.line_num, row))
+    return rows
+
+
+def _header_columns(row: list[str]) -> dict[str, int]:
+    """{column: index} for the known headers in ``row`` (empty if it is not a header row)."""
+    columns: dict[str, int] = {}
+    for index, header in enumerate(row):
         key = _HEADERS.get(header.strip().lower())
         if key and key not in columns:
             columns[key] = index
+    return columns
+
+
+def read_seat_rows(data: bytes, source: str) -> list[SeatRow]:
+    """The seats in a CSV file with a header row: email, name, role and optionally team."""
+    rows = _csv_lines(data, source)
+    if not rows:
+        raise SeatError(_l("%(source)s is empty; expected a header row: email,name,role,team", source=source))
+    columns = _header_columns(rows[0][1])
     missing = [c for c in ("email", "name", "role") if c not in columns]
     if missing:
         raise SeatError(_l("%(source)s: the header row lacks %(missing)s; expected email,name,role,team "
                            "(or 邮箱,姓名,角色,团队)", source=source, missing=", ".join(missing)))
     seats = []
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in rows[1:]:
         cell = lambda key: row[columns[key]].strip() if key in columns and columns[key] < len(row) else ""  # noqa: E731
         seats.append(SeatRow(line, cell("email"), cell("name"), cell("role"), cell("team") or None))
     if not seats:
@@ -218,6 +278,54 @@ def read_seat_rows(data: bytes, source: str) -> list[SeatRow]:
         raise SeatError(_l("%(source)s holds %(n)d seats; one operation adds at most %(max)d: split the file",
                            source=source, n=len(seats), max=MAX_BULK))
     return seats
+
+
+def read_seat_emails(data: bytes, source: str) -> dict[str, int]:
+    """The e-mails in a file naming seats to disable or remove: one per line, or the e-mail
+    column of a CSV file (its first column, or the one its optional header row names).
+
+    Returns {e-mail: line}. Every other non-empty line is refused by number, so that a typo
+    cannot leave a seat active unnoticed.
+    """
+    rows = _csv_lines(data, source)
+    if not rows:
+        raise SeatError(_l("%(source)s names no seat; expected one e-mail per line", source=source))
+    column = _header_columns(rows[0][1]).get("email")
+    if column is None:
+        column = 0  # no header row: the first column
+    else:
+        rows = rows[1:]
+    found: dict[str, int] = {}
+    problems = []
+    for line, row in rows:
+        cell = row[column].strip() if column < len(row) else ""
+        try:
+            found.setdefault(normalise_email(cell), line)
+        except SeatError as exc:
+            problems.append((line, str(exc)))
+    if problems:
+        raise SeatError(_l("nothing was changed: %(n)d lines of %(source)s are wrong: %(shown)s", n=len(problems),
+                           source=source, shown=_shown(problems)))
+    if not found:
+        raise SeatError(_l("%(source)s names no seat; expected one e-mail per line", source=source))
+    return found
+
+
+def _shown(problems: list[tuple[int, str]]) -> str:
+    """The first 20 (line, problem) pairs, for a message."""
+    return "; ".join(str(_l("line %(line)d: %(problem)s", line=line, problem=text)) for line, text in problems[:20])
+
+
+def _roles_by_name() -> dict[str, Role]:
+    """Every role by its name, then in lower case, and the built-in ones by their Chinese names
+    too: look a name up as written, then in lower case."""
+    roles = {r.name: r for r in Role.select()}
+    for role in list(roles.values()):
+        roles.setdefault(role.name.lower(), role)
+    for shown, name in _ROLE_NAMES_ZH.items():
+        if name in roles:
+            roles.setdefault(shown, roles[name])
+    return roles
 
 
 def _lock_seat_count() -> None:
@@ -233,7 +341,7 @@ def add_seats(settings: Settings, rows: list[SeatRow]) -> list[NewSeat]:
     if len(rows) > MAX_BULK:
         raise SeatError(_l("one operation adds at most %(max)d seats; this one adds %(n)d", max=MAX_BULK,
                            n=len(rows)))
-    roles = {r.name: r for r in Role.select()}
+    roles = _roles_by_name()
     problems, seen, clean = [], {}, []
     for row in rows:
         try:
@@ -241,13 +349,18 @@ def add_seats(settings: Settings, rows: list[SeatRow]) -> list[NewSeat]:
             name = (row.name or "").strip()
             if not name or len(name) > 100:
                 raise SeatError(_l("a seat needs a name of 1 to 100 characters"))
-            if row.role not in roles:
+            written = (row.role or "").strip()
+            role = roles.get(written) or roles.get(written.lower())
+            if role is None:
                 raise SeatError(_l("unknown role %(role)s; expected one of: %(names)s", role=repr(row.role),
-                                   names=", ".join(sorted(roles))))
+                                   names=", ".join(sorted({r.name for r in roles.values()}))))
+            team = (row.team or "").strip()
+            if len(team) > 100:
+                raise SeatError(_l("the team name %(team)s is longer than 100 characters", team=repr(team)))
             if email in seen:
                 raise SeatError(_l("%(email)s is also on line %(line)d", email=email, line=seen[email]))
             seen[email] = row.line
-            clean.append(SeatRow(row.line, email, name, row.role, (row.team or "").strip()[:100] or None))
+            clean.append(SeatRow(row.line, email, name, role.name, team or None))
         except SeatError as exc:
             problems.append((row.line, str(exc)))
     with database.atomic():
@@ -259,9 +372,8 @@ def add_seats(settings: Settings, rows: list[SeatRow]) -> list[NewSeat]:
             problems.sort()
             if len(rows) == 1:
                 raise SeatError(problems[0][1])
-            shown = "; ".join(str(_l("line %(line)d: %(problem)s", line=line, problem=text))
-                              for line, text in problems[:20])
-            raise SeatError(_l("no seat was added: %(n)d lines are wrong: %(shown)s", n=len(problems), shown=shown))
+            raise SeatError(_l("no seat was added: %(n)d lines are wrong: %(shown)s", n=len(problems),
+                               shown=_shown(problems)))
         taken = in_use()
         free = settings.seats.licensed - taken
         if len(clean) > free:
@@ -274,15 +386,21 @@ def add_seats(settings: Settings, rows: list[SeatRow]) -> list[NewSeat]:
                                n=len(clean)))
         created = []
         for row in clean:
-            team = Team.get_or_create(name=row.team)[0] if row.team else None
+            team, new_team = Team.get_or_create(name=row.team) if row.team else (None, False)
             user = User.create(email=row.email, name=row.name, role=roles[row.role], team=team)
             link, expires = issue_link(settings, user)
-            created.append(NewSeat(user=user, link=link, expires_at=expires))
+            created.append(NewSeat(user=user, link=link, expires_at=expires, new_team=new_team))
     return created
 
 
-def find_seats(emails: list[str]) -> list[User]:
-    """The seats with these e-mails, in the given order; SeatError naming any that is unknown."""
+def new_teams(created: list[NewSeat]) -> list[str]:
+    """The teams an add created, for its message: a typo ("Eats" for "East") shows at once."""
+    return sorted({c.user.team.name for c in created if c.new_team})
+
+
+def find_seats(emails: list[str], lines: dict[str, int] | None = None) -> list[User]:
+    """The seats with these e-mails, in the given order; SeatError naming any that is unknown
+    (with its line in the file, if ``lines`` maps e-mails to lines)."""
     wanted = [normalise_email(e) for e in emails]
     if not wanted:
         raise SeatError(_l("name at least one seat by its e-mail"))
@@ -292,6 +410,8 @@ def find_seats(emails: list[str]) -> list[User]:
     found = {u.email: u for u in User.select().where(User.email.in_(wanted))}
     unknown = [e for e in wanted if e not in found]
     if unknown:
+        lines = lines or {}
+        unknown = [str(_l("%(email)s (line %(line)d)", email=e, line=lines[e])) if e in lines else e for e in unknown]
         raise SeatError(_l("no seat has the e-mail %(emails)s; nothing was changed", emails=", ".join(unknown)))
     return [found[e] for e in dict.fromkeys(wanted)]
 
@@ -344,7 +464,7 @@ def remove_seats(users: list[User], heir: User, actor) -> dict[str, int]:
             moved["attachment"] = files
         for user in users:
             was_active = user.active
-            suspend(user, f"removed; records handed to {heir.email}")
+            suspend(user, f"{_REMOVED}records handed to {heir.email}")
             audit.write_row(actor, "user", user.id, "remove", {"active": [was_active, False],
                                                                "records_to": [None, heir.email]})
     return moved

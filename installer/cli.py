@@ -140,7 +140,7 @@ def seats() -> None:
 @seats.command("add")
 @click.option("--email", help="The person's e-mail; also the login name.")
 @click.option("--name", help="Full name as shown in the CRM.")
-@click.option("--role", help="boss, manager, agent, or a custom role.")
+@click.option("--role", help="boss, manager, agent (or 老板, 经理, 专员), or a custom role; any case.")
 @click.option("--team", default=None, help="Team name (created if new).")
 @click.option("--file", "seats_file", type=click.Path(dir_okay=False, path_type=Path),
               help="CSV with a header row email,name,role,team (or 邮箱,姓名,角色,团队), UTF-8 or GBK: "
@@ -156,6 +156,7 @@ def seats_add(ctx: Context, email, name, role, team, seats_file, as_json) -> Non
 
     if seats_file and (email or name or role or team):
         raise click.UsageError("give either --file or --email/--name/--role, not both")
+    _refuse_when_read_only(ctx, "added")
     if seats_file:
         try:
             data = seats_file.read_bytes()
@@ -172,7 +173,8 @@ def seats_add(ctx: Context, email, name, role, team, seats_file, as_json) -> Non
             audit.write_row(f"cli:{_os_user()}", "user", new.user.id, "create",
                             {"email": [None, new.user.email], "role": [None, new.user.role.name]})
     if as_json:
-        out = [{"id": c.user.id, "email": c.user.email, "link": c.link, "expires_at": c.expires_at.isoformat() + "Z"}
+        out = [{"id": c.user.id, "email": c.user.email, "link": c.link, "expires_at": c.expires_at.isoformat() + "Z",
+                "team": c.user.team.name if c.user.team else None, "new_team": c.new_team}
                for c in created]
         click.echo(json.dumps(out if seats_file else out[0]))
         return
@@ -183,27 +185,46 @@ def seats_add(ctx: Context, email, name, role, team, seats_file, as_json) -> Non
     if seats_file:
         click.echo(f"Seats added: {len(created)}; "
                    f"in use: {seats_lib.in_use()} of {ctx.settings.seats.licensed} licensed.")
+    teams = seats_lib.new_teams(created)
+    if teams:
+        click.echo(f"New teams created: {', '.join(teams)}.")
 
 
-def _emails(emails: tuple[str, ...], emails_file: Path | None) -> list[str]:
-    found = list(emails)
+def _refuse_when_read_only(ctx: Context, doing: str) -> None:
+    """Seats are neither added nor removed once the licence has ended (its grace period
+    included); disabling one still works, so that a stolen seat can always be stopped."""
+    from appliance.errors import SeatError
+    from appliance.lifecycle import licence_state
+
+    lic = licence_state(ctx.settings)
+    if lic.read_only:
+        raise SeatError(f"the licence ended on {lic.expires.isoformat()} and the data is read-only: seats cannot be "
+                        f"{doing}. Renew the licence: set [seats] expires in {ctx.config_path} to the new last day "
+                        f"(then restart the services, docs/data.md). 'seats disable' still works.")
+
+
+def _emails(emails: tuple[str, ...], emails_file: Path | None) -> tuple[list[str], dict[str, int]]:
+    """The e-mails named as arguments and in --file, and {e-mail: line} for those in the file."""
+    from appliance import seats as seats_lib
+
+    lines: dict[str, int] = {}
     if emails_file:
         try:
-            text = emails_file.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise click.BadParameter(f"{emails_file}: {getattr(exc, 'strerror', None) or exc}",
-                                     param_hint="--file") from None
-        found += [line.split(",")[0].strip() for line in text.splitlines()
-                  if line.strip() and "@" in line.split(",")[0]]
+            data = emails_file.read_bytes()
+        except OSError as exc:
+            raise click.BadParameter(f"{emails_file}: {exc.strerror}", param_hint="--file") from None
+        lines = seats_lib.read_seat_emails(data, str(emails_file))
+    found = list(emails) + list(lines)
     if not found:
         raise click.UsageError("name the seats: e-mails as arguments, or --file with one e-mail per line")
-    return found
+    return found, lines
 
 
 @seats.command("disable")
 @click.argument("emails", nargs=-1)
 @click.option("--file", "emails_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="One e-mail per line (or a CSV whose first column is the e-mail).")
+              help="One e-mail per line, or a CSV whose first column (or the one headed email or 邮箱) "
+                   "is the e-mail; UTF-8 or GBK. A line that is not an e-mail stops the command.")
 @click.option("--reason", default="disabled by customer IT", show_default=True, help="Kept with the seat.")
 @pass_ctx
 @handle_errors
@@ -214,7 +235,7 @@ def seats_disable(ctx: Context, emails, emails_file, reason) -> None:
     from webapp import audit
 
     with ctx.database().connection_context():
-        users = seats_lib.find_seats(_emails(emails, emails_file))
+        users = seats_lib.find_seats(*_emails(emails, emails_file))
         changed = seats_lib.disable_seats(users, reason)
         for user in changed:
             audit.write_row(f"cli:{_os_user()}", "user", user.id, "suspend", {"active": [True, False]})
@@ -226,7 +247,8 @@ def seats_disable(ctx: Context, emails, emails_file, reason) -> None:
 @seats.command("remove")
 @click.argument("emails", nargs=-1)
 @click.option("--file", "emails_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="One e-mail per line (or a CSV whose first column is the e-mail).")
+              help="One e-mail per line, or a CSV whose first column (or the one headed email or 邮箱) "
+                   "is the e-mail; UTF-8 or GBK. A line that is not an e-mail stops the command.")
 @click.option("--reassign-to", "heir_email", required=True, help="The active seat that takes over their records.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_ctx
@@ -236,8 +258,9 @@ def seats_remove(ctx: Context, emails, emails_file, heir_email, yes) -> None:
     they can no longer log in. Their notes and the audit trail keep their names."""
     from appliance import seats as seats_lib
 
+    _refuse_when_read_only(ctx, "removed")
     with ctx.database().connection_context():
-        users = seats_lib.find_seats(_emails(emails, emails_file))
+        users = seats_lib.find_seats(*_emails(emails, emails_file))
         heir = seats_lib.find_seats([heir_email])[0]
         if not yes:
             click.confirm(f"Remove {len(users)} seats and hand their records to {heir.email}?", abort=True)
@@ -266,7 +289,8 @@ def seats_list(ctx: Context, as_json: bool) -> None:
     width = max([len(r["email"]) for r in rows] + [5])
     click.echo(f"{'EMAIL':{width}}  {'ROLE':8}  {'TEAM':12}  STATE")
     for r in rows:
-        state = "active" if r["active"] and r["password_set"] else ("invited" if r["active"] else "suspended")
+        state = ("removed" if r["removed"] else "suspended") if not r["active"] else (
+            "active" if r["password_set"] else "invited")
         click.echo(f"{r['email']:{width}}  {r['role']:8}  {(r['team'] or '-'):12}  {state}")
 
 

@@ -104,6 +104,19 @@ def test_login_log_records_success_and_failure_with_reason(make_seat, browser_fo
     assert rows[2].ip == "127.0.0.1" and rows[2].user_agent
 
 
+def test_a_password_typed_in_the_e_mail_field_is_not_written_to_the_login_log(make_seat, browser_for, db):
+    make_seat("a@corp.cn")
+    b = browser_for(None)
+    for typed in ("My Secret Pass 42", "a@corp.cn secret", "p@ssw0rd!"):
+        assert b.login(typed, "whatever password").status_code == 401
+    assert b.login(" A@Corp.cn ", "wrong password!!").status_code == 401
+    rows = list(LoginLog.select().order_by(LoginLog.id))
+    assert [(r.email, r.reason) for r in rows] == [("(not an e-mail address)", "unknown user")] * 3 + [
+        ("a@corp.cn", "wrong password")]
+    dump = " ".join(str(r) for r in db.execute_sql('SELECT * FROM "login_log"').fetchall())
+    assert "My Secret Pass" not in dump and "secret" not in dump and "p@ss" not in dump
+
+
 def test_lock_out_after_repeated_failures(settings, make_seat, browser_for):
     make_seat("a@corp.cn")
     b = browser_for(None)
@@ -151,6 +164,62 @@ def test_boss_suspends_a_seat_from_the_admin_page(make_seat, browser_for):
     assert resp.status_code == 302
     assert agent_browser.get("/").status_code == 302
     assert not User.get_by_id(agent.user.id).active
+
+
+def test_suspending_a_seat_ends_its_pending_set_password_link_for_good(settings, db):
+    created = seats.add_seat(settings, "invited@corp.cn", "Invited", "agent")
+    token = created.link.rsplit("/", 1)[1]
+    seats.suspend(User.get_by_id(created.user.id), "stolen phone")
+    assert not SetPasswordToken.select().where(SetPasswordToken.user == created.user.id).exists()
+    again = seats.reactivate(settings, User.get_by_id(created.user.id))
+    assert seats.find_token(token) is None, "the link sent before the suspension must not work after it"
+    assert seats.find_token(again.link.rsplit("/", 1)[1]).user.id == created.user.id
+    with pytest.raises(SeatError, match="invited@corp.cn is active already"):
+        seats.reactivate(settings, User.get_by_id(created.user.id))
+
+
+def test_a_reactivated_seat_needs_a_new_password_from_a_link_shown_to_the_boss(make_seat, browser_for):
+    from webapp.models import AuditLog
+
+    boss = make_seat("boss@corp.cn", role="boss")
+    stolen = make_seat("stolen@corp.cn")
+    b = browser_for(boss)
+    b.post(f"/admin/seats/{stolen.user.id}/suspend", token_from="/admin/seats")
+    resp = b.post(f"/admin/seats/{stolen.user.id}/reactivate", token_from="/admin/seats")
+    page = resp.get_data(as_text=True)
+    assert resp.status_code == 200 and "Seat stolen@corp.cn is active again. Its old password no longer works." in page
+    link = re.search(r'id="new-link">([^<]+)<', page).group(1)
+    assert User.get_by_id(stolen.user.id).active
+    thief = browser_for(None)
+    assert thief.login(stolen.email).status_code == 401, "the old password no longer works"
+    assert LoginLog.select().order_by(LoginLog.id.desc()).first().reason == "no password set"
+    trail = AuditLog.get(AuditLog.action == "reactivate", AuditLog.record_id == stolen.user.id)
+    assert trail.changes == {"active": [False, True], "password_set": [True, False]} and trail.actor == boss.email
+    path = "/auth/set-password/" + link.rsplit("/", 1)[1]
+    owner = browser_for(None)
+    assert owner.post(path, {"password": "a brand new secret", "confirm": "a brand new secret"},
+                      token_from=path).status_code == 302
+    assert owner.login(stolen.email, "a brand new secret").status_code == 302
+
+
+def test_a_removed_seat_is_shown_as_removed_and_comes_back_without_its_records(make_seat, browser_for):
+    from webapp import audit
+    from webapp.models import Account
+
+    boss = make_seat("boss@corp.cn", role="boss")
+    gone, heir = make_seat("gone@corp.cn"), make_seat("heir@corp.cn")
+    acc = audit.create(gone.user, Account, {"name": "Kept Ltd"})
+    b = browser_for(boss)
+    b.post("/admin/seats/change", {"seat": [gone.user.id], "action": "remove", "heir": heir.user.id},
+           token_from="/admin/seats")
+    listed = seats.list_seats()
+    assert [(r["email"], r["removed"]) for r in listed if not r["active"]] == [("gone@corp.cn", True)]
+    assert '<span class="tag tag-lost">removed</span>' in b.get("/admin/seats").get_data(as_text=True)
+    resp = b.post(f"/admin/seats/{gone.user.id}/reactivate", token_from="/admin/seats")
+    page = resp.get_data(as_text=True)
+    assert resp.status_code == 200 and "without records" in page and "/auth/set-password/" in page
+    assert Account.get_by_id(acc.id).owner_id == heir.user.id, "the records stay with the heir"
+    assert User.get_by_id(gone.user.id).password_hash is None and not seats.list_seats()[1]["removed"]
 
 
 def test_pages_need_login(app, browser_for):

@@ -3,6 +3,7 @@ with the records handed over. Real PostgreSQL; the CLI through Click's runner.""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -14,7 +15,7 @@ from appliance.errors import SeatError
 from installer.cli import main
 from tests.test_cli import _config_file
 from webapp import audit
-from webapp.models import Account, AuditLog, Contact, Ticket, User
+from webapp.models import Account, Activity, AuditLog, Contact, Lead, Opportunity, Ticket, User
 
 
 def _csv(n: int, start: int = 0, header: str = "email,name,role,team") -> bytes:
@@ -43,6 +44,49 @@ def test_a_seats_file_in_utf8_with_bom_gbk_and_chinese_headers_reads_the_same():
 def test_a_bad_seats_file_is_refused_with_what_is_wrong(data, message):
     with pytest.raises(SeatError, match="^" + message.replace("(", r"\(")):
         seats.read_seat_rows(data, "seats.csv")
+
+
+def test_a_file_of_seats_to_disable_reads_every_line_as_an_e_mail():
+    plain = "a@corp.cn\n\nB@Corp.cn\n"
+    assert seats.read_seat_emails(plain.encode("gbk"), "f.txt") == {"a@corp.cn": 1, "b@corp.cn": 3}
+    # The seats file that added them works too: the header names the e-mail column.
+    added = "姓名,邮箱,角色\n王伟,wang.wei@corp.cn,agent\n"
+    for data in (added.encode("utf-8"), b"\xef\xbb\xbf" + added.encode("utf-8"), added.encode("gbk")):
+        assert seats.read_seat_emails(data, "f.csv") == {"wang.wei@corp.cn": 2}
+    assert seats.read_seat_emails(b"email\tname\nx@corp.cn\tX\n", "f.csv") == {"x@corp.cn": 2}
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"a@corp.cn\nbob.corp.cn\nc@corp.cn\nbob at corp\n",
+     "nothing was changed: 2 lines of f.txt are wrong: line 2: 'bob.corp.cn' is not an e-mail address; "
+     "line 4: 'bob at corp' is not an e-mail address"),
+    (b"email,name\n,Nobody\n", "nothing was changed: 1 lines of f.txt are wrong: line 2: '' is not an e-mail"),
+    (b"\n \n", "f.txt names no seat; expected one e-mail per line"),
+    (b"email\n", "f.txt names no seat"),
+])
+def test_a_line_that_is_not_an_e_mail_stops_a_disable_or_remove(data, message):
+    with pytest.raises(SeatError, match="^" + re.escape(message)):
+        seats.read_seat_emails(data, "f.txt")
+
+
+def test_the_commands_refuse_a_file_with_a_typo_or_an_unknown_seat_and_change_nothing(tmp_path, settings, db):
+    config = _config_file(tmp_path, settings)
+    for n in range(3):
+        seats.add_seat(settings, f"seat{n}@corp.cn", f"Seat {n}", "agent")
+    file = tmp_path / "stolen.txt"
+    for text, message in (("seat0@corp.cn\nseat1.corp.cn\n", "line 2: 'seat1.corp.cn' is not an e-mail address"),
+                          ("email\nseat0@corp.cn\nnobody@corp.cn\n",
+                           "no seat has the e-mail nobody@corp.cn (line 3); nothing was changed")):
+        file.write_text(text)
+        for args in (["disable"], ["remove", "--reassign-to", "seat2@corp.cn", "--yes"]):
+            result = CliRunner().invoke(main, ["--config", config, "seats", *args, "--file", str(file)])
+            assert result.exit_code == 1 and message in result.output, result.output
+            assert "Traceback" not in result.output
+            assert User.select().where(User.active).count() == 3, "nothing was changed"
+    file.write_text("email\nseat0@corp.cn\n\nSEAT1@corp.cn\n")
+    result = CliRunner().invoke(main, ["--config", config, "seats", "disable", "--file", str(file)])
+    assert result.exit_code == 0 and "Seats disabled: 2" in result.output, result.output
+    assert [u.email for u in User.select().where(User.active)] == ["seat2@corp.cn"]
 
 
 # ----------------------------------------------------------------------------- adding
@@ -154,11 +198,16 @@ def test_removing_seats_hands_every_record_to_the_chosen_seat_audited(make_seat)
     acc = audit.create(leaving.user, Account, {"name": "Kept Ltd"})
     contact = audit.create(leaving.user, Contact, {"last_name": "Wang", "account": acc.id})
     ticket = audit.create(leaving.user, Ticket, {"subject": "Invoice"})
+    lead = audit.create(leaving.user, Lead, {"last_name": "Zhao", "company": "Zhao Co"})
+    opportunity = audit.create(leaving.user, Opportunity, {"name": "Big deal", "account": acc.id})
+    activity = audit.create(leaving.user, Activity, {"subject": "Call back", "parent_type": "account",
+                                                     "parent_id": acc.id})
     other = audit.create(staying.user, Account, {"name": "Other Ltd"})
 
     moved = seats.remove_seats(seats.find_seats(["leaving@corp.cn"]), staying.user, boss.user)
-    assert moved == {"account": 1, "contact": 1, "ticket": 1}
-    for model, record in ((Account, acc), (Contact, contact), (Ticket, ticket)):
+    assert moved == {"account": 1, "contact": 1, "ticket": 1, "lead": 1, "opportunity": 1, "activity": 1}
+    for model, record in ((Account, acc), (Contact, contact), (Ticket, ticket), (Lead, lead),
+                          (Opportunity, opportunity), (Activity, activity)):
         row = model.get_by_id(record.id)
         assert row.owner_id == staying.user.id and row.team_id == staying.user.team_id
         trail = AuditLog.get(AuditLog.entity == model.entity, AuditLog.record_id == record.id,
@@ -166,11 +215,36 @@ def test_removing_seats_hands_every_record_to_the_chosen_seat_audited(make_seat)
         assert trail.changes["owner"] == [leaving.user.id, staying.user.id] and trail.actor == "boss@corp.cn"
     assert Account.get_by_id(other.id).owner_id == staying.user.id
     assert not User.get_by_id(leaving.user.id).active
-    assert not Account.select().where(Account.owner == leaving.user.id).exists(), "nothing left without an owner"
+    for model in (Account, Contact, Ticket, Lead, Opportunity, Activity):
+        assert not model.select().where(model.owner == leaving.user.id).exists(), model.entity
     with pytest.raises(SeatError, match="leaving@corp.cn is not an active seat"):
         seats.remove_seats(seats.find_seats(["staying@corp.cn"]), User.get_by_id(leaving.user.id), boss.user)
     with pytest.raises(SeatError, match="cannot take over its own records"):
         seats.remove_seats(seats.find_seats(["staying@corp.cn"]), staying.user, boss.user)
+
+
+def test_the_last_active_seat_with_administration_rights_cannot_be_stopped(tmp_path, settings, make_seat):
+    config = _config_file(tmp_path, settings)
+    first, second = make_seat("first.boss@corp.cn", role="boss"), make_seat("second.boss@corp.cn", role="boss")
+    agent = make_seat("agent@corp.cn")
+    acc = audit.create(first.user, Account, {"name": "Boss Ltd"})
+    refused = "nothing was changed: second.boss@corp.cn is the last active seat with administration rights"
+
+    both = CliRunner().invoke(main, ["--config", config, "seats", "disable", first.email, second.email])
+    assert both.exit_code == 1 and refused in both.output, both.output
+    assert User.select().where(User.active).count() == 3, "the whole operation is undone"
+    one = CliRunner().invoke(main, ["--config", config, "seats", "disable", first.email])
+    assert one.exit_code == 0 and "Seats disabled: 1" in one.output, one.output
+    for args in (["disable", second.email], ["remove", second.email, "--reassign-to", agent.email, "--yes"]):
+        result = CliRunner().invoke(main, ["--config", config, "seats", *args])
+        assert result.exit_code == 1 and refused in result.output and "Traceback" not in result.output, result.output
+        assert User.get_by_id(second.user.id).active
+    with pytest.raises(SeatError, match=refused):
+        seats.suspend(User.get_by_id(second.user.id))
+    assert Account.get_by_id(acc.id).owner_id == first.user.id
+    # A seat without administration rights is stopped as before, the last boss still active.
+    seats.disable_seats([User.get_by_id(agent.user.id)])
+    assert [u.email for u in User.select().where(User.active)] == [second.email]
 
 
 # ----------------------------------------------------------------------------- the commands
@@ -202,7 +276,89 @@ def test_the_seats_commands_add_disable_and_remove_in_bulk(tmp_path, settings, d
     assert both.exit_code == 2 and "either --file or --email" in both.output
 
 
+@pytest.mark.parametrize("days_ago", [1, 40])  # in the grace period (30 days), and after it
+def test_once_the_licence_has_ended_seats_are_neither_added_nor_removed_but_can_be_disabled(
+        tmp_path, settings, make_seat, days_ago):
+    import datetime as dt
+
+    from appliance.lifecycle import local_today
+
+    make_seat("boss@corp.cn", role="boss")
+    make_seat("stolen@corp.cn")
+    config = _config_file(tmp_path, settings)
+    expires = local_today(settings) - dt.timedelta(days=days_ago)
+    with open(config) as f:
+        text = f.read().replace("[seats]\n", f"[seats]\nexpires = {expires.isoformat()}\n")
+    with open(config, "w") as f:
+        f.write(text)
+    file = tmp_path / "seats.csv"
+    file.write_bytes(_csv(2))
+    for args in (["add", "--email", "new@corp.cn", "--name", "New", "--role", "agent"], ["add", "--file", str(file)],
+                 ["remove", "stolen@corp.cn", "--reassign-to", "boss@corp.cn", "--yes"]):
+        result = CliRunner().invoke(main, ["--config", config, "seats", *args])
+        assert result.exit_code == 1, result.output
+        assert f"the licence ended on {expires.isoformat()} and the data is read-only: seats cannot be" in result.output
+        assert f"set [seats] expires in {config} to the new last day" in result.output
+    assert sorted(u.email for u in User.select().where(User.active)) == ["boss@corp.cn", "stolen@corp.cn"]
+    disabled = CliRunner().invoke(main, ["--config", config, "seats", "disable", "stolen@corp.cn"])
+    assert disabled.exit_code == 0 and "Seats disabled: 1" in disabled.output, disabled.output
+
+
+def test_a_seats_file_of_101_is_refused_whole_and_one_of_100_is_added(tmp_path, settings, db):
+    config = _config_file(tmp_path, settings)
+    with open(config) as f:
+        text = f.read().replace("licensed = 50", "licensed = 200")
+    with open(config, "w") as f:
+        f.write(text)
+    file = tmp_path / "seats.csv"
+    file.write_bytes(_csv(101))
+    refused = CliRunner().invoke(main, ["--config", config, "seats", "add", "--file", str(file)])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert f"{file} holds 101 seats; one operation adds at most 100: split the file" in refused.output
+    assert User.select().count() == 0
+    file.write_bytes(_csv(100))
+    added = CliRunner().invoke(main, ["--config", config, "seats", "add", "--file", str(file)])
+    assert added.exit_code == 0 and "Seats added: 100; in use: 100 of 200 licensed." in added.output, added.output
+    assert added.output.count("/auth/set-password/") == 100 and User.select().count() == 100
+
+
 # ----------------------------------------------------------------------------- the boss's page
+
+
+@pytest.fixture
+def roomy_browser(pg_cluster, secrets_dir, db, make_seat):
+    """The boss's browser on an appliance licensed for 200 seats."""
+    from tests.conftest import Browser, make_settings
+    from webapp import create_app
+
+    app = create_app(make_settings(pg_cluster, secrets_dir, seats={"licensed": 200}), database=db)
+    app.config.update(TESTING=True)
+    boss = make_seat("boss@corp.cn", role="boss")
+    browser = Browser(app.test_client())
+    assert browser.login(boss.email).status_code == 302
+    return browser
+
+
+def test_the_boss_adds_100_seats_at_once_but_not_101(roomy_browser):
+    resp = roomy_browser.post("/admin/seats/bulk", {"text": _csv(101).decode()}, token_from="/admin/seats/bulk")
+    assert resp.status_code == 400
+    assert "the pasted text holds 101 seats; one operation adds at most 100: split the file" in resp.get_data(
+        as_text=True)
+    assert User.select().count() == 1, "only the boss"
+    resp = roomy_browser.post("/admin/seats/bulk", {"text": _csv(100).decode()}, token_from="/admin/seats/bulk")
+    assert resp.status_code == 200 and resp.get_data(as_text=True).count("/auth/set-password/") == 100
+    assert User.select().count() == 101
+
+
+def test_a_bulk_add_without_the_csrf_token_is_refused_and_adds_nothing(make_seat, browser_for):
+    b = browser_for(make_seat("boss@corp.cn", role="boss"))
+    for data in ({"text": _csv(2).decode()}, {"text": _csv(2).decode(), "csrf_token": "forged"}):
+        assert b.client.post("/admin/seats/bulk", data=data).status_code == 400
+    assert User.select().count() == 1, "only the boss"
+    assert b.post("/admin/seats/bulk", {"text": _csv(2).decode()}, token_from="/admin/seats/bulk").status_code == 200
+    assert User.select().count() == 3, "the same post with the token works"
+
+
 
 
 def test_the_boss_pastes_seats_from_a_spreadsheet_and_gets_their_links(make_seat, browser_for):
@@ -271,3 +427,98 @@ def test_the_boss_disables_and_removes_ticked_seats(make_seat, browser_for):
     assert no_csrf.status_code == 400 and User.get_by_id(heir.user.id).active
     agent = browser_for(heir)
     assert agent.post("/admin/seats/change", {"seat": [boss.user.id], "action": "disable"}).status_code == 404
+
+
+# ----------------------------------------------------------------------------- smaller mends
+
+
+def test_roles_are_matched_in_any_case_and_by_their_chinese_names(settings, db):
+    from webapp.models import Role
+
+    Role.create(name="Sales", permissions={})
+    data = ("email,name,role\na@corp.cn,A,AGENT\nb@corp.cn,B,老板\nc@corp.cn,C,Manager\nd@corp.cn,D, 专员 \n"
+            "e@corp.cn,E,sales\nf@corp.cn,F,经理\n").encode()
+    created = seats.add_seats(settings, seats.read_seat_rows(data, "seats.csv"))
+    assert [c.user.role.name for c in created] == ["agent", "boss", "manager", "agent", "Sales", "manager"]
+    with pytest.raises(SeatError, match=r"unknown role '主管'; expected one of: Sales, agent, boss, manager"):
+        seats.add_seat(settings, "g@corp.cn", "G", "主管")
+
+
+def test_the_chinese_role_names_are_those_the_chinese_pages_show():
+    from pathlib import Path
+
+    from babel.support import Translations
+
+    from webapp.i18n import ROLE_NAMES
+
+    catalogue = Translations.load(str(Path(__file__).parent.parent / "webapp" / "translations"), ["zh"])
+    shown = {name: catalogue.ugettext(str(label)) for name, label in ROLE_NAMES.items()}
+    assert {v: k for k, v in shown.items()} == seats._ROLE_NAMES_ZH
+
+
+def test_a_team_name_over_100_characters_is_refused_with_its_line(settings, db):
+    data = f"email,name,role,team\na@corp.cn,A,agent,East\nb@corp.cn,B,agent,{'T' * 101}\n".encode()
+    with pytest.raises(SeatError, match=r"^no seat was added: 1 lines are wrong: line 3: the team name 'T+' is "
+                                        r"longer than 100 characters$"):
+        seats.add_seats(settings, seats.read_seat_rows(data, "seats.csv"))
+    assert User.select().count() == 0
+    seats.add_seat(settings, "c@corp.cn", "C", "agent", "T" * 100)
+
+
+def test_the_teams_an_add_creates_are_named_by_the_command_and_the_page(tmp_path, settings, make_seat, browser_for):
+    boss = make_seat("boss@corp.cn", role="boss", team="East")
+    config = _config_file(tmp_path, settings)
+    file = tmp_path / "seats.csv"
+    file.write_text("email,name,role,team\na@corp.cn,A,agent,East\nb@corp.cn,B,agent,Eats\nc@corp.cn,C,agent,Eats\n"
+                    "d@corp.cn,D,agent,West\n")
+    added = CliRunner().invoke(main, ["--config", config, "seats", "add", "--file", str(file)])
+    assert added.exit_code == 0 and "New teams created: Eats, West.\n" in added.output, added.output
+    one = CliRunner().invoke(main, ["--config", config, "seats", "add", "--email", "e@corp.cn", "--name", "E",
+                                    "--role", "agent", "--team", "East"])
+    assert one.exit_code == 0 and "New teams created" not in one.output
+
+    b = browser_for(boss)
+    page = b.post("/admin/seats/bulk", {"text": "email,name,role,team\nf@corp.cn,F,agent,North\ng@corp.cn,G,agent,"
+                                                 "West\n"}, token_from="/admin/seats/bulk").get_data(as_text=True)
+    assert '<p id="new-teams">New teams created: North.</p>' in page
+    page = b.post("/admin/seats", {"email": "h@corp.cn", "name": "H", "role": "agent", "team": "South"},
+                  token_from="/admin/seats").get_data(as_text=True)
+    assert '<p id="new-teams">New teams created: South.</p>' in page
+    page = b.post("/admin/seats", {"email": "i@corp.cn", "name": "I", "role": "agent", "team": "South"},
+                  token_from="/admin/seats").get_data(as_text=True)
+    assert "/auth/set-password/" in page and "new-teams" not in page
+
+
+def test_pasting_seats_and_choosing_a_file_at_once_is_refused(make_seat, browser_for):
+    import io
+
+    b = browser_for(make_seat("boss@corp.cn", role="boss"))
+    resp = b.post("/admin/seats/bulk", {"text": _csv(1).decode(), "file": (io.BytesIO(_csv(2, start=5)), "seats.csv")},
+                  token_from="/admin/seats/bulk", content_type="multipart/form-data")
+    assert resp.status_code == 400
+    assert "You both pasted seats and chose a file: choose one" in resp.get_data(as_text=True)
+    assert User.select().count() == 1, "only the boss"
+
+
+def test_suspending_an_inactive_seat_changes_and_audits_nothing(make_seat, browser_for):
+    boss = make_seat("boss@corp.cn", role="boss")
+    gone, heir = make_seat("gone@corp.cn"), make_seat("heir@corp.cn")
+    seats.remove_seats([User.get_by_id(gone.user.id)], heir.user, boss.user)
+    rows = AuditLog.select().count()
+    b = browser_for(boss)
+    resp = b.post(f"/admin/seats/{gone.user.id}/suspend", token_from="/admin/seats")
+    assert resp.status_code == 302
+    assert "Seat gone@corp.cn is not active; nothing was changed." in b.get("/admin/seats").get_data(as_text=True)
+    assert AuditLog.select().count() == rows
+    assert seats.is_removed(User.get_by_id(gone.user.id)), "still shown as removed"
+
+
+def test_ticked_seats_that_do_not_exist_are_an_error_and_nothing_is_changed(make_seat, browser_for):
+    boss = make_seat("boss@corp.cn", role="boss")
+    agent = make_seat("agent@corp.cn")
+    b = browser_for(boss)
+    resp = b.post("/admin/seats/change", {"seat": [agent.user.id, agent.user.id + 1000], "action": "disable"},
+                  token_from="/admin/seats")
+    assert resp.status_code == 302 and User.get_by_id(agent.user.id).active
+    assert "1 of the ticked seats do not exist (any more); nothing was changed." in b.get("/admin/seats").get_data(
+        as_text=True)

@@ -72,7 +72,8 @@ def seat_list():
         else:
             audit.write_row(g.user, "user", created.user.id, "create",
                             {"email": [None, created.user.email], "role": [None, form.role.data]})
-            new_link = {"email": created.user.email, "link": created.link, "expires_at": created.expires_at}
+            new_link = {"email": created.user.email, "link": created.link, "expires_at": created.expires_at,
+                        "new_teams": seats.new_teams([created])}
             form = SeatForm(formdata=None)
             form.role.choices = _role_choices()
     rows = seats.list_seats()
@@ -99,9 +100,12 @@ def bulk_seats():
     created, status = [], 200
     if form.validate_on_submit():
         upload = form.file.data
-        data = upload.read(MAX_SEATS_FILE + 1) if upload and upload.filename else (form.text.data or "").encode()
-        source = upload.filename if upload and upload.filename else _("the pasted text")
+        uploaded = bool(upload and upload.filename)
+        data = upload.read(MAX_SEATS_FILE + 1) if uploaded else (form.text.data or "").encode()
+        source = upload.filename if uploaded else _("the pasted text")
         try:
+            if uploaded and (form.text.data or "").strip():
+                raise SeatError(_("You both pasted seats and chose a file: choose one, then add the seats again."))
             if len(data) > MAX_SEATS_FILE:
                 raise SeatError(_("%(source)s is larger than 1 MB; a hundred seats fit in a few kilobytes",
                                   source=source))
@@ -116,7 +120,8 @@ def bulk_seats():
             form = BulkSeatsForm(formdata=None)
     elif form.errors:
         status = 400
-    return render_template("admin/seats_bulk.html", form=form, created=created, in_use=seats.in_use(),
+    return render_template("admin/seats_bulk.html", form=form, created=created, new_teams=seats.new_teams(created),
+                           in_use=seats.in_use(),
                            licensed=_settings().seats.licensed, most=seats.MAX_BULK), status
 
 
@@ -135,11 +140,17 @@ def suspend(user_id: int):
     user = _seat_or_404(user_id)
     if user.id == g.user.id:
         flash(_("You cannot suspend your own seat."), "error")
+    elif not user.active:
+        flash(_("Seat %(email)s is not active; nothing was changed.", email=user.email), "error")
     else:
-        with database.atomic():
-            seats.suspend(user, (request.form.get("reason") or "suspended by the boss")[:200])
-            audit.write_row(g.user, "user", user.id, "suspend", {"active": [True, False]})
-        flash(_("Seat %(email)s suspended; its sessions have ended.", email=user.email), "success")
+        try:
+            with database.atomic():
+                seats.suspend(user, (request.form.get("reason") or "suspended by the boss")[:200])
+                audit.write_row(g.user, "user", user.id, "suspend", {"active": [True, False]})
+        except SeatError as exc:
+            flash(str(exc), "error")
+        else:
+            flash(_("Seat %(email)s suspended; its sessions have ended.", email=user.email), "success")
     return redirect(url_for("admin.seat_list"))
 
 
@@ -152,18 +163,25 @@ def change_seats():
         abort(400)
     ids = list(dict.fromkeys(int(r) for r in raw_ids))
     users = list(User.select().where(User.id.in_(ids))) if ids else []
-    if not users:
+    if not ids:
         flash(_("Tick the seats to change first."), "error")
+    elif len(users) < len(ids):
+        flash(_("%(n)d of the ticked seats do not exist (any more); nothing was changed. Reload the page and "
+                "tick the seats again.", n=len(ids) - len(users)), "error")
     elif len(users) > seats.MAX_BULK:
         flash(_("One operation changes at most %(max)d seats.", max=seats.MAX_BULK), "error")
     elif any(u.id == g.user.id for u in users):
         flash(_("You cannot disable or remove your own seat."), "error")
     elif action == "disable":
-        with database.atomic():
-            changed = seats.disable_seats(users, "disabled by the boss")
-            for user in changed:
-                audit.write_row(g.user, "user", user.id, "suspend", {"active": [True, False]})
-        flash(_("Seats disabled: %(n)d; their sessions have ended.", n=len(changed)), "success")
+        try:
+            with database.atomic():
+                changed = seats.disable_seats(users, "disabled by the boss")
+                for user in changed:
+                    audit.write_row(g.user, "user", user.id, "suspend", {"active": [True, False]})
+        except SeatError as exc:
+            flash(str(exc), "error")
+        else:
+            flash(_("Seats disabled: %(n)d; their sessions have ended.", n=len(changed)), "success")
     else:
         heir_raw = request.form.get("heir") or ""
         valid = heir_raw.isdigit() and permissions.valid_id(int(heir_raw))
@@ -183,16 +201,23 @@ def change_seats():
 
 @bp.route("/seats/<int:user_id>/reactivate", methods=["POST"])
 def reactivate(user_id: int):
+    """Bring a seat back with a new set-password link, shown once, here: its old password ends."""
     user = _seat_or_404(user_id)
+    removed, had_password = seats.is_removed(user), bool(user.password_hash)
     try:
         with database.atomic():
-            seats.reactivate(_settings(), user)
-            audit.write_row(g.user, "user", user.id, "reactivate", {"active": [False, True]})
+            new = seats.reactivate(_settings(), user)
+            audit.write_row(g.user, "user", user.id, "reactivate",
+                            {"active": [False, True], "password_set": [had_password, False]})
     except SeatError as exc:
         flash(str(exc), "error")
+        return redirect(url_for("admin.seat_list"))
+    if removed:
+        flash(_("Seat %(email)s is active again, without records: those it had stay with the seats that took "
+                "them over. Its old password no longer works.", email=user.email), "success")
     else:
-        flash(_("Seat %(email)s is active again.", email=user.email), "success")
-    return redirect(url_for("admin.seat_list"))
+        flash(_("Seat %(email)s is active again. Its old password no longer works.", email=user.email), "success")
+    return render_template("admin/link.html", seat=user, link=new.link, expires_at=new.expires_at)
 
 
 @bp.route("/seats/<int:user_id>/link", methods=["POST"])

@@ -19,6 +19,7 @@ from wtforms import EmailField, PasswordField
 from wtforms.validators import DataRequired, EqualTo, Length
 
 from appliance import seats
+from appliance.errors import SeatError
 from webapp.i18n import lazy_gettext as _l
 from webapp.models import LoginLog, Role, User, utcnow
 from webapp.prepared import Prepared
@@ -89,8 +90,17 @@ def _safe_next(target: str | None) -> str:
     return target
 
 
+# Logged instead of what was typed in the e-mail field when it is no e-mail address: often a
+# password typed in the wrong field, which the login log (kept, shown, exported) must not hold.
+NOT_AN_EMAIL = "(not an e-mail address)"
+
+
 def _log_attempt(email: str, user: User | None, success: bool, reason: str) -> None:
-    LoginLog.create(user=user.id if user else None, email=email[:254], ip=request.remote_addr,
+    try:
+        email = seats.normalise_email(email)
+    except SeatError:
+        email = NOT_AN_EMAIL
+    LoginLog.create(user=user.id if user else None, email=email, ip=request.remote_addr,
                     user_agent=(request.user_agent.string or "")[:300], success=success, reason=reason)
 
 

@@ -136,16 +136,54 @@ def _csv_grid(data: bytes, name: str):
     first_line = text.split("\n", 1)[0]
     # Whichever separator the header uses most; a comma when it has none (one column).
     delimiter = max(",;\t", key=first_line.count)
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
-    number = 0
+    # Strict: a quote left open raises at the end of the data instead of swallowing every later row.
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, strict=True)
+    number, start_line, headers = 0, 1, None
     try:
         for number, cells in enumerate(reader, start=1):
+            headers = headers or ([c.strip() for c in cells] if any(c.strip() for c in cells) else None)
             yield number, [_unescape(cell) for cell in cells]
+            start_line = reader.line_num + 1
     except csv.Error as exc:
+        column = _unclosed_cell(text, start_line, delimiter)
+        if column is not None:
+            label = f"{column + 1} ({headers[column]})" if headers and column < len(headers) and headers[column] \
+                else str(column + 1)
+            raise ImportFileError(_l("%(file)s: unclosed quote: the cell that starts at row %(row)d (line %(line)d "
+                                     "of the file), column %(column)s never ends; add its closing double quote, "
+                                     "and write a double quote within a cell as two", file=name, row=number + 1,
+                                     line=start_line, column=label)) from exc
         if "field larger than field limit" in str(exc):
             raise _cell_too_long(name, number + 1, None) from exc
         raise ImportFileError(_l("%(file)s, row %(row)d is not valid CSV (%(error)s); check the quotes in that row",
                                  file=name, row=number + 1, error=str(exc))) from exc
+
+
+def _unclosed_cell(text: str, line: int, delimiter: str):
+    """The index of the quoted cell that never closes in the record starting at ``line``
+    (1 for the first), or None when that record's quotes all close."""
+    pos = 0
+    for _ in range(line - 1):
+        pos = text.find("\n", pos) + 1
+        if pos == 0:
+            return None
+    cell_end = re.compile(f"[{re.escape(delimiter)}\n]")
+    column = 0
+    while True:
+        if text.startswith('"', pos):  # a quoted cell: find its closing quote, past doubled ones
+            pos += 1
+            while True:
+                pos = text.find('"', pos)
+                if pos == -1:
+                    return column
+                if not text.startswith('"', pos + 1):
+                    break
+                pos += 2
+            pos += 1
+        end = cell_end.search(text, pos)
+        if end is None or end.group() == "\n":
+            return None
+        column, pos = column + 1, end.end()
 
 
 def _unescape(cell: str) -> str:

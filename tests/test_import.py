@@ -118,6 +118,29 @@ def test_a_malformed_file_is_refused_with_a_clear_message(data, name, message):
         read_table(data, name)
 
 
+UNCLOSED = ("unclosed quote: the cell that starts at row 3 (line 3 of the file), column 2 (description) never "
+            "ends; add its closing double quote")
+
+
+def test_an_unclosed_quote_is_refused_naming_where_the_cell_starts():
+    # Before: one account "Acme" whose description swallowed the rows after it.
+    data = 'name,description\nZeta,"fine, ""quoted"" text"\nAcme,"Big customer\nBeta,x\nGamma,y\n'
+    with pytest.raises(ImportFileError, match="^" + re.escape("a.csv: " + UNCLOSED)):
+        _read(data, "a.csv")
+
+
+def test_an_unclosed_quote_in_a_big_file_is_not_called_a_long_cell():
+    # The open cell grows past csv's field limit before the data ends.
+    data = "name,description\nZeta,z\nAcme,\"Big customer\n" + "Beta,x\n" * 50_000
+    with pytest.raises(ImportFileError, match="^" + re.escape("a.csv: " + UNCLOSED)):
+        _read(data, "a.csv")
+    # A quoted cell that does close, over multiple lines, reads as one cell; a long one is a long cell.
+    assert _read('name,description\nAcme,"two\nlines"\nBeta,x\n').rows == [(2, ["Acme", "two\nlines"]),
+                                                                            (3, ["Beta", "x"])]
+    with pytest.raises(ImportFileError, match=re.escape("a.csv, row 2: a cell holds more than 100,000")):
+        _read('name,description\nAcme,"' + "x\n" * 100_000 + '"\nBeta,x\n', "a.csv")
+
+
 def test_a_zip_that_is_no_workbook_is_refused():
     out = io.BytesIO()
     import zipfile

@@ -65,6 +65,35 @@ def test_utf8_with_and_without_bom_and_gbk_read_the_same(encoding):
                           (3, ["欧阳修文", "ouyang@corp.cn", "", "华信科技", ""])]
 
 
+def test_windows_1252_text_is_refused_not_read_as_gbk():
+    # GBK decodes it without an error: "Müller" would be stored as "M黮ler".
+    data = "name,city\nAcme,Berlin\nAnna Müller,Köln\nJörg Schäfer,Düsseldorf\n".encode("cp1252")
+    with pytest.raises(ImportFileError, match="^" + re.escape(
+            "people.csv is neither UTF-8 nor GBK Chinese text (line 3 reads as “Anna M黮ler,K鰈n”); save it as "
+            "CSV (UTF-8)")):
+        read_table(data, "people.csv")
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_utf8_with_one_damaged_byte_is_refused_naming_line_and_byte(bom):
+    # Decoded as GBK, every Chinese name in it would be nonsense.
+    text = "姓名,城市\n王伟,上海\n李娜,北京\n" * 20
+    data = bom + text.encode() + "张三,广".encode() + b"\xff" + "州\n赵六,深圳\n".encode()
+    with pytest.raises(ImportFileError, match="^" + re.escape(
+            "c.csv is UTF-8 text with a damaged byte (0xFF, shown as �) on line 61: “张三,广�州”; correct that "
+            "character")):
+        read_table(data, "c.csv")
+
+
+def test_gbk_with_rare_name_characters_still_reads():
+    # 喆 and 堃 are outside GB2312, GBK's common area; a name may hold one all the same.
+    text = "姓名,公司,城市\n王喆,华信科技,上海\n李堃,华信科技,北京\n阿凡提·买买提,天山贸易,乌鲁木齐\n张伟,长江实业,武汉\n"
+    table = read_table(text.encode("gbk"), "c.csv")
+    assert [cells[0] for _, cells in table.rows] == ["王喆", "李堃", "阿凡提·买买提", "张伟"]
+    # GBK text that is partly valid UTF-8 by chance (职 is D6 B0) is read as GBK.
+    assert read_table("职位,城市\n职员,上海\n".encode("gbk"), "c.csv").rows == [(2, ["职员", "上海"])]
+
+
 @pytest.mark.parametrize("separator", [",", ";", "\t"])
 def test_comma_semicolon_and_tab_separated(separator):
     text = separator.join(["Name", "E-mail", "City"]) + "\n" + separator.join(['"Acme, Inc"', "a@acme.cn", "上海"])

@@ -150,6 +150,13 @@ def test_the_export_command(tmp_path, settings, db):
     again = CliRunner().invoke(main, ["--config", config, "export", "--output", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output and "Traceback" not in again.output
     assert Note.select().count() == 0 and User.select().count() == 1
+    # Every export is audited, the command line's as "cli:<OS user>", as its other audit rows.
+    from installer.cli import _os_user
+    from webapp.models import AuditLog
+
+    rows = list(AuditLog.select().where(AuditLog.action == "export_all").order_by(AuditLog.id))
+    assert [(r.actor, r.user_id, r.entity, r.changes["file"]) for r in rows] == [
+        (f"cli:{_os_user()}", None, "export", [None, str(out)])] * 2, "the refused second run was an attempt too"
 
 
 # ----------------------------------------------------------------------------- the boss's page

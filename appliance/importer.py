@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flask_babel import lazy_gettext as _l
+from flask_babel import lazy_ngettext as _ln
 
 from appliance.errors import ApplianceError, SeatError
 from appliance.seats import EMAIL_RE
@@ -62,6 +63,11 @@ class ImportFileError(ApplianceError):
     def __init__(self, message, plan: "Plan | None" = None):
         super().__init__(message)
         self.plan = plan
+
+
+class ImportChanged(ImportFileError):
+    """``import_table``'s re-check found other duplicates than the dry run the seat reviewed
+    (records were added or removed meanwhile); ``plan`` is the new dry run. Nothing is written."""
 
 
 # ============================================================================= reading the file
@@ -832,16 +838,44 @@ def _copy_text(value) -> str:
     return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def import_table(table: Table, mapping: list[str], entity: str, user: User, skip_duplicates: bool = True) -> Plan:
+def import_table(table: Table, mapping: list[str], entity: str, user: User, skip_duplicates: bool = True,
+                 reviewed_duplicates: list[int] | None = None) -> Plan:
     """The real import: ``validate()`` then ``run_import()`` in one transaction, so the records
-    created are those of the dry run. Returns the plan. :raise ImportFileError: rows with
-    problems (``exc.plan`` holds them); nothing is written."""
+    created are those of the dry run. Returns the plan.
+
+    ``reviewed_duplicates``: the rows the reviewed dry run found duplicates; when the re-check
+    finds others (records added or removed since), nothing is written.
+    :raise ImportChanged: see ``reviewed_duplicates``.
+    :raise ImportFileError: rows with problems (``exc.plan`` holds them); nothing is written."""
     with database.atomic():
         # One import of an entity at a time: the second one sees the first one's records as duplicates.
         database.execute_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"crm-appliance import {entity}",))
         plan = validate(table, mapping, entity, user, skip_duplicates)
+        if reviewed_duplicates is not None and plan.ok:
+            changed = _changes(reviewed_duplicates, [p.row for p in plan.duplicates])
+            if changed:
+                raise ImportChanged(_l("Nothing was imported: since your check, %(changes)s. Check the result "
+                                       "below, then import.", changes=changed), plan=plan)
         run_import(plan, user)
     return plan
+
+
+def _changes(reviewed: list[int], now: list[int]) -> str:
+    """What differs between the duplicate rows reviewed and those found now ("" for nothing)."""
+    def rows(numbers: list[int]) -> str:
+        return ", ".join(map(str, numbers[:10])) + (", …" if len(numbers) > 10 else "")
+
+    added = sorted(set(now) - set(reviewed))
+    gone = sorted(set(reviewed) - set(now))
+    parts = []
+    if added:
+        parts.append(_ln("%(num)d row became a duplicate of a record added meanwhile (row %(rows)s)",
+                         "%(num)d rows became duplicates of records added meanwhile (rows %(rows)s)",
+                         len(added), rows=rows(added)))
+    if gone:
+        parts.append(_ln("%(num)d row is no longer a duplicate (row %(rows)s)",
+                         "%(num)d rows are no longer duplicates (rows %(rows)s)", len(gone), rows=rows(gone)))
+    return "; ".join(str(p) for p in parts)
 
 
 def report_csv(plan: Plan) -> bytes:

@@ -490,6 +490,28 @@ def test_upload_review_and_import_through_the_pages(make_seat, browser_for, sett
     assert b.get(review_url).status_code == 404
 
 
+def test_an_import_that_would_differ_from_the_reviewed_dry_run_writes_nothing(make_seat, browser_for):
+    boss = make_seat("boss@corp.cn", role="boss")
+    b = browser_for(boss)
+    review_url = _upload(b, "account", "Name,City\nAcme,上海\nBeta,北京\nGamma,广州\n".encode(), "a.csv").headers[
+        "Location"]
+    token = b.csrf(review_url)  # the review page, as the seat sees it
+    assert "3 to import" in b.get(review_url).get_data(as_text=True)
+    # Meanwhile someone creates "Beta": the import would now skip row 3, which the review did not show.
+    audit.create(boss.user, Account, {"name": "Beta"})
+    form = {"column-0": "name", "column-1": "city", "skip_duplicates": "1", "action": "import", "csrf_token": token}
+    before = _counts()
+    resp = b.client.post(review_url, data=form)
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 409 and _counts() == before
+    assert ("Nothing was imported: since your check, 1 row became a duplicate of a record added meanwhile "
+            "(row 3). Check the result below, then import.") in html
+    assert "2 to import" in html and "same Name as the existing record" in html
+    # The new dry run is now the one shown: importing it creates exactly that.
+    assert b.client.post(review_url, data=form).status_code == 302
+    assert sorted(a.name for a in Account.select()) == ["Acme", "Beta", "Gamma"]
+
+
 def test_a_bad_upload_is_answered_on_the_form_and_nothing_is_kept(make_seat, browser_for, settings):
     b = browser_for(make_seat("boss@corp.cn", role="boss"))
     resp = _upload(b, "contact", b"\x89PNG\r\n\x1a\n\x00\x00\x00", "photo.csv")

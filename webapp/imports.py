@@ -2,7 +2,8 @@
 
 A thin layer over ``appliance.importer``. An upload is kept under
 ``<data_dir>/imports/<token>/`` (files 0600) with a JSON sidecar naming the seat that
-uploaded it, the entity, and the mapping of the dry run last shown; any other seat's
+uploaded it, the entity, and the mapping and duplicate rows of the dry run last shown
+(an import that would differ from it writes nothing and shows the new one); any other seat's
 request for that token answers 404. Uploads older than a day are removed whenever a new
 import starts. The seat needs "create" on the entity, else every page answers 404.
 """
@@ -24,7 +25,7 @@ from flask_wtf import FlaskForm
 from flask_wtf.file import FileField, FileRequired
 
 from appliance import importer
-from appliance.importer import ImportFileError
+from appliance.importer import ImportChanged, ImportFileError
 from webapp import permissions
 from webapp.crud import MODULES
 from webapp.i18n import lazy_gettext as _l
@@ -145,7 +146,10 @@ def review(entity: str, token: str):
         _save_job(job, meta)
         if request.form.get("action") == "import" and shown:
             try:
-                plan = importer.import_table(table, mapping, entity, g.user, skip)
+                plan = importer.import_table(table, mapping, entity, g.user, skip, meta.get("reviewed_duplicates"))
+            except ImportChanged as exc:
+                flash(str(exc), "error")
+                plan, status = exc.plan, 409
             except ImportFileError as exc:
                 flash(_("Nothing was imported: the file has problems, listed below."), "error")
                 plan, status = exc.plan, 400
@@ -159,6 +163,9 @@ def review(entity: str, token: str):
             plan = importer.validate(table, mapping, entity, g.user, skip)
     else:
         plan = importer.validate(table, meta["mapping"], entity, g.user, meta["skip_duplicates"])
+    # What this page shows is what an import from it must find again (importer.import_table).
+    meta["reviewed_duplicates"] = [p.row for p in plan.duplicates]
+    _save_job(job, meta)
     problems = sorted(plan.problems, key=lambda p: (p.row, p.duplicate))
     return render_template("import_review.html", module=module, token=token, filename=meta["filename"],
                            columns=list(zip(importer.column_names(table), plan.mapping,

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flask_babel import lazy_gettext as _l
-from flask_babel import lazy_ngettext as _ln
+from flask_babel import lazy_ngettext as ngettext  # lazy; named so that Babel extracts its messages
 
 from appliance.errors import ApplianceError, SeatError
 from appliance.seats import EMAIL_RE
@@ -783,8 +783,9 @@ def run_import(plan: Plan, user: User) -> int:
     returns how many. :raise ImportFileError: the plan has errors (nothing is written).
     :raise PermissionDenied: the seat may not create these records."""
     if not plan.ok:
-        raise ImportFileError(_l("nothing was imported: %(n)d problems in the file; correct them and try again",
-                                 n=len(plan.errors)), plan=plan)
+        raise ImportFileError(ngettext("nothing was imported: %(num)d problem in the file; correct it and try again",
+                                       "nothing was imported: %(num)d problems in the file; correct them and try again",
+                                       len(plan.errors)), plan=plan)
     if not permissions.can(user, plan.entity, "create"):
         raise permissions.PermissionDenied(f"{user.email} may not create {plan.entity}")
     model = RECORD_MODELS[plan.entity]
@@ -869,12 +870,12 @@ def _changes(reviewed: list[int], now: list[int]) -> str:
     gone = sorted(set(reviewed) - set(now))
     parts = []
     if added:
-        parts.append(_ln("%(num)d row became a duplicate of a record added meanwhile (row %(rows)s)",
-                         "%(num)d rows became duplicates of records added meanwhile (rows %(rows)s)",
-                         len(added), rows=rows(added)))
+        parts.append(ngettext("%(num)d row became a duplicate of a record added meanwhile (row %(rows)s)",
+                              "%(num)d rows became duplicates of records added meanwhile (rows %(rows)s)",
+                              len(added), rows=rows(added)))
     if gone:
-        parts.append(_ln("%(num)d row is no longer a duplicate (row %(rows)s)",
-                         "%(num)d rows are no longer duplicates (rows %(rows)s)", len(gone), rows=rows(gone)))
+        parts.append(ngettext("%(num)d row is no longer a duplicate (row %(rows)s)",
+                              "%(num)d rows are no longer duplicates (rows %(rows)s)", len(gone), rows=rows(gone)))
     return "; ".join(str(p) for p in parts)
 
 

@@ -206,9 +206,9 @@ def _decode(data: bytes, source: str) -> str:
     if any(byte > 0x7F for byte in body[:damage.start]) and good > 2 * bad:
         at = len(body[:damage.start].decode("utf-8"))
         line, sample = line_of(whole, at)
-        raise SeatError(_l("%(source)s is UTF-8 text with a damaged byte (0x%(byte)02X, shown as �) on line "
+        raise SeatError(_l("%(source)s is UTF-8 text with a damaged byte (%(byte)s, shown as �) on line "
                            "%(line)d: “%(text)s”; correct that character, then save the file as CSV (UTF-8) again",
-                           source=source, byte=body[damage.start], line=line, text=sample))
+                           source=source, byte=f"0x{body[damage.start]:02X}", line=line, text=sample))
     try:
         text = data.decode("gbk")
     except UnicodeDecodeError:

@@ -283,7 +283,7 @@ def test_one_bad_row_means_nothing_is_written(make_seat):
     rows = "\n".join(f"Company {i},c{i}@corp.cn" for i in range(50))
     table = _read("Name,Email\n" + rows + "\nBroken,not-an-email\n")
     before = _counts()
-    with pytest.raises(ImportFileError, match="nothing was imported: 1 problems") as err:
+    with pytest.raises(ImportFileError, match="nothing was imported: 1 problem in the file; correct it and try again") as err:
         import_table(table, ["name", "email"], "account", boss.user)
     assert _counts() == before
     [problem] = err.value.plan.errors
@@ -459,7 +459,7 @@ def test_upload_review_and_import_through_the_pages(make_seat, browser_for, sett
     assert all(stat.S_IMODE(os.stat(p).st_mode) == 0o600 for p in job.iterdir())
 
     html = b.get(review_url).get_data(as_text=True)
-    assert "客户.xlsx: 2 rows; 1 to import, 1 problems, 0 duplicates." in html
+    assert "客户.xlsx: 2 rows; 1 to import, 1 problem, 0 duplicates." in html
     assert re.search(r'<select name="column-0"[^>]*>.*?<option value="name" selected>', html, re.S)
     assert "not an e-mail address" in html and "Import 1 row<" in html
     report = b.get(review_url + "/report.csv")
@@ -506,7 +506,8 @@ def test_an_import_that_would_differ_from_the_reviewed_dry_run_writes_nothing(ma
     assert resp.status_code == 409 and _counts() == before
     assert ("Nothing was imported: since your check, 1 row became a duplicate of a record added meanwhile "
             "(row 3). Check the result below, then import.") in html
-    assert "2 to import" in html and "same Name as the existing record" in html
+    assert "a.csv: 3 rows; 2 to import, 0 problems, 1 duplicate." in html, "counts in the singular too"
+    assert "same Name as the existing record" in html
     # The new dry run is now the one shown: importing it creates exactly that.
     assert b.client.post(review_url, data=form).status_code == 302
     assert sorted(a.name for a in Account.select()) == ["Acme", "Beta", "Gamma"]
@@ -525,7 +526,7 @@ def test_another_seats_upload_is_not_found(make_seat, browser_for):
     a = browser_for(make_seat("a@corp.cn", role="agent"))
     b = browser_for(make_seat("b@corp.cn", role="agent"))
     review_url = _upload(a, "lead", "姓名,公司\n王伟,华信\n".encode("gbk"), "leads.csv").headers["Location"]
-    assert a.get(review_url).status_code == 200
+    assert "leads.csv: 1 row; 1 to import, 0 problems, 0 duplicates." in a.get(review_url).get_data(as_text=True)
     assert b.get(review_url).status_code == 404
     assert b.get(review_url + "/report.csv").status_code == 404
     mapping = {"column-0": "full_name", "column-1": "company", "skip_duplicates": "1", "action": "import"}

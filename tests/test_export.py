@@ -131,6 +131,16 @@ def test_the_export_holds_the_attachment_files_checked_against_their_hashes(make
     assert listed[str(rows["=cmd.txt"].id)] == "'=cmd.txt"  # the list is neutralised like every CSV
 
 
+def test_every_formula_start_is_neutralised_in_the_whole_data_export(make_seat, tmp_path):
+    boss = make_seat("boss@corp.cn", role="boss")
+    values = ["=1+2", "+86 123", "-2+3", "@SUM(A1)", "\t=cmd", "\r=cmd", "plain"]
+    for n, value in enumerate(values):
+        audit.create(boss.user, Account, {"name": f"Formula {n}", "description": value})
+    _, tables = _read(export.export_all(tmp_path / "export.zip").path)
+    exported = {r["name"]: r["description"] for r in tables["data/account.csv"]}
+    assert [exported[f"Formula {n}"] for n in range(len(values))] == ["'" + v for v in values[:-1]] + ["plain"]
+
+
 def test_an_existing_file_is_never_overwritten_and_a_missing_directory_is_named(db, tmp_path):
     target = tmp_path / "export.zip"
     target.write_bytes(b"keep me")

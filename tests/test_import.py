@@ -455,8 +455,10 @@ def test_upload_review_and_import_through_the_pages(make_seat, browser_for, sett
     review_url = resp.headers["Location"]
     token = review_url.rstrip("/").rsplit("/", 1)[1]
     job = settings.appliance.data_dir / "imports" / token
-    assert {p.name for p in job.iterdir()} == {"upload.xlsx", "import.json"}
+    assert {p.name for p in job.iterdir()} == {"upload.xlsx", "import.json", "rows.json"}
     assert all(stat.S_IMODE(os.stat(p).st_mode) == 0o600 for p in job.iterdir())
+    # The workbook was parsed once, at the upload: the pages use the rows kept beside it.
+    (job / "upload.xlsx").write_bytes(b"PK\x03\x04 no longer a workbook")
 
     html = b.get(review_url).get_data(as_text=True)
     assert "客户.xlsx: 2 rows; 1 to import, 1 problem, 0 duplicates." in html

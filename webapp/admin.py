@@ -7,6 +7,7 @@ did not exist.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import json
@@ -240,11 +241,21 @@ def _pid_alive(pid) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _export_lock(folder: Path):
+    """Held while the state is read or a run started: two tabs (or workers) asking at once
+    start one export, and no partial file is taken for a dead run's while a new run starts."""
+    with open(folder / ".export.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _export_status(folder: Path) -> dict | None:
-    """The last export's state (see _STATUS), or None before the first.
+    """The last export's state (see _STATUS), or None before the first; call it under _export_lock.
 
     A running export whose process is gone (the web server recycled its worker) is failed:
-    its partial file is shredded. So is any other partial file, which no running export writes.
+    its partial file is shredded. So is any other partial file of the page's exports, which no
+    running export writes.
     """
     try:
         status = json.loads((folder / _STATUS).read_text())
@@ -254,16 +265,16 @@ def _export_status(folder: Path) -> dict | None:
         status.update(state="failed", reason="", finished_at=utcnow().isoformat())
         _write_status(folder, status)
     writing = f".{status['file']}.partial" if status and status.get("state") == "running" else None
-    for partial in folder.glob(".*.partial"):
+    for partial in folder.glob(".crm-export-*.zip.partial"):
         if partial.name != writing:
             shred(partial)
     return status
 
 
-def _run_export(path: Path, settings) -> None:
+def _run_export(path: Path, settings, status: dict) -> None:
+    """Write the export to ``path``, then record its end in ``status`` (as the page started it)."""
     from appliance import attachments, export
 
-    status = {"file": path.name, "state": "running", "pid": os.getpid(), "started_at": utcnow().isoformat()}
     try:
         export.export_all(path, attachments_dir=attachments.store_dir(settings))
     except Exception as exc:  # noqa: BLE001 - a thread of its own: the page shows the reason
@@ -284,8 +295,7 @@ def data_export():
     background under the data directory, then downloaded from here; the newest few are kept."""
     folder = _export_dir()
     if request.method == "POST":
-        with open(folder / ".export.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # two tabs (or workers) asking at once start one export
+        with _export_lock(folder):
             status = _export_status(folder)
             if status and status["state"] == "running":
                 flash(_("An export is being written already; it appears below when it is complete."), "error")
@@ -293,13 +303,14 @@ def data_export():
                 name = f"crm-export-{utcnow():%Y%m%dT%H%M%SZ}.zip"
                 audit.write_row(g.user, "export", 0, "export_all", {"file": [None, name]})
                 # Written before the thread starts, so that the next request sees it running.
-                _write_status(folder, {"file": name, "state": "running", "pid": os.getpid(),
-                                       "started_at": utcnow().isoformat()})
-                threading.Thread(target=_run_export, args=(folder / name, _settings()), name="data-export",
+                status = {"file": name, "state": "running", "pid": os.getpid(), "started_at": utcnow().isoformat()}
+                _write_status(folder, status)
+                threading.Thread(target=_run_export, args=(folder / name, _settings(), status), name="data-export",
                                  daemon=True).start()
                 flash(_("The export is being written; reload this page in a minute to download it."), "success")
         return redirect(url_for("admin.data_export"))
-    status = _export_status(folder)
+    with _export_lock(folder):
+        status = _export_status(folder)
     files = [{"name": p.name, "bytes": p.stat().st_size,
               "at": dt.datetime.fromtimestamp(p.stat().st_mtime, dt.timezone.utc).replace(tzinfo=None)}
              for p in sorted(folder.iterdir(), reverse=True) if _EXPORT_NAME.match(p.name)]

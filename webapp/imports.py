@@ -3,7 +3,8 @@
 A thin layer over ``appliance.importer``. An upload is kept under
 ``<data_dir>/imports/<token>/`` (files 0600) with a JSON sidecar naming the seat that
 uploaded it, the entity, and the mapping and duplicate rows of the dry run last shown
-(an import that would differ from it writes nothing and shows the new one); any other seat's
+(an import that would differ from it writes nothing and shows the new one), and for a
+workbook its parsed rows (``store_table``); any other seat's
 request for that token answers 404. Uploads older than a day are removed whenever a new
 import starts. The seat needs "create" on the entity, else every page answers 404.
 """

@@ -86,7 +86,7 @@ def _save_job(job: Path, meta: dict) -> None:
 
 def store_table(job: Path, table: importer.Table) -> None:
     """Keep the rows of an uploaded workbook, parsed, beside it: reading a 100,000-row .xlsx
-    takes some 10 s, loading them again 0.5 s, and the review, the report and the import
+    takes 8-10 s, loading them again about 1 s (docs/data.md), and the review, the report and the import
     each need them (a CSV file parses as fast as this would load)."""
     _write_private(job / _PARSED, json.dumps({"headers": table.headers, "rows": table.rows},
                                              ensure_ascii=False).encode())

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flask_babel import lazy_gettext as _l
+from flask_babel import lazy_ngettext as ngettext  # lazy; named so that Babel extracts its messages
 
 from appliance.errors import ApplianceError, SeatError
 from appliance.seats import EMAIL_RE
@@ -62,6 +63,11 @@ class ImportFileError(ApplianceError):
     def __init__(self, message, plan: "Plan | None" = None):
         super().__init__(message)
         self.plan = plan
+
+
+class ImportChanged(ImportFileError):
+    """``import_table``'s re-check found other duplicates than the dry run the seat reviewed
+    (records were added or removed meanwhile); ``plan`` is the new dry run. Nothing is written."""
 
 
 # ============================================================================= reading the file
@@ -136,16 +142,54 @@ def _csv_grid(data: bytes, name: str):
     first_line = text.split("\n", 1)[0]
     # Whichever separator the header uses most; a comma when it has none (one column).
     delimiter = max(",;\t", key=first_line.count)
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
-    number = 0
+    # Strict: a quote left open raises at the end of the data instead of swallowing every later row.
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, strict=True)
+    number, start_line, headers = 0, 1, None
     try:
         for number, cells in enumerate(reader, start=1):
+            headers = headers or ([c.strip() for c in cells] if any(c.strip() for c in cells) else None)
             yield number, [_unescape(cell) for cell in cells]
+            start_line = reader.line_num + 1
     except csv.Error as exc:
+        column = _unclosed_cell(text, start_line, delimiter)
+        if column is not None:
+            label = f"{column + 1} ({headers[column]})" if headers and column < len(headers) and headers[column] \
+                else str(column + 1)
+            raise ImportFileError(_l("%(file)s: unclosed quote: the cell that starts at row %(row)d (line %(line)d "
+                                     "of the file), column %(column)s never ends; add its closing double quote, "
+                                     "and write a double quote within a cell as two", file=name, row=number + 1,
+                                     line=start_line, column=label)) from exc
         if "field larger than field limit" in str(exc):
             raise _cell_too_long(name, number + 1, None) from exc
         raise ImportFileError(_l("%(file)s, row %(row)d is not valid CSV (%(error)s); check the quotes in that row",
                                  file=name, row=number + 1, error=str(exc))) from exc
+
+
+def _unclosed_cell(text: str, line: int, delimiter: str):
+    """The index of the quoted cell that never closes in the record starting at ``line``
+    (1 for the first), or None when that record's quotes all close."""
+    pos = 0
+    for _ in range(line - 1):
+        pos = text.find("\n", pos) + 1
+        if pos == 0:
+            return None
+    cell_end = re.compile(f"[{re.escape(delimiter)}\n]")
+    column = 0
+    while True:
+        if text.startswith('"', pos):  # a quoted cell: find its closing quote, past doubled ones
+            pos += 1
+            while True:
+                pos = text.find('"', pos)
+                if pos == -1:
+                    return column
+                if not text.startswith('"', pos + 1):
+                    break
+                pos += 2
+            pos += 1
+        end = cell_end.search(text, pos)
+        if end is None or end.group() == "\n":
+            return None
+        column, pos = column + 1, end.end()
 
 
 def _unescape(cell: str) -> str:
@@ -739,8 +783,9 @@ def run_import(plan: Plan, user: User) -> int:
     returns how many. :raise ImportFileError: the plan has errors (nothing is written).
     :raise PermissionDenied: the seat may not create these records."""
     if not plan.ok:
-        raise ImportFileError(_l("nothing was imported: %(n)d problems in the file; correct them and try again",
-                                 n=len(plan.errors)), plan=plan)
+        raise ImportFileError(ngettext("nothing was imported: %(num)d problem in the file; correct it and try again",
+                                       "nothing was imported: %(num)d problems in the file; correct them and try again",
+                                       len(plan.errors)), plan=plan)
     if not permissions.can(user, plan.entity, "create"):
         raise permissions.PermissionDenied(f"{user.email} may not create {plan.entity}")
     model = RECORD_MODELS[plan.entity]
@@ -794,16 +839,44 @@ def _copy_text(value) -> str:
     return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def import_table(table: Table, mapping: list[str], entity: str, user: User, skip_duplicates: bool = True) -> Plan:
+def import_table(table: Table, mapping: list[str], entity: str, user: User, skip_duplicates: bool = True,
+                 reviewed_duplicates: list[int] | None = None) -> Plan:
     """The real import: ``validate()`` then ``run_import()`` in one transaction, so the records
-    created are those of the dry run. Returns the plan. :raise ImportFileError: rows with
-    problems (``exc.plan`` holds them); nothing is written."""
+    created are those of the dry run. Returns the plan.
+
+    ``reviewed_duplicates``: the rows the reviewed dry run found duplicates; when the re-check
+    finds others (records added or removed since), nothing is written.
+    :raise ImportChanged: see ``reviewed_duplicates``.
+    :raise ImportFileError: rows with problems (``exc.plan`` holds them); nothing is written."""
     with database.atomic():
         # One import of an entity at a time: the second one sees the first one's records as duplicates.
         database.execute_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"crm-appliance import {entity}",))
         plan = validate(table, mapping, entity, user, skip_duplicates)
+        if reviewed_duplicates is not None and plan.ok:
+            changed = _changes(reviewed_duplicates, [p.row for p in plan.duplicates])
+            if changed:
+                raise ImportChanged(_l("Nothing was imported: since your check, %(changes)s. Check the result "
+                                       "below, then import.", changes=changed), plan=plan)
         run_import(plan, user)
     return plan
+
+
+def _changes(reviewed: list[int], now: list[int]) -> str:
+    """What differs between the duplicate rows reviewed and those found now ("" for nothing)."""
+    def rows(numbers: list[int]) -> str:
+        return ", ".join(map(str, numbers[:10])) + (", …" if len(numbers) > 10 else "")
+
+    added = sorted(set(now) - set(reviewed))
+    gone = sorted(set(reviewed) - set(now))
+    parts = []
+    if added:
+        parts.append(ngettext("%(num)d row became a duplicate of a record added meanwhile (row %(rows)s)",
+                              "%(num)d rows became duplicates of records added meanwhile (rows %(rows)s)",
+                              len(added), rows=rows(added)))
+    if gone:
+        parts.append(ngettext("%(num)d row is no longer a duplicate (row %(rows)s)",
+                              "%(num)d rows are no longer duplicates (rows %(rows)s)", len(gone), rows=rows(gone)))
+    return "; ".join(str(p) for p in parts)
 
 
 def report_csv(plan: Plan) -> bytes:

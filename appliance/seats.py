@@ -222,13 +222,54 @@ class SeatRow:
 
 
 def _decode(data: bytes, source: str) -> str:
-    """UTF-8 (with or without BOM), else GBK, as spreadsheets on Chinese desktops save CSV."""
-    for encoding in ("utf-8-sig", "gbk"):
-        try:
-            return data.decode(encoding)
-        except UnicodeDecodeError:
-            continue
-    raise SeatError(_l("%(source)s is neither UTF-8 nor GBK text; save it as CSV (UTF-8)", source=source))
+    """UTF-8 (with or without BOM), else GBK, as spreadsheets on Chinese desktops save CSV.
+
+    Refused rather than decoded wrongly: UTF-8 with a damaged byte (decoded as GBK, all its
+    Chinese would become nonsense), and Windows-1252/Latin-1 text, which GBK mostly decodes
+    without error ("Müller" as "M黮ler").
+    """
+    from collections import Counter
+
+    def line_of(text: str, index: int) -> tuple[int, str]:
+        """(line number, its text cut to 60 characters) of the character at ``index``."""
+        begin = text.rfind("\n", 0, index) + 1
+        end = text.find("\n", index)
+        return text.count("\n", 0, index) + 1, text[begin:end if end != -1 else len(text)].strip()[:60]
+
+    body = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # the BOM
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        damage = exc
+    # Valid multi-byte UTF-8 before the first bad byte, and far more of it than bad bytes in the
+    # whole file: UTF-8 with damage. (GBK Chinese is now and then valid UTF-8 by chance, once
+    # in about seven characters, and invalid in the others.)
+    whole = body.decode("utf-8", errors="replace")
+    bad = whole.count("\ufffd")
+    good = len(whole) - len(whole.encode("ascii", "ignore")) - bad
+    if any(byte > 0x7F for byte in body[:damage.start]) and good > 2 * bad:
+        at = len(body[:damage.start].decode("utf-8"))
+        line, sample = line_of(whole, at)
+        raise SeatError(_l("%(source)s is UTF-8 text with a damaged byte (%(byte)s, shown as �) on line "
+                           "%(line)d: “%(text)s”; correct that character, then save the file as CSV (UTF-8) again",
+                           source=source, byte=f"0x{body[damage.start]:02X}", line=line, text=sample))
+    try:
+        text = data.decode("gbk")
+    except UnicodeDecodeError:
+        raise SeatError(_l("%(source)s is neither UTF-8 nor GBK text; save it as CSV (UTF-8)",
+                           source=source)) from None
+    # Chinese text is mostly in GBK's GB2312 area (both bytes 0xA1 or more); a Latin-1 letter
+    # followed by an ASCII one decodes as a rare character outside it. A few rare characters
+    # among common ones are a genuine name (喆, 堃).
+    counts = Counter(text)
+    wide = {ch: n for ch, n in counts.items() if ch > "\x7f"}
+    rare = [ch for ch in wide if min(ch.encode("gbk")[:2]) < 0xA1]
+    rare_count = sum(wide[ch] for ch in rare)
+    if rare_count >= 2 and rare_count * 2 > sum(wide.values()):
+        line, sample = line_of(text, min(text.index(ch) for ch in rare))
+        raise SeatError(_l("%(source)s is neither UTF-8 nor GBK Chinese text (line %(line)d reads as “%(text)s”); "
+                           "save it as CSV (UTF-8)", source=source, line=line, text=sample))
+    return text
 
 
 def _csv_lines(data: bytes, source: str) -> list[tuple[int, list[str]]]:

@@ -595,8 +595,11 @@ def export(ctx: Context, output: Path) -> None:
     as CSV in one ZIP file with a manifest (the data file promised after termination)."""
     from appliance import attachments
     from appliance import export as export_mod
+    from webapp import audit
 
-    ctx.database()
+    with ctx.database().connection_context():
+        # Written first, as for the web's exports: a run stopped halfway has still copied data.
+        audit.write_row(f"cli:{_os_user()}", "export", 0, "export_all", {"file": [None, str(output.absolute())]})
     result = export_mod.export_all(output, progress=lambda what: click.echo(f"... {what}", err=True),
                                    attachments_dir=attachments.store_dir(ctx.settings))
     click.echo(f"Exported {result.rows:,} rows in {len(result.files)} files and {result.attachments:,} attachment "

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import re
 import threading
 import zipfile
@@ -130,6 +131,16 @@ def test_the_export_holds_the_attachment_files_checked_against_their_hashes(make
     assert listed[str(rows["=cmd.txt"].id)] == "'=cmd.txt"  # the list is neutralised like every CSV
 
 
+def test_every_formula_start_is_neutralised_in_the_whole_data_export(make_seat, tmp_path):
+    boss = make_seat("boss@corp.cn", role="boss")
+    values = ["=1+2", "+86 123", "-2+3", "@SUM(A1)", "\t=cmd", "\r=cmd", "plain"]
+    for n, value in enumerate(values):
+        audit.create(boss.user, Account, {"name": f"Formula {n}", "description": value})
+    _, tables = _read(export.export_all(tmp_path / "export.zip").path)
+    exported = {r["name"]: r["description"] for r in tables["data/account.csv"]}
+    assert [exported[f"Formula {n}"] for n in range(len(values))] == ["'" + v for v in values[:-1]] + ["plain"]
+
+
 def test_an_existing_file_is_never_overwritten_and_a_missing_directory_is_named(db, tmp_path):
     target = tmp_path / "export.zip"
     target.write_bytes(b"keep me")
@@ -150,6 +161,13 @@ def test_the_export_command(tmp_path, settings, db):
     again = CliRunner().invoke(main, ["--config", config, "export", "--output", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output and "Traceback" not in again.output
     assert Note.select().count() == 0 and User.select().count() == 1
+    # Every export is audited, the command line's as "cli:<OS user>", as its other audit rows.
+    from installer.cli import _os_user
+    from webapp.models import AuditLog
+
+    rows = list(AuditLog.select().where(AuditLog.action == "export_all").order_by(AuditLog.id))
+    assert [(r.actor, r.user_id, r.entity, r.changes["file"]) for r in rows] == [
+        (f"cli:{_os_user()}", None, "export", [None, str(out)])] * 2, "the refused second run was an attempt too"
 
 
 # ----------------------------------------------------------------------------- the boss's page
@@ -186,3 +204,91 @@ def test_only_the_boss_reaches_the_export(make_seat, browser_for):
     assert manager.get("/admin/export").status_code == 404
     assert manager.post("/admin/export").status_code == 404
     assert manager.get("/admin/export/crm-export-20261130T000000Z.zip").status_code == 404
+
+
+@pytest.fixture
+def exports(settings):
+    """The exports folder, empty (the settings, and so the folder, are shared by the tests)."""
+    import shutil
+
+    folder = settings.appliance.data_dir / "exports"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(mode=0o700, parents=True)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _wait_for_export(b, timeout: float = 60.0) -> str:
+    """The page once no export is running any more."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        html = b.get("/admin/export").get_data(as_text=True)
+        if "An export is being written" not in html:
+            return html
+        time.sleep(0.2)
+    raise AssertionError("the export did not finish")
+
+
+def test_a_failed_export_shows_its_reason_on_the_page(make_seat, browser_for, db, exports):
+    boss = make_seat("boss@corp.cn", role="boss")
+    b = browser_for(boss)
+    # A real failure: a table the export reads is missing.
+    db.execute_sql("ALTER TABLE login_log RENAME TO login_log_away")
+    try:
+        assert b.post("/admin/export", token_from="/admin/export").status_code == 302
+        html = _wait_for_export(b)
+    finally:
+        db.execute_sql("ALTER TABLE login_log_away RENAME TO login_log")
+    assert re.search(r'role="alert">The export crm-export-\d{8}T\d{6}Z\.zip, started [\d-]+ [\d:]+, failed: '
+                     r'relation &#34;login_log&#34; does not exist', html), html
+    assert not [p.name for p in exports.iterdir() if p.name.endswith((".zip", ".partial"))], "nothing kept"
+    # The next export runs, and succeeds.
+    assert b.post("/admin/export", token_from="/admin/export").status_code == 302
+    html = _wait_for_export(b)
+    assert "failed" not in html and re.search(r'href="/admin/export/crm-export-', html)
+
+
+def test_an_export_whose_worker_died_is_failed_and_its_partial_file_shredded(make_seat, browser_for, exports):
+    import subprocess
+
+    from webapp import admin
+
+    b = browser_for(make_seat("boss@corp.cn", role="boss"))
+    folder = exports
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a worker recycled mid-export: its pid names no process any more
+    name = "crm-export-20261130T000000Z.zip"
+    partial = folder / f".{name}.partial"
+    partial.write_bytes(b"half of the customer data")
+    admin._write_status(folder, {"file": name, "state": "running", "pid": gone.pid,
+                                 "started_at": "2026-11-30T00:00:00"})
+    html = b.get("/admin/export").get_data(as_text=True)
+    assert "the process writing it stopped before it finished" in html and "being written" not in html
+    assert not partial.exists()
+    assert json.loads((folder / admin._STATUS).read_text())["state"] == "failed"
+    # While its process lives, it is running: the page says so and a second export is refused.
+    admin._write_status(folder, {"file": name, "state": "running", "pid": os.getpid(),
+                                 "started_at": "2026-11-30T00:00:00"})
+    partial.write_bytes(b"being written")
+    resp = b.post("/admin/export", token_from="/admin/export", follow_redirects=True)
+    assert "An export is being written already" in resp.get_data(as_text=True) and partial.exists()
+
+
+def test_exports_rotated_out_are_shredded(make_seat, browser_for, settings, exports):
+    boss = make_seat("boss@corp.cn", role="boss")
+    audit.create(boss.user, Account, {"name": "Rotated Ltd"})
+    b = browser_for(boss)
+    folder = exports
+    old = [folder / f"crm-export-2026110{day}T000000Z.zip" for day in (1, 2, 3)]
+    for path in old:
+        path.write_bytes(b"customer data " * 100)
+    # A second name for the oldest file's blocks shows whether they were overwritten or only unlinked.
+    witness = settings.appliance.data_dir / "witness"
+    os.link(old[0], witness)
+    assert b.post("/admin/export", token_from="/admin/export").status_code == 302
+    _wait_for_export(b)
+    kept = sorted(p.name for p in folder.iterdir() if p.name.endswith(".zip"))
+    assert len(kept) == 3 and old[0].name not in kept and old[1].name in kept
+    assert witness.read_bytes() == bytes(1400), "overwritten with zeros before the unlink"

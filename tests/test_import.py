@@ -65,6 +65,35 @@ def test_utf8_with_and_without_bom_and_gbk_read_the_same(encoding):
                           (3, ["欧阳修文", "ouyang@corp.cn", "", "华信科技", ""])]
 
 
+def test_windows_1252_text_is_refused_not_read_as_gbk():
+    # GBK decodes it without an error: "Müller" would be stored as "M黮ler".
+    data = "name,city\nAcme,Berlin\nAnna Müller,Köln\nJörg Schäfer,Düsseldorf\n".encode("cp1252")
+    with pytest.raises(ImportFileError, match="^" + re.escape(
+            "people.csv is neither UTF-8 nor GBK Chinese text (line 3 reads as “Anna M黮ler,K鰈n”); save it as "
+            "CSV (UTF-8)")):
+        read_table(data, "people.csv")
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_utf8_with_one_damaged_byte_is_refused_naming_line_and_byte(bom):
+    # Decoded as GBK, every Chinese name in it would be nonsense.
+    text = "姓名,城市\n王伟,上海\n李娜,北京\n" * 20
+    data = bom + text.encode() + "张三,广".encode() + b"\xff" + "州\n赵六,深圳\n".encode()
+    with pytest.raises(ImportFileError, match="^" + re.escape(
+            "c.csv is UTF-8 text with a damaged byte (0xFF, shown as �) on line 61: “张三,广�州”; correct that "
+            "character")):
+        read_table(data, "c.csv")
+
+
+def test_gbk_with_rare_name_characters_still_reads():
+    # 喆 and 堃 are outside GB2312, GBK's common area; a name may hold one all the same.
+    text = "姓名,公司,城市\n王喆,华信科技,上海\n李堃,华信科技,北京\n阿凡提·买买提,天山贸易,乌鲁木齐\n张伟,长江实业,武汉\n"
+    table = read_table(text.encode("gbk"), "c.csv")
+    assert [cells[0] for _, cells in table.rows] == ["王喆", "李堃", "阿凡提·买买提", "张伟"]
+    # GBK text that is partly valid UTF-8 by chance (职 is D6 B0) is read as GBK.
+    assert read_table("职位,城市\n职员,上海\n".encode("gbk"), "c.csv").rows == [(2, ["职员", "上海"])]
+
+
 @pytest.mark.parametrize("separator", [",", ";", "\t"])
 def test_comma_semicolon_and_tab_separated(separator):
     text = separator.join(["Name", "E-mail", "City"]) + "\n" + separator.join(['"Acme, Inc"', "a@acme.cn", "上海"])
@@ -116,6 +145,29 @@ def _too_many_rows() -> bytes:
 def test_a_malformed_file_is_refused_with_a_clear_message(data, name, message):
     with pytest.raises(ImportFileError, match="^" + re.escape(message)):
         read_table(data, name)
+
+
+UNCLOSED = ("unclosed quote: the cell that starts at row 3 (line 3 of the file), column 2 (description) never "
+            "ends; add its closing double quote")
+
+
+def test_an_unclosed_quote_is_refused_naming_where_the_cell_starts():
+    # Before: one account "Acme" whose description swallowed the rows after it.
+    data = 'name,description\nZeta,"fine, ""quoted"" text"\nAcme,"Big customer\nBeta,x\nGamma,y\n'
+    with pytest.raises(ImportFileError, match="^" + re.escape("a.csv: " + UNCLOSED)):
+        _read(data, "a.csv")
+
+
+def test_an_unclosed_quote_in_a_big_file_is_not_called_a_long_cell():
+    # The open cell grows past csv's field limit before the data ends.
+    data = "name,description\nZeta,z\nAcme,\"Big customer\n" + "Beta,x\n" * 50_000
+    with pytest.raises(ImportFileError, match="^" + re.escape("a.csv: " + UNCLOSED)):
+        _read(data, "a.csv")
+    # A quoted cell that does close, over multiple lines, reads as one cell; a long one is a long cell.
+    assert _read('name,description\nAcme,"two\nlines"\nBeta,x\n').rows == [(2, ["Acme", "two\nlines"]),
+                                                                            (3, ["Beta", "x"])]
+    with pytest.raises(ImportFileError, match=re.escape("a.csv, row 2: a cell holds more than 100,000")):
+        _read('name,description\nAcme,"' + "x\n" * 100_000 + '"\nBeta,x\n', "a.csv")
 
 
 def test_a_zip_that_is_no_workbook_is_refused():
@@ -231,7 +283,7 @@ def test_one_bad_row_means_nothing_is_written(make_seat):
     rows = "\n".join(f"Company {i},c{i}@corp.cn" for i in range(50))
     table = _read("Name,Email\n" + rows + "\nBroken,not-an-email\n")
     before = _counts()
-    with pytest.raises(ImportFileError, match="nothing was imported: 1 problems") as err:
+    with pytest.raises(ImportFileError, match="nothing was imported: 1 problem in the file; correct it and try again") as err:
         import_table(table, ["name", "email"], "account", boss.user)
     assert _counts() == before
     [problem] = err.value.plan.errors
@@ -403,11 +455,13 @@ def test_upload_review_and_import_through_the_pages(make_seat, browser_for, sett
     review_url = resp.headers["Location"]
     token = review_url.rstrip("/").rsplit("/", 1)[1]
     job = settings.appliance.data_dir / "imports" / token
-    assert {p.name for p in job.iterdir()} == {"upload.xlsx", "import.json"}
+    assert {p.name for p in job.iterdir()} == {"upload.xlsx", "import.json", "rows.json"}
     assert all(stat.S_IMODE(os.stat(p).st_mode) == 0o600 for p in job.iterdir())
+    # The workbook was parsed once, at the upload: the pages use the rows kept beside it.
+    (job / "upload.xlsx").write_bytes(b"PK\x03\x04 no longer a workbook")
 
     html = b.get(review_url).get_data(as_text=True)
-    assert "客户.xlsx: 2 rows; 1 to import, 1 problems, 0 duplicates." in html
+    assert "客户.xlsx: 2 rows; 1 to import, 1 problem, 0 duplicates." in html
     assert re.search(r'<select name="column-0"[^>]*>.*?<option value="name" selected>', html, re.S)
     assert "not an e-mail address" in html and "Import 1 row<" in html
     report = b.get(review_url + "/report.csv")
@@ -438,6 +492,29 @@ def test_upload_review_and_import_through_the_pages(make_seat, browser_for, sett
     assert b.get(review_url).status_code == 404
 
 
+def test_an_import_that_would_differ_from_the_reviewed_dry_run_writes_nothing(make_seat, browser_for):
+    boss = make_seat("boss@corp.cn", role="boss")
+    b = browser_for(boss)
+    review_url = _upload(b, "account", "Name,City\nAcme,上海\nBeta,北京\nGamma,广州\n".encode(), "a.csv").headers[
+        "Location"]
+    token = b.csrf(review_url)  # the review page, as the seat sees it
+    assert "3 to import" in b.get(review_url).get_data(as_text=True)
+    # Meanwhile someone creates "Beta": the import would now skip row 3, which the review did not show.
+    audit.create(boss.user, Account, {"name": "Beta"})
+    form = {"column-0": "name", "column-1": "city", "skip_duplicates": "1", "action": "import", "csrf_token": token}
+    before = _counts()
+    resp = b.client.post(review_url, data=form)
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 409 and _counts() == before
+    assert ("Nothing was imported: since your check, 1 row became a duplicate of a record added meanwhile "
+            "(row 3). Check the result below, then import.") in html
+    assert "a.csv: 3 rows; 2 to import, 0 problems, 1 duplicate." in html, "counts in the singular too"
+    assert "same Name as the existing record" in html
+    # The new dry run is now the one shown: importing it creates exactly that.
+    assert b.client.post(review_url, data=form).status_code == 302
+    assert sorted(a.name for a in Account.select()) == ["Acme", "Beta", "Gamma"]
+
+
 def test_a_bad_upload_is_answered_on_the_form_and_nothing_is_kept(make_seat, browser_for, settings):
     b = browser_for(make_seat("boss@corp.cn", role="boss"))
     resp = _upload(b, "contact", b"\x89PNG\r\n\x1a\n\x00\x00\x00", "photo.csv")
@@ -451,7 +528,7 @@ def test_another_seats_upload_is_not_found(make_seat, browser_for):
     a = browser_for(make_seat("a@corp.cn", role="agent"))
     b = browser_for(make_seat("b@corp.cn", role="agent"))
     review_url = _upload(a, "lead", "姓名,公司\n王伟,华信\n".encode("gbk"), "leads.csv").headers["Location"]
-    assert a.get(review_url).status_code == 200
+    assert "leads.csv: 1 row; 1 to import, 0 problems, 0 duplicates." in a.get(review_url).get_data(as_text=True)
     assert b.get(review_url).status_code == 404
     assert b.get(review_url + "/report.csv").status_code == 404
     mapping = {"column-0": "full_name", "column-1": "company", "skip_duplicates": "1", "action": "import"}

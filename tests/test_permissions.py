@@ -391,3 +391,31 @@ def test_a_read_only_role_cannot_create_edit_delete_or_export(world, make_seat, 
         assert 'href="' + prefix + '/new"' not in viewer.get(f"{prefix}/").get_data(as_text=True)
         assert RECORD_MODELS[entity].get_by_id(record.id).deleted_at is None
     assert Account.select().where(Account.name == "planted").count() == 0
+
+
+@pytest.mark.parametrize("read,export,expected", [
+    ("own", "all", {"A2"}),  # export all, but it reads only its own: it exports only its own
+    ("all", "own", {"A2"}),
+    ("team", "all", {"A", "B", "A2"}),
+    ("none", "all", None),  # nothing to read, nothing to export: the export is not there
+])
+def test_the_export_level_is_capped_by_the_read_level(world, make_seat, browser_for, read, export, expected):
+    from webapp.models import Role
+    from webapp.permissions import ACTIONS, ENTITIES, level
+
+    grants = {"read": read, "export": export}
+    Role.create(name="exporter", permissions={e: {a: grants.get(a, "none") for a in ACTIONS} for e in ENTITIES})
+    seat = make_seat("a2@corp.cn", role="exporter", team="East")
+    audit.create(world["seats"]["boss"].user, Account, {"name": "acc-A2", "owner": seat.user.id})
+    assert level(seat.user, "account", "export") == min(read, export, key=["none", "own", "team", "all"].index)
+    b = browser_for(seat)
+    csv_resp, xlsx_resp = b.get("/accounts/export.csv"), b.get("/accounts/export.xlsx")
+    if expected is None:
+        assert csv_resp.status_code == xlsx_resp.status_code == 404
+        return
+    exported = set(re.findall(r"\bacc-(A2|[ABC])(?![\w-])", csv_resp.get_data(as_text=True)))
+    assert exported == expected
+    from openpyxl import load_workbook
+    sheet = load_workbook(io.BytesIO(xlsx_resp.get_data())).active
+    cells = " ".join(str(c.value) for row in sheet.iter_rows() for c in row if c.value is not None)
+    assert set(re.findall(r"\bacc-(A2|[ABC])(?![\w-])", cells)) == expected

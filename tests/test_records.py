@@ -596,6 +596,53 @@ def test_export_neutralises_formulas(agent, browser_for):
     assert rows[0]["name"].startswith("'=") and rows[0]["phone"] == "'+86 123"
 
 
+def test_an_export_is_audited_before_its_rows_go_out(agent, app):
+    """A download aborted after its first rows has let them out: the audit row is already there."""
+    from webapp.crud import MODULES, export_rows
+
+    for n in range(3):
+        audit.create(agent.user, Account, {"name": f"Exported {n}"})
+    with app.test_request_context("/accounts/export.csv?q=Exported"):
+        stream = export_rows(MODULES["account"], agent.user, {"q": "Exported"})
+        first = next(stream)
+        stream.close()  # the browser went away
+    assert "name" in first, "the header went out"
+    row = AuditLog.get(AuditLog.action == "export")
+    assert (row.user_id, row.entity, row.changes["rows"], row.changes["search"]) == (
+        agent.user.id, "account", [None, 3], [None, "Exported"])
+
+
+FORMULA_LIKE = ["=1+2", "+86 123", "-2+3", "@SUM(A1)", "\t=cmd", "\r=cmd"]
+
+
+@pytest.mark.parametrize("value", FORMULA_LIKE)
+def test_csv_export_neutralises_every_formula_start(agent, browser_for, value):
+    audit.create(agent.user, Account, {"name": "Formula Ltd", "description": value})
+    text = browser_for(agent).get("/accounts/export.csv").get_data(as_text=True)
+    rows = list(csv.DictReader(io.StringIO(text.lstrip("\ufeff"), newline="")))
+    assert rows[0]["description"] == "'" + value, "an apostrophe first: no spreadsheet runs it"
+    assert rows[0]["name"] == "Formula Ltd", "other text is left alone"
+
+
+def test_excel_export_writes_formula_like_text_as_string_cells(agent, browser_for):
+    import zipfile
+
+    from openpyxl import load_workbook
+
+    for value in FORMULA_LIKE:
+        audit.create(agent.user, Account, {"name": f"Formula {value!r}", "description": value})
+    data = browser_for(agent).get("/accounts/export.xlsx").get_data()
+    sheet = load_workbook(io.BytesIO(data)).active
+    header = [c.value for c in sheet[1]]
+    cells = [row[header.index("description")] for row in sheet.iter_rows(min_row=2)]
+    # The text as it is, no apostrophe (a carriage return comes back as a line feed: XML reads it so).
+    assert sorted(c.value for c in cells) == sorted(v.replace("\r", "\n") for v in FORMULA_LIKE)
+    assert {c.data_type for c in cells} == {"s"}, "string cells, never formulas"
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        xml = archive.read("xl/worksheets/sheet1.xml").decode()
+    assert "<f>" not in xml and "<f " not in xml, "no formula element in the sheet"
+
+
 def test_excel_export_holds_the_filtered_list_with_formulas_as_plain_text(agent, boss, browser_for):
     from openpyxl import load_workbook
 

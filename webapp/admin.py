@@ -7,11 +7,14 @@ did not exist.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
+import json
 import logging
+import os
 import re
 import threading
-import time
 from pathlib import Path
 
 from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, send_file, url_for
@@ -24,6 +27,7 @@ from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, Length, Optional
 
 from appliance import seats
+from appliance.attachments import shred
 from appliance.errors import SeatError
 from webapp import audit, permissions
 from webapp.crud import escape_like
@@ -231,9 +235,11 @@ def new_link(user_id: int):
 
 # ----------------------------------------------------------------------------- the whole-data export
 
-EXPORTS_KEPT = 3  # older exports are deleted: each holds all the customer's data
+EXPORTS_KEPT = 3  # older exports are shredded: each holds all the customer's data
 _EXPORT_NAME = re.compile(r"^crm-export-\d{8}T\d{6}Z\.zip$")
-_STALE_SECONDS = 6 * 3600  # a partial file this old belongs to an export whose worker died
+# The last export's state: {"file", "state": running|done|failed, "pid", "started_at", "finished_at", "reason"}.
+# One export runs at a time, so the last one is the one that matters.
+_STATUS = "export-status.json"
 
 
 def _export_dir() -> Path:
@@ -242,30 +248,70 @@ def _export_dir() -> Path:
     return folder
 
 
-def _exports_running(folder: Path) -> bool:
-    running = False
-    for partial in folder.glob(".*.partial"):
-        try:
-            stale = time.time() - partial.stat().st_mtime > _STALE_SECONDS
-        except FileNotFoundError:  # finished meanwhile
-            continue
-        if stale:
-            partial.unlink(missing_ok=True)
-        else:
-            running = True
-    return running
+def _write_status(folder: Path, status: dict) -> None:
+    tmp = folder / f".{_STATUS}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(status, out)
+    os.replace(tmp, folder / _STATUS)
 
 
-def _run_export(path: Path, settings) -> None:
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except PermissionError:  # it runs, as another user
+        return True
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _export_lock(folder: Path):
+    """Held while the state is read or a run started: two tabs (or workers) asking at once
+    start one export, and no partial file is taken for a dead run's while a new run starts."""
+    with open(folder / ".export.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _export_status(folder: Path) -> dict | None:
+    """The last export's state (see _STATUS), or None before the first; call it under _export_lock.
+
+    A running export whose process is gone (the web server recycled its worker) is failed:
+    its partial file is shredded. So is any other partial file of the page's exports, which no
+    running export writes.
+    """
+    try:
+        status = json.loads((folder / _STATUS).read_text())
+    except (FileNotFoundError, ValueError):
+        status = None
+    if status and status.get("state") == "running" and not _pid_alive(status.get("pid")):
+        status.update(state="failed", reason="", finished_at=utcnow().isoformat())
+        _write_status(folder, status)
+    writing = f".{status['file']}.partial" if status and status.get("state") == "running" else None
+    for partial in folder.glob(".crm-export-*.zip.partial"):
+        if partial.name != writing:
+            shred(partial)
+    return status
+
+
+def _run_export(path: Path, settings, status: dict) -> None:
+    """Write the export to ``path``, then record its end in ``status`` (as the page started it)."""
     from appliance import attachments, export
 
     try:
         export.export_all(path, attachments_dir=attachments.store_dir(settings))
-    except Exception:  # noqa: BLE001 - a thread of its own: log it, the page shows no new file
+    except Exception as exc:  # noqa: BLE001 - a thread of its own: the page shows the reason
         log.exception("the whole-data export to %s failed", path)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        status.update(state="failed", reason=reason)
+    else:
+        status.update(state="done")
+    _write_status(path.parent, dict(status, finished_at=utcnow().isoformat()))
     finished = sorted((p for p in path.parent.iterdir() if _EXPORT_NAME.match(p.name)), reverse=True)
     for old in finished[EXPORTS_KEPT:]:
-        old.unlink(missing_ok=True)
+        shred(old)
 
 
 @bp.route("/export", methods=["GET", "POST"])
@@ -274,18 +320,28 @@ def data_export():
     background under the data directory, then downloaded from here; the newest few are kept."""
     folder = _export_dir()
     if request.method == "POST":
-        if _exports_running(folder):
-            flash(_("An export is being written already; it appears below when it is complete."), "error")
-        else:
-            name = f"crm-export-{utcnow():%Y%m%dT%H%M%SZ}.zip"
-            audit.write_row(g.user, "export", 0, "export_all", {"file": [None, name]})
-            threading.Thread(target=_run_export, args=(folder / name, _settings()), name="data-export", daemon=True).start()
-            flash(_("The export is being written; reload this page in a minute to download it."), "success")
+        with _export_lock(folder):
+            status = _export_status(folder)
+            if status and status["state"] == "running":
+                flash(_("An export is being written already; it appears below when it is complete."), "error")
+            else:
+                name = f"crm-export-{utcnow():%Y%m%dT%H%M%SZ}.zip"
+                audit.write_row(g.user, "export", 0, "export_all", {"file": [None, name]})
+                # Written before the thread starts, so that the next request sees it running.
+                status = {"file": name, "state": "running", "pid": os.getpid(), "started_at": utcnow().isoformat()}
+                _write_status(folder, status)
+                threading.Thread(target=_run_export, args=(folder / name, _settings(), status), name="data-export",
+                                 daemon=True).start()
+                flash(_("The export is being written; reload this page in a minute to download it."), "success")
         return redirect(url_for("admin.data_export"))
+    with _export_lock(folder):
+        status = _export_status(folder)
     files = [{"name": p.name, "bytes": p.stat().st_size,
               "at": dt.datetime.fromtimestamp(p.stat().st_mtime, dt.timezone.utc).replace(tzinfo=None)}
              for p in sorted(folder.iterdir(), reverse=True) if _EXPORT_NAME.match(p.name)]
-    return render_template("admin/export.html", files=files, running=_exports_running(folder))
+    return render_template("admin/export.html", files=files, running=bool(status and status["state"] == "running"),
+                           failed=dict(status, at=dt.datetime.fromisoformat(status["started_at"]))
+                           if status and status["state"] == "failed" else None)
 
 
 @bp.route("/export/<name>")

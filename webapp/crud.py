@@ -475,18 +475,20 @@ def neutralise(value) -> str:
 
 
 def _export_records(module: Module, user: User, args):
-    """Yield the header, then each record's values, of the filtered list within the seat's
-    export level; once all are out, record the export in the audit log."""
+    """Record the export in the audit log, then yield the header and each record's values of
+    the filtered list within the seat's export level.
+
+    The audit row comes first, with the number of rows the list holds: a download aborted
+    halfway has still let records out.
+    """
     query, text, active = filtered(module, user, args, action="export")
+    with database.atomic():
+        audit.write_row(user, module.entity, 0, "export", {"rows": [None, query.count()], "search": [None, text],
+                                                           "filters": [None, active]})
     fields = [n for n in module.model._meta.sorted_field_names if n not in ("deleted_at",)]
     yield fields
-    count = 0
     for record in query.order_by(module.model.id).iterator():
         yield [audit.jsonable(record.__data__.get(n)) for n in fields]
-        count += 1
-    with database.atomic():
-        audit.write_row(user, module.entity, 0, "export", {"rows": [None, count], "search": [None, text],
-                                                           "filters": [None, active]})
 
 
 def export_rows(module: Module, user: User, args):

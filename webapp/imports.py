@@ -2,7 +2,9 @@
 
 A thin layer over ``appliance.importer``. An upload is kept under
 ``<data_dir>/imports/<token>/`` (files 0600) with a JSON sidecar naming the seat that
-uploaded it, the entity, and the mapping of the dry run last shown; any other seat's
+uploaded it, the entity, and the mapping and duplicate rows of the dry run last shown
+(an import that would differ from it writes nothing and shows the new one), and for a
+workbook its parsed rows (``store_table``); any other seat's
 request for that token answers 404. Uploads older than a day are removed whenever a new
 import starts. The seat needs "create" on the entity, else every page answers 404.
 """
@@ -24,7 +26,7 @@ from flask_wtf import FlaskForm
 from flask_wtf.file import FileField, FileRequired
 
 from appliance import importer
-from appliance.importer import ImportFileError
+from appliance.importer import ImportChanged, ImportFileError
 from webapp import permissions
 from webapp.crud import MODULES
 from webapp.i18n import lazy_gettext as _l
@@ -35,6 +37,7 @@ SHOWN_PROBLEMS = 200  # on the page; the report holds them all
 KEEP_SECONDS = 24 * 3600
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{32}$")
 _SIDECAR = "import.json"
+_PARSED = "rows.json"  # see store_table
 
 
 class UploadForm(FlaskForm):
@@ -81,6 +84,24 @@ def _save_job(job: Path, meta: dict) -> None:
     os.replace(job / (_SIDECAR + ".tmp"), job / _SIDECAR)
 
 
+def store_table(job: Path, table: importer.Table) -> None:
+    """Keep the rows of an uploaded workbook, parsed, beside it: reading a 100,000-row .xlsx
+    takes 8-10 s, loading them again about 1 s (docs/data.md), and the review, the report and the import
+    each need them (a CSV file parses as fast as this would load)."""
+    _write_private(job / _PARSED, json.dumps({"headers": table.headers, "rows": table.rows},
+                                             ensure_ascii=False).encode())
+
+
+def load_table(job: Path, meta: dict) -> importer.Table:
+    """The upload's table: the parsed rows kept beside it, else the file read again.
+    :raise ImportFileError, FileNotFoundError: see importer.read_table."""
+    try:
+        kept = json.loads((job / _PARSED).read_text())
+        return importer.Table(headers=kept["headers"], rows=[(number, cells) for number, cells in kept["rows"]])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return importer.read_table(job / meta["stored"], meta["filename"])
+
+
 def _job_or_404(entity: str, token: str) -> tuple[Path, dict]:
     """The upload behind ``token``, if this seat made it for this entity. :raise 404: otherwise."""
     if not _TOKEN.match(token):
@@ -115,6 +136,8 @@ def upload(entity: str):
             shutil.rmtree(job, ignore_errors=True)
             form.file.errors.append(str(exc))
         else:
+            if stored.endswith(".xlsx"):
+                store_table(job, table)
             _save_job(job, {"user_id": g.user.id, "entity": entity, "filename": filename, "stored": stored,
                             "mapping": importer.guess_mapping(table.headers, entity), "skip_duplicates": True})
             return redirect(url_for(".review", entity=entity, token=token))
@@ -133,7 +156,7 @@ def review(entity: str, token: str):
     module = _module_or_404(entity)
     job, meta = _job_or_404(entity, token)
     try:
-        table = importer.read_table(job / meta["stored"], meta["filename"])
+        table = load_table(job, meta)
     except (ImportFileError, FileNotFoundError):
         abort(404)
     status = 200
@@ -145,7 +168,10 @@ def review(entity: str, token: str):
         _save_job(job, meta)
         if request.form.get("action") == "import" and shown:
             try:
-                plan = importer.import_table(table, mapping, entity, g.user, skip)
+                plan = importer.import_table(table, mapping, entity, g.user, skip, meta.get("reviewed_duplicates"))
+            except ImportChanged as exc:
+                flash(str(exc), "error")
+                plan, status = exc.plan, 409
             except ImportFileError as exc:
                 flash(_("Nothing was imported: the file has problems, listed below."), "error")
                 plan, status = exc.plan, 400
@@ -159,6 +185,9 @@ def review(entity: str, token: str):
             plan = importer.validate(table, mapping, entity, g.user, skip)
     else:
         plan = importer.validate(table, meta["mapping"], entity, g.user, meta["skip_duplicates"])
+    # What this page shows is what an import from it must find again (importer.import_table).
+    meta["reviewed_duplicates"] = [p.row for p in plan.duplicates]
+    _save_job(job, meta)
     problems = sorted(plan.problems, key=lambda p: (p.row, p.duplicate))
     return render_template("import_review.html", module=module, token=token, filename=meta["filename"],
                            columns=list(zip(importer.column_names(table), plan.mapping,
@@ -182,7 +211,7 @@ def report(entity: str, token: str):
     _module_or_404(entity)
     job, meta = _job_or_404(entity, token)
     try:
-        table = importer.read_table(job / meta["stored"], meta["filename"])
+        table = load_table(job, meta)
     except (ImportFileError, FileNotFoundError):
         abort(404)
     plan = importer.validate(table, meta["mapping"], entity, g.user, meta["skip_duplicates"])

@@ -55,11 +55,17 @@ def ensure_builtin_roles() -> None:
 
 
 def level(user: User, entity: str, action: str) -> str:
-    """The seat's level for one entity and action; unknown means none."""
+    """The seat's level for one entity and action; unknown means none. Exporting is reading
+    too: its level is the narrower of the role's export and read levels."""
     if user is None or not user.active:
         return "none"
-    value = (user.role.permissions or {}).get(entity, {}).get(action, "none")
-    return value if value in LEVELS else "none"
+    granted = (user.role.permissions or {}).get(entity, {})
+    value = granted.get(action, "none")
+    value = value if value in LEVELS else "none"
+    if action == "export":
+        read = granted.get("read", "none")
+        value = min(value, read if read in LEVELS else "none", key=LEVELS.index)
+    return value
 
 
 def can(user: User, entity: str, action: str) -> bool:

@@ -191,8 +191,8 @@ def _new_level(settings: Settings, used: int, quota: int):
     sizes = {"used": _size(used), "quota": _size(quota), "left": _size(max(0, quota - used)), "level": level}
     if level >= 100:
         return record_notice("error", "quota", N_(
-            "Attachment space is full: %(used)s of %(quota)s used. Uploads are refused until files are deleted "
-            "or seats are added to the licence."), sizes)
+            "Attachment space is full: %(used)s of %(quota)s used. Uploads are refused until files are destroyed "
+            "(Administration → Deleted items: deleted files count until then) or seats are added to the licence."), sizes)
     return record_notice("warning", "quota", N_("Attachment space is %(level)s%% used: %(used)s of %(quota)s, "
                                                 "%(left)s left."), sizes)
 

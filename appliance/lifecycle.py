@@ -66,7 +66,7 @@ PURGED_FOLDERS = ("exports", "imports", "incoming")
 
 class LifecycleError(ApplianceError):
     """Undo, destroy or purge refused: unknown kind, no such deleted item, the typed name does
-    not match, not the boss, or the item no longer fits the attachment quota."""
+    not match, not the boss, or a licence scan of a company certified since."""
 
 
 # ============================================================================= deleted items
@@ -163,7 +163,7 @@ def _deleted_row(entity: str, record_id: int):
 def undo(settings: Settings, actor: User | str, entity: str, record_id: int) -> str:
     """Bring a deleted record or attachment back; returns its title.
 
-    :raise LifecycleError: not deleted, or an attachment that no longer fits the quota.
+    :raise LifecycleError: not deleted, or a licence scan of a company certified since.
     """
     from webapp import audit
 
@@ -172,7 +172,7 @@ def undo(settings: Settings, actor: User | str, entity: str, record_id: int) -> 
         try:
             with database.atomic():  # the row lock keeps the retention job from destroying it meanwhile
                 row = _deleted_row(entity, record_id)
-                attachments.undelete(settings, actor, row)  # re-checks the quota under its lock
+                attachments.undelete(settings, actor, row)
         except attachments.AttachmentError as exc:
             raise LifecycleError(str(exc)) from None
         return row.filename

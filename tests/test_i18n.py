@@ -256,3 +256,19 @@ def test_a_pages_catalogue_is_looked_up_once_and_translates_as_flask_babel_does(
             assert g.page_translations is flask_babel.get_translations() and label_text == flask_babel.gettext("Accounts")
             assert str(i18n.lazy_gettext("There is no announcement %(id)d; list them with: crm-appliance "
                                          "announce list", id=7)).count("7") == 1
+
+
+_AUDIT_CALL = re.compile(r'write_row\(\s*[^,]+,\s*"([a-z_]+)",\s*[^,]+,\s*"([a-z_]+)"')
+
+
+def test_every_audited_kind_and_action_has_a_name_and_a_place_in_the_filter():
+    """The audit page names what each row is about and what was done (translated like every
+    label); an audit action or kind written in the code without a label would show its raw key."""
+    from webapp.i18n import AUDIT_ACTIONS, CHOICE_LABELS, ENTITY_NAMES
+
+    written = [m.groups() for path in ROOT.glob("[aw]*/*.py") for m in _AUDIT_CALL.finditer(path.read_text())]
+    assert len(written) > 20, "the pattern no longer finds the audit calls"
+    for entity, action in written:
+        assert entity in ENTITY_NAMES, f"audit kind {entity!r} has no name in webapp/i18n.py ENTITY_NAMES"
+        assert action in AUDIT_ACTIONS and action in CHOICE_LABELS, \
+            f"audit action {action!r} is not in webapp/i18n.py AUDIT_ACTIONS and CHOICE_LABELS"

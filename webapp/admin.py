@@ -31,6 +31,7 @@ from appliance.attachments import shred
 from appliance.errors import SeatError
 from webapp import audit, permissions
 from webapp.crud import escape_like
+from webapp.i18n import AUDIT_ACTIONS, ENTITY_NAMES
 from webapp.i18n import lazy_gettext as _l
 from webapp.models import AuditLog, JobRun, LoginLog, Notice, Role, Team, User, database, utcnow
 
@@ -421,7 +422,7 @@ def audit_log():
         query = query.where(AuditLog.action == args["action"][:20])
     page = _log_page(query, AuditLog)
     return render_template("admin/audit.html", **page, changes=audit.readable_changes(page["rows"]),
-                           entities=sorted(permissions.ENTITIES + ("note", "user")))
+                           entities=sorted(ENTITY_NAMES), actions=AUDIT_ACTIONS)
 
 
 @bp.route("/logins")

@@ -58,6 +58,9 @@ ENTITY_NAMES = {
     "account": _l("Account"), "contact": _l("Contact"), "lead": _l("Lead"),
     "opportunity": _l("Opportunity"), "ticket": _l("Ticket"), "activity": _l("Activity"),
     "note": _l("Note"), "user": _l("Seat"),
+    # audited besides the records: the files, the company, the boss's notices and exports
+    "attachment": _l("Attachment"), "company": _l("Company profile"), "announcement": _l("Announcement"),
+    "export": _l("Data export"), "appliance": _l("Appliance"),
 }
 ENTITY_PLURALS = {
     "account": _l("Accounts"), "contact": _l("Contacts"), "lead": _l("Leads"),
@@ -78,12 +81,19 @@ CHOICE_LABELS = {
     # activity kind and status
     "task": _l("Task"), "call": _l("Call"), "meeting": _l("Meeting"),
     "planned": _l("Planned"), "done": _l("Done"), "cancelled": _l("Cancelled"),
-    # audit actions
+    # audit actions (AUDIT_ACTIONS)
     "create": _l("created"), "update": _l("changed"), "delete": _l("deleted"), "export": _l("exported"),
     "suspend": _l("suspended"), "reactivate": _l("reactivated"), "new_link": _l("issued a set-password link"),
+    "remove": _l("removed, records handed over"), "restore": _l("restored"), "destroy": _l("destroyed"),
+    "purge": _l("purged all customer data"), "export_all": _l("exported all data"), "download": _l("downloaded"),
+    "certify": _l("certified"), "refused": _l("refused"), "withdraw": _l("withdrawn"),
     # permission levels
     "all": _l("all"), "team": _l("team"), "own": _l("own"), "none": _l("none"),
 }
+
+# What the audit log's rows say was done, in the order its filter offers them.
+AUDIT_ACTIONS = ("create", "update", "delete", "restore", "destroy", "export", "export_all", "download", "suspend",
+                 "reactivate", "new_link", "remove", "certify", "refused", "withdraw", "purge")
 
 
 ROLE_NAMES = {"boss": _l("Boss"), "manager": _l("Manager"), "agent": _l("Agent")}

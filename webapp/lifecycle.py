@@ -47,7 +47,7 @@ def _admins_only():
 def kind_name(entity: str) -> str:
     from webapp.i18n import ENTITY_NAMES
 
-    return _("Attachment") if entity == "attachment" else str(ENTITY_NAMES.get(entity, entity))
+    return str(ENTITY_NAMES.get(entity, entity))
 
 
 @bp.route("/")

@@ -53,6 +53,8 @@ def create_app(settings: Settings, database=None) -> Flask:
         BABEL_TRANSLATION_DIRECTORIES="translations",
     )
     app.extensions["crm_settings"] = settings
+    # Every upload (attachments, the licence scan, imports) is spooled into <data_dir>/incoming.
+    app.request_class = attachments.UploadRequest
     if web.trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=web.trusted_proxies, x_proto=web.trusted_proxies,
                                 x_host=web.trusted_proxies)
@@ -121,7 +123,10 @@ def create_app(settings: Settings, database=None) -> Flask:
                                            _l("There is no such page or record, or it is not yours to see.")))
     app.register_error_handler(405, _error(405, _l("Method not allowed"),
                                            _l("This address does not accept that kind of request.")))
-    app.register_error_handler(413, _error(413, _l("Too large"), _l("The upload is larger than allowed.")))
+    # MAX_CONTENT_LENGTH stops the request before it is read; say the limit, as for a file
+    # refused while it arrives.
+    app.register_error_handler(413, _error(413, _l("Too large"), _l(
+        "The file is larger than %(mb)d MB; nothing was stored.", mb=settings.attachments.max_upload_mb)))
     app.register_error_handler(CSRFError, _error(
         400, _l("Form expired"), _l("The form was too old or not sent from this site. Go back, reload the page and try again.")))
 

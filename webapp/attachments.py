@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import (Blueprint, Request, abort, current_app, flash, g, redirect, render_template, request, send_file,
-                   url_for)
+from flask import Blueprint, Request, abort, current_app, flash, g, redirect, request, send_file, url_for
 from flask_babel import gettext as _
 
 from appliance import attachments as store
@@ -43,10 +42,6 @@ class UploadRequest(Request):
         finally:
             for path in self._spooled:
                 path.unlink(missing_ok=True)  # gone already when the store took it
-
-
-# Every upload of the app goes through it (attachments, the licence scan, imports).
-bp.record_once(lambda state: setattr(state.app, "request_class", UploadRequest))
 
 
 def _settings():
@@ -84,16 +79,6 @@ def _attachment_and_parent(attachment_id: int, action: str = "read"):
         abort(404)
     return row, permissions.parent_or_404(g.user, row.parent_type, row.parent_id, action)
 
-
-def too_large(_exc):
-    """A request over MAX_CONTENT_LENGTH (``[attachments] max_upload_mb`` plus room for the
-    form) is stopped before it is read: say the limit, as for a file refused while it arrives."""
-    return render_template("error.html", code=413, title=_("Too large"),
-                           message=_("The file is larger than %(mb)d MB; nothing was stored.",
-                                     mb=_settings().attachments.max_upload_mb)), 413
-
-
-bp.register_error_handler(413, too_large)
 
 
 @bp.route("/<entity>/<int:record_id>", methods=["POST"])

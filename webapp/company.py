@@ -28,12 +28,11 @@ from wtforms.validators import DataRequired, Length, Optional, ValidationError
 from appliance import attachments as store
 from appliance.errors import ApplianceError
 from webapp import audit, permissions
-from webapp.attachments import send_stored, too_large
+from webapp.attachments import send_stored
 from webapp.i18n import lazy_gettext as _l
 from webapp.models import Announcement, Attachment, CompanyProfile, User, database, utcnow
 
 bp = Blueprint("company", __name__, url_prefix="/admin")
-bp.register_error_handler(413, too_large)  # a licence scan over the upload limit
 log = logging.getLogger(__name__)
 
 #: The fields printed on the business licence: locked once certified.

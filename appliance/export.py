@@ -180,6 +180,24 @@ def export_all(output: Path, progress: Callable[[str], None] = lambda message: N
                         seconds=round(time.monotonic() - started, 2), attachments=len(copied), missing=missing)
 
 
+NAME_MAX = 255  # bytes in one file name on ext4, XFS, btrfs: what unpacking the archive must create
+
+
+def _file_name(att_id: int, filename: str) -> str:
+    """``<id>-<file name>``, shortened before its extension to NAME_MAX bytes of UTF-8 (a
+    255-character Chinese name is 765 bytes, which no Linux file system takes); the id keeps
+    it unique and attachment.csv keeps the whole name."""
+    name = f"{att_id}-{filename}"
+    if len(name.encode()) <= NAME_MAX:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    ext = dot + ext if dot and len(ext.encode()) < 20 else ""
+    stem = name[:len(name) - len(ext)]
+    while len((stem + ext).encode()) > NAME_MAX:
+        stem = stem[:-1]
+    return stem + ext
+
+
 def _copy_attachments(archive, attached, root: Path | None, progress) -> tuple[list[dict], list[dict]]:
     """Copy each listed file into the archive, checking it against its SHA-256 on the way."""
     from appliance.attachments import CHUNK
@@ -189,7 +207,7 @@ def _copy_attachments(archive, attached, root: Path | None, progress) -> tuple[l
         progress(f"Exporting {len(attached)} attachment files ...")
     for att_id, filename, sha256, size in attached:
         source = root / sha256[:2] / sha256 if root is not None else None
-        name = f"attachments/{att_id}-{filename}"
+        name = f"attachments/{_file_name(att_id, filename)}"
         if source is None or not source.is_file():
             missing.append({"id": att_id, "path": name, "reason": "not in the attachment store"})
             continue

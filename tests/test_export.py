@@ -110,14 +110,16 @@ def test_the_export_holds_the_attachment_files_checked_against_their_hashes(make
     own = dataclasses.replace(settings, appliance=dataclasses.replace(settings.appliance, data_dir=tmp_path))
     boss = make_seat("boss@corp.cn", role="boss")
     acc = audit.create(boss.user, Account, {"name": "华信"})
-    files = {"合同.pdf": b"%PDF-1.4 contract", "=cmd.txt": b"plain text", "gone.pdf": b"%PDF-1.4 lost"}
+    long_name = "报价" * 120 + ".pdf"  # 244 characters, 724 bytes of UTF-8
+    files = {"合同.pdf": b"%PDF-1.4 contract", "=cmd.txt": b"plain text", "gone.pdf": b"%PDF-1.4 lost",
+             long_name: b"%PDF-1.4 long"}
     rows = {name: attachments.attach(own, boss.user, boss.user, "account", acc.id, name,
                                      attachments.receive(own, io.BytesIO(data))) for name, data in files.items()}
     attachments.blob_path(own, rows["gone.pdf"].sha256).unlink()  # damaged store: the rest still exports
 
     result = export.export_all(tmp_path / "export.zip", attachments_dir=store)
     manifest, tables = _read(result.path)
-    assert result.attachments == 2 and manifest["attachments"]["files"] == 2
+    assert result.attachments == 3 and manifest["attachments"]["files"] == 3
     assert manifest["attachments"]["missing"] == [
         {"id": rows["gone.pdf"].id, "path": f"attachments/{rows['gone.pdf'].id}-gone.pdf",
          "reason": "not in the attachment store"}]
@@ -127,8 +129,16 @@ def test_the_export_holds_the_attachment_files_checked_against_their_hashes(make
             assert archive.read(entry) == files[name]
             assert {"id": rows[name].id, "path": entry, "bytes": len(files[name]),
                     "sha256": hashlib.sha256(files[name]).hexdigest()} in manifest["attachments"]["files_list"]
+        # A name too long for a Linux file system is shortened before its extension, so the
+        # archive unpacks; the list keeps the whole name.
+        entry = next(n for n in archive.namelist() if n.startswith(f"attachments/{rows[long_name].id}-"))
+        assert len(entry.rpartition("/")[2].encode()) <= 255 and entry.endswith(".pdf")
+        assert long_name.startswith(entry.rpartition("/")[2].split("-", 1)[1][:-len(".pdf")])
+        assert archive.read(entry) == files[long_name]
+        archive.extract(entry, tmp_path / "unpacked")  # the file system takes the name
     listed = {r["id"]: r["filename"] for r in tables["data/attachment.csv"]}
     assert listed[str(rows["=cmd.txt"].id)] == "'=cmd.txt"  # the list is neutralised like every CSV
+    assert listed[str(rows[long_name].id)] == long_name
 
 
 def test_every_formula_start_is_neutralised_in_the_whole_data_export(make_seat, tmp_path):

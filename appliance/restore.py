@@ -797,6 +797,7 @@ def _restore_attachments(settings: Settings, info: backup_mod.BackupInfo, key: e
                     tmp = target.with_name(f".{target.name}.restore")
                     with tar.extractfile(member) as data, open(tmp, "wb") as out:
                         shutil.copyfileobj(data, out, 1 << 20)
+                    os.chmod(tmp, 0o400)  # read-only, as the store keeps its files
                     os.replace(tmp, target)
                     added.append(target)
                     if owner and os.geteuid() == 0:

@@ -214,6 +214,8 @@ def test_attachments_missing_after_the_backup_come_back(env):
     result = restore.restore(env.settings, "latest", cluster=_cluster(env))
     for rel, data in files.items():
         assert (root / rel).read_bytes() == data
+    for rel in lost:
+        assert (root / rel).stat().st_mode & 0o777 == 0o400, "restored read-only, as stored"
     assert uploaded_later.read_bytes() == b"new", "files newer than the backup are kept"
     assert f"{len(lost)} files added" in next(s.detail for s in result.steps if s.name == "attachments")
 

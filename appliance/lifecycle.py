@@ -367,15 +367,17 @@ def licence_state(settings: Settings, today: dt.date | None = None) -> Licence:
 
 
 def refuse_when_read_only(settings: Settings, what: str) -> None:
-    """For the command line's writes (undelete, demo-data), as the web app's refuse_writes:
-    :raise LifecycleError: the licence is in grace or ended, so the data is read-only."""
+    """For the command line's writes (seats add and remove, undelete, demo-data), as the web
+    app's refuse_writes: :raise LifecycleError: the licence is in grace or ended, so the data
+    is read-only."""
     lic = licence_state(settings)
     if lic.read_only:
         raise LifecycleError(
             f"{what} refused: the licence expired on {lic.expires} and the data is read-only"
             + (f" until it is destroyed on {lic.destroy_on}" if lic.state == "grace" else "")
-            + f". To change data, renew the licence ([seats] expires in {settings.source}, then restart the "
-              f"services); crm-appliance export still exports it.")
+            + f". To change data, renew the licence: set [seats] expires in {settings.source} to the new last "
+              f"day, then restart the services (docs/data.md). 'crm-appliance export' still exports the data, "
+              f"and 'crm-appliance seats disable' still stops a seat.")
 
 
 def purged_on(settings: Settings, lic: Licence) -> dt.date | None:

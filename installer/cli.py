@@ -151,12 +151,13 @@ def seats() -> None:
 def seats_add(ctx: Context, email, name, role, team, seats_file, as_json) -> None:
     """Add one seat (--email, --name, --role) or many (--file), and print their one-time
     set-password links."""
+    from appliance import lifecycle
     from appliance import seats as seats_lib
     from webapp import audit
 
     if seats_file and (email or name or role or team):
         raise click.UsageError("give either --file or --email/--name/--role, not both")
-    _refuse_when_read_only(ctx, "added")
+    lifecycle.refuse_when_read_only(ctx.settings, "seats add")
     if seats_file:
         try:
             data = seats_file.read_bytes()
@@ -188,19 +189,6 @@ def seats_add(ctx: Context, email, name, role, team, seats_file, as_json) -> Non
     teams = seats_lib.new_teams(created)
     if teams:
         click.echo(f"New teams created: {', '.join(teams)}.")
-
-
-def _refuse_when_read_only(ctx: Context, doing: str) -> None:
-    """Seats are neither added nor removed once the licence has ended (its grace period
-    included); disabling one still works, so that a stolen seat can always be stopped."""
-    from appliance.errors import SeatError
-    from appliance.lifecycle import licence_state
-
-    lic = licence_state(ctx.settings)
-    if lic.read_only:
-        raise SeatError(f"the licence ended on {lic.expires.isoformat()} and the data is read-only: seats cannot be "
-                        f"{doing}. Renew the licence: set [seats] expires in {ctx.config_path} to the new last day "
-                        f"(then restart the services, docs/data.md). 'seats disable' still works.")
 
 
 def _emails(emails: tuple[str, ...], emails_file: Path | None) -> tuple[list[str], dict[str, int]]:
@@ -256,9 +244,10 @@ def seats_disable(ctx: Context, emails, emails_file, reason) -> None:
 def seats_remove(ctx: Context, emails, emails_file, heir_email, yes) -> None:
     """Remove up to 100 seats: every record they own goes to --reassign-to (audited), and
     they can no longer log in. Their notes and the audit trail keep their names."""
+    from appliance import lifecycle
     from appliance import seats as seats_lib
 
-    _refuse_when_read_only(ctx, "removed")
+    lifecycle.refuse_when_read_only(ctx.settings, "seats remove")
     with ctx.database().connection_context():
         users = seats_lib.find_seats(*_emails(emails, emails_file))
         heir = seats_lib.find_seats([heir_email])[0]

@@ -297,8 +297,9 @@ def test_once_the_licence_has_ended_seats_are_neither_added_nor_removed_but_can_
                  ["remove", "stolen@corp.cn", "--reassign-to", "boss@corp.cn", "--yes"]):
         result = CliRunner().invoke(main, ["--config", config, "seats", *args])
         assert result.exit_code == 1, result.output
-        assert f"the licence ended on {expires.isoformat()} and the data is read-only: seats cannot be" in result.output
+        assert f"refused: the licence expired on {expires.isoformat()} and the data is read-only" in result.output
         assert f"set [seats] expires in {config} to the new last day" in result.output
+        assert "'crm-appliance seats disable' still stops a seat" in result.output
     assert sorted(u.email for u in User.select().where(User.active)) == ["boss@corp.cn", "stolen@corp.cn"]
     disabled = CliRunner().invoke(main, ["--config", config, "seats", "disable", "stolen@corp.cn"])
     assert disabled.exit_code == 0 and "Seats disabled: 1" in disabled.output, disabled.output

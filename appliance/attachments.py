@@ -178,7 +178,7 @@ def _level(used: int, quota: int) -> int:
 def _new_level(settings: Settings, used: int, quota: int):
     """Remember the quota level now reached; when it is a level not yet reported, write the
     notice for the boss in the same transaction (a crash cannot keep the level and lose the
-    notice) and return it, for :func:`_tell_boss` to mail after the commit. A fall below a
+    notice) and return it, for :func:`tell_boss` to mail after the commit. A fall below a
     level is remembered too, so crossing it again is reported again. Call inside the quota lock."""
     from appliance.notices import N_, record_notice
 
@@ -197,8 +197,8 @@ def _new_level(settings: Settings, used: int, quota: int):
                                                 "%(left)s left."), sizes)
 
 
-def _tell_boss(settings: Settings, notice) -> None:
-    """Mail the notice :func:`_new_level` wrote, once its transaction has committed."""
+def tell_boss(settings: Settings, notice) -> None:
+    """Mail the notice :func:`_new_level` wrote (None: nothing), once its transaction has committed."""
     from appliance.notices import mail_notice
 
     mail_notice(settings, notice)
@@ -211,7 +211,7 @@ def check_quota(settings: Settings) -> str:
         database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_QUOTA_LOCK,))
         used, quota = _used(), quota_bytes(settings)
         message = _new_level(settings, used, quota)
-    _tell_boss(settings, message)
+    tell_boss(settings, message)
     return f"attachments use {_size(used)} of {_size(quota)} ({_level(used, quota)}% level)"
 
 
@@ -320,6 +320,9 @@ def attach(settings: Settings, actor: User | str, owner: User, parent_type: str,
     from webapp import audit
 
     placed = None
+    # Inside a caller's transaction (the licence scan locks the company profile) nothing is
+    # committed here: the caller mails the notice (tell_boss(row.pending_notice)) after its commit.
+    in_callers_transaction = database.in_transaction()
     try:
         name, content_type = check_name(filename)
         _check_content(name, incoming.head)
@@ -352,8 +355,11 @@ def attach(settings: Settings, actor: User | str, owner: User, parent_type: str,
                             {"parent": [None, f"{parent_type}:{parent_id}"], "filename": [None, name],
                              "size": [None, incoming.size], "sha256": [None, incoming.sha256]})
             message = _new_level(settings, used + incoming.size, quota)
-        placed = None  # committed: the file is now named by a row
-        _tell_boss(settings, message)
+        placed = None  # committed (or the caller's to commit): the file is now named by a row
+        if in_callers_transaction:
+            row.pending_notice = message
+        else:
+            tell_boss(settings, message)
         return row
     finally:
         incoming.path.unlink(missing_ok=True)

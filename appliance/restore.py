@@ -795,10 +795,14 @@ def _restore_attachments(settings: Settings, info: backup_mod.BackupInfo, key: e
                         continue
                     target.parent.mkdir(parents=True, exist_ok=True)
                     tmp = target.with_name(f".{target.name}.restore")
-                    with tar.extractfile(member) as data, open(tmp, "wb") as out:
-                        shutil.copyfileobj(data, out, 1 << 20)
-                    os.chmod(tmp, 0o400)  # read-only, as the store keeps its files
-                    os.replace(tmp, target)
+                    try:
+                        with tar.extractfile(member) as data, open(tmp, "wb") as out:
+                            shutil.copyfileobj(data, out, 1 << 20)
+                        os.chmod(tmp, 0o400)  # read-only, as the store keeps its files
+                        os.replace(tmp, target)
+                    except BaseException:
+                        tmp.unlink(missing_ok=True)  # a part copy (disk full, damaged archive): no trace
+                        raise
                     added.append(target)
                     if owner and os.geteuid() == 0:
                         os.chown(target, *owner)

@@ -273,3 +273,41 @@ def test_a_save_that_read_the_profile_before_a_certification_cannot_undo_it(clea
     record = CompanyProfile.get_by_id(company.PROFILE_ID)
     assert record.certified_at is not None and record.certified_by == "boss@corp.cn"
     assert record.phone == "021-0000 0000"
+
+
+def test_a_licence_scan_crossing_the_quota_is_mailed_after_its_commit(clean_store, make_seat, smtp_server,
+                                                                      monkeypatch):
+    """The scan is attached inside the profile's locked transaction: the quota notice must not
+    be mailed from in there (the quota lock held through the SMTP talk, and a mail about a
+    scan that might still roll back). A second connection looks when the mail goes out."""
+    import psycopg2
+
+    from appliance import notices
+    from tests.test_attachments import _with_quota
+
+    controller, inbox = smtp_server
+    settings = _with_quota(clean_store, store.MB)
+    settings = dataclasses.replace(settings, smtp=dataclasses.replace(
+        settings.smtp, host="127.0.0.1", port=controller.port, security="none"))
+    boss = make_seat("boss@corp.cn", role="boss")
+    db = settings.database
+    seen = []
+    real_send = notices.send_mail
+
+    def send_and_look(*args, **kwargs):
+        other = psycopg2.connect(host=db.host, port=db.port, dbname=db.name, user=db.user,
+                                 password=db.password_file.read_text().strip())
+        other.autocommit = True
+        with other, other.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (store._QUOTA_LOCK,))
+            lock_free = cur.fetchone()[0]
+            cur.execute("SELECT count(*) FROM notice WHERE source = 'quota'")
+            seen.append((lock_free, cur.fetchone()[0]))
+        other.close()
+        return real_send(*args, **kwargs)
+
+    monkeypatch.setattr(notices, "send_mail", send_and_look)
+    row = company.add_licence_scan(settings, boss.user, "licence.pdf",
+                                   io.BytesIO(PDF + b" " * int(0.95 * store.MB)))
+    assert row.id and seen == [(True, 1)], "mailed once, after the commit, with the quota lock free"
+    assert [m.rcpt_tos for m in inbox.messages] == [["boss@corp.cn"]]

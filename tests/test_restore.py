@@ -220,6 +220,40 @@ def test_attachments_missing_after_the_backup_come_back(env):
     assert f"{len(lost)} files added" in next(s.detail for s in result.steps if s.name == "attachments")
 
 
+def test_an_attachment_copy_cut_short_leaves_no_part_of_it(settings, tmp_path, monkeypatch):
+    """A disk that fills up while a file comes back from the backup: the half-written file
+    (customer data, under a dot name the retention sweep skips) is removed, not left behind."""
+    import errno
+    import hashlib
+    import io
+    import shutil
+    import tarfile
+    import types
+
+    from appliance import attachments, encryption
+
+    key = encryption.key_from_text("k" * 64, tmp_path / "key")
+    data = b"%PDF-1.4 contract " * 50_000
+    sha = hashlib.sha256(data).hexdigest()
+    tar_bytes = io.BytesIO()
+    with tarfile.open(fileobj=tar_bytes, mode="w") as tar:
+        member = tarfile.TarInfo(f"{sha[:2]}/{sha}")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    with open(tmp_path / backup.ATTACHMENTS_FILE, "wb") as fh, encryption.EncryptingWriter(fh, key) as writer:
+        writer.write(tar_bytes.getvalue())
+    shutil.rmtree(attachments.store_dir(settings), ignore_errors=True)
+
+    def disk_full(src, dst, length=0):
+        dst.write(src.read(100_000))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(restore.shutil, "copyfileobj", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        restore._restore_attachments(settings, types.SimpleNamespace(path=tmp_path), key)
+    assert [p for p in attachments.store_dir(settings).rglob("*") if p.is_file()] == []
+
+
 # ============================================================================= the restore drill
 
 

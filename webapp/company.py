@@ -187,16 +187,20 @@ def add_licence_scan(settings, actor: User, filename: str, stream) -> Attachment
     :raise AttachmentError: type or quota refused.
     """
     incoming = store.receive(settings, stream)  # before the row lock: an upload may take a while
+    row = None
     try:
         with database.atomic():
             record = _locked_profile()
             if record.certified_at is None:
-                return store.attach(settings, actor, actor, "company", PROFILE_ID, filename, incoming,
-                                    is_boss=True)
-            audit.write_row(actor, "company", PROFILE_ID, "refused",
-                            {"licence": [_scan_names(), filename[:255]]})
+                row = store.attach(settings, actor, actor, "company", PROFILE_ID, filename, incoming, is_boss=True)
+            else:
+                audit.write_row(actor, "company", PROFILE_ID, "refused",
+                                {"licence": [_scan_names(), filename[:255]]})
     finally:
         incoming.path.unlink(missing_ok=True)  # attach() consumed it, or it was refused
+    if row is not None:
+        store.tell_boss(settings, row.pending_notice)  # committed now: no mail about a rolled-back scan
+        return row
     raise CertifiedError(_l("The company is certified: the business licence cannot be replaced. The attempt "
                             "was recorded in the audit log."))
 

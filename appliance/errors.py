@@ -21,6 +21,10 @@ class SeatError(ApplianceError):
     """A seat cannot be added, changed or found (duplicate e-mail, unknown role, ...)."""
 
 
+class LastAdminError(SeatError):
+    """Stopping this seat would leave no active seat with administration rights."""
+
+
 class SizingError(ApplianceError):
     """A sizing request cannot be met as asked (unknown profile, seats out of range, unknown check id)."""
 

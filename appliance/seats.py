@@ -20,7 +20,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from flask_babel import lazy_gettext as _l
 
 from appliance.config import Settings
-from appliance.errors import SeatError
+from appliance.errors import LastAdminError, SeatError
 from webapp.models import Role, SetPasswordToken, Team, User, database, utcnow
 
 _hasher = PasswordHasher()  # argon2id with the library's current recommended cost
@@ -133,16 +133,24 @@ def is_removed(user: User) -> bool:
     return not user.active and (user.suspended_reason or "").startswith(_REMOVED)
 
 
-def suspend(user: User, reason: str = "suspended") -> None:
+def suspend(user: User, reason: str = "suspended", keep_an_admin: bool = True) -> None:
     """Stop a seat at once: its next request finds the session ended, and its unused
-    set-password links stop working (R-10, stolen account)."""
+    set-password links stop working (R-10, stolen account). ``keep_an_admin=False`` (customer
+    IT at the command line, asked explicitly) stops even the last seat with administration
+    rights: a stolen boss account when no other boss exists."""
     with database.atomic():
-        _keep_an_admin(user)
+        if keep_an_admin:
+            _keep_an_admin(user)
         user.active = False
         user.suspended_reason = reason[:200]
         user.session_version += 1
         user.save()
         SetPasswordToken.delete().where(SetPasswordToken.user == user, SetPasswordToken.used_at.is_null()).execute()
+
+
+def active_admins() -> int:
+    """The active seats whose role has administration rights."""
+    return User.select().join(Role).where(User.active, Role.is_admin).count()
 
 
 def _keep_an_admin(user: User) -> None:
@@ -154,7 +162,7 @@ def _keep_an_admin(user: User) -> None:
     _lock_seat_count()
     others = User.select().where(User.active, User.role.in_(admin_roles), User.id != user.id)
     if not others.exists():
-        raise SeatError(_l("nothing was changed: %(email)s is the last active seat with administration rights; "
+        raise LastAdminError(_l("nothing was changed: %(email)s is the last active seat with administration rights; "
                            "give another active seat a role with administration rights (boss) first",
                            email=user.email))
 
@@ -228,48 +236,52 @@ def _decode(data: bytes, source: str) -> str:
     Chinese would become nonsense), and Windows-1252/Latin-1 text, which GBK mostly decodes
     without error ("Müller" as "M黮ler").
     """
-    from collections import Counter
-
     def line_of(text: str, index: int) -> tuple[int, str]:
         """(line number, its text cut to 60 characters) of the character at ``index``."""
         begin = text.rfind("\n", 0, index) + 1
         end = text.find("\n", index)
         return text.count("\n", 0, index) + 1, text[begin:end if end != -1 else len(text)].strip()[:60]
 
-    body = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # the BOM
+    marked_utf8 = data.startswith(b"\xef\xbb\xbf")  # the BOM
+    body = data[3:] if marked_utf8 else data
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError as exc:
         damage = exc
-    # Valid multi-byte UTF-8 before the first bad byte, and far more of it than bad bytes in the
-    # whole file: UTF-8 with damage. (GBK Chinese is now and then valid UTF-8 by chance, once
-    # in about seven characters, and invalid in the others.)
-    whole = body.decode("utf-8", errors="replace")
-    bad = whole.count("\ufffd")
-    good = len(whole) - len(whole.encode("ascii", "ignore")) - bad
-    if any(byte > 0x7F for byte in body[:damage.start]) and good > 2 * bad:
-        at = len(body[:damage.start].decode("utf-8"))
-        line, sample = line_of(whole, at)
+    if not marked_utf8:
+        try:
+            text = body.decode("gbk")
+        except UnicodeDecodeError:
+            pass  # UTF-8 Chinese with a damaged byte practically never decodes as GBK
+        else:
+            latin = _latin_read_as_gbk(text)
+            if latin is None:
+                return text
+            line, sample = line_of(text, latin)
+            raise SeatError(_l("%(source)s is neither UTF-8 nor GBK Chinese text (line %(line)d reads as "
+                               "“%(text)s”); save it as CSV (UTF-8)", source=source, line=line, text=sample))
+    if marked_utf8 or any(byte > 0x7F for byte in body[:damage.start]):
+        whole = body.decode("utf-8", errors="replace")
+        line, sample = line_of(whole, len(body[:damage.start].decode("utf-8")))
         raise SeatError(_l("%(source)s is UTF-8 text with a damaged byte (%(byte)s, shown as �) on line "
                            "%(line)d: “%(text)s”; correct that character, then save the file as CSV (UTF-8) again",
                            source=source, byte=f"0x{body[damage.start]:02X}", line=line, text=sample))
-    try:
-        text = data.decode("gbk")
-    except UnicodeDecodeError:
-        raise SeatError(_l("%(source)s is neither UTF-8 nor GBK text; save it as CSV (UTF-8)",
-                           source=source)) from None
-    # Chinese text is mostly in GBK's GB2312 area (both bytes 0xA1 or more); a Latin-1 letter
-    # followed by an ASCII one decodes as a rare character outside it. A few rare characters
-    # among common ones are a genuine name (喆, 堃).
-    counts = Counter(text)
-    wide = {ch: n for ch, n in counts.items() if ch > "\x7f"}
-    rare = [ch for ch in wide if min(ch.encode("gbk")[:2]) < 0xA1]
-    rare_count = sum(wide[ch] for ch in rare)
-    if rare_count >= 2 and rare_count * 2 > sum(wide.values()):
-        line, sample = line_of(text, min(text.index(ch) for ch in rare))
-        raise SeatError(_l("%(source)s is neither UTF-8 nor GBK Chinese text (line %(line)d reads as “%(text)s”); "
-                           "save it as CSV (UTF-8)", source=source, line=line, text=sample))
-    return text
+    raise SeatError(_l("%(source)s is neither UTF-8 nor GBK text; save it as CSV (UTF-8)", source=source))
+
+
+def _latin_read_as_gbk(text: str) -> int | None:
+    """Where GBK read Windows-1252/Latin-1 text, or None. An accented letter there is one byte
+    of 0x80 or more, and GBK takes it with the ASCII letter after it as one character, whose
+    second byte is then under 0x80: right after another ASCII letter ("M黮ler" for "Müller",
+    "Fran鏾is"). Chinese text hardly ever puts such a character (the rarer ones: 喆, 珺, 玥)
+    straight after a Latin letter."""
+    for index in range(1, len(text)):
+        char = text[index]
+        if char > "\x7f" and text[index - 1].isascii() and text[index - 1].isalpha():
+            encoded = char.encode("gbk")
+            if len(encoded) == 2 and encoded[1] < 0x80:
+                return index
+    return None
 
 
 def _csv_lines(data: bytes, source: str) -> list[tuple[int, list[str]]]:
@@ -457,13 +469,13 @@ def find_seats(emails: list[str], lines: dict[str, int] | None = None) -> list[U
     return [found[e] for e in dict.fromkeys(wanted)]
 
 
-def disable_seats(users: list[User], reason: str = "disabled") -> list[User]:
+def disable_seats(users: list[User], reason: str = "disabled", keep_an_admin: bool = True) -> list[User]:
     """Disable seats at once (their sessions end at their next request); returns those that
-    were active (the others stay as they were)."""
+    were active (the others stay as they were). ``keep_an_admin``: see :func:`suspend`."""
     with database.atomic():
         changed = [u for u in users if u.active]
         for user in changed:
-            suspend(user, reason)
+            suspend(user, reason, keep_an_admin)
     return changed
 
 

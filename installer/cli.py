@@ -214,22 +214,36 @@ def _emails(emails: tuple[str, ...], emails_file: Path | None) -> tuple[list[str
               help="One e-mail per line, or a CSV whose first column (or the one headed email or 邮箱) "
                    "is the e-mail; UTF-8 or GBK. A line that is not an e-mail stops the command.")
 @click.option("--reason", default="disabled by customer IT", show_default=True, help="Kept with the seat.")
+@click.option("--even-the-last-boss", "even_last_boss", is_flag=True,
+              help="Also when no other active seat with administration rights remains (a stolen boss "
+                   "account); then add a boss with 'seats add --role boss'.")
 @pass_ctx
 @handle_errors
-def seats_disable(ctx: Context, emails, emails_file, reason) -> None:
+def seats_disable(ctx: Context, emails, emails_file, reason, even_last_boss) -> None:
     """Disable up to 100 seats at once: their sessions end at their next request, and each
     frees a licensed seat. A stolen account is stopped this way."""
     from appliance import seats as seats_lib
+    from appliance.errors import LastAdminError
     from webapp import audit
+    from webapp.models import database
 
     with ctx.database().connection_context():
         users = seats_lib.find_seats(*_emails(emails, emails_file))
-        changed = seats_lib.disable_seats(users, reason)
-        for user in changed:
-            audit.write_row(f"cli:{_os_user()}", "user", user.id, "suspend", {"active": [True, False]})
+        try:
+            with database.atomic():  # the change and its audit rows together
+                changed = seats_lib.disable_seats(users, reason, keep_an_admin=not even_last_boss)
+                for user in changed:
+                    audit.write_row(f"cli:{_os_user()}", "user", user.id, "suspend", {"active": [True, False]})
+        except LastAdminError as exc:
+            raise LastAdminError(f"{exc}; or, to stop a stolen boss account at once, run this again with "
+                                 f"--even-the-last-boss") from None
         in_use = seats_lib.in_use()
+        admins_left = seats_lib.active_admins()
     click.echo(f"Seats disabled: {len(changed)} (disabled already: {len(users) - len(changed)}); "
                f"in use: {in_use} of {ctx.settings.seats.licensed} licensed.")
+    if not admins_left:
+        click.echo("No active seat has administration rights now: nobody can manage the seats on the web until "
+                   "you add one (crm-appliance seats add --email ... --name ... --role boss).")
 
 
 @seats.command("remove")

@@ -92,6 +92,17 @@ def test_gbk_with_rare_name_characters_still_reads():
     assert [cells[0] for _, cells in table.rows] == ["王喆", "李堃", "阿凡提·买买提", "张伟"]
     # GBK text that is partly valid UTF-8 by chance (职 is D6 B0) is read as GBK.
     assert read_table("职位,城市\n职员,上海\n".encode("gbk"), "c.csv").rows == [(2, ["职员", "上海"])]
+    # Short files whose names are mostly rare characters, or valid UTF-8 up to a rare one
+    # (石远 is valid UTF-8 in GBK; 珺 and 玥 are outside GB2312), are GBK all the same.
+    for name in ("石远", "田喆", "李珺玥"):
+        text = f"姓名,邮箱\n石远,shi@corp.cn\n{name},x@corp.cn\n"
+        assert read_table(text.encode("gbk"), "c.csv").rows == [(2, ["石远", "shi@corp.cn"]), (3, [name, "x@corp.cn"])]
+    assert read_table("姓名\n李珺玥\n".encode("gbk"), "c.csv").rows == [(2, ["李珺玥"])]
+
+
+def test_a_single_latin_1_letter_is_enough_to_refuse_the_file():
+    with pytest.raises(ImportFileError, match=re.escape("line 2 reads as “Fran鏾is Dupont,ACME”")):
+        read_table("name,company\nFrançois Dupont,ACME\n".encode("latin-1"), "p.csv")
 
 
 @pytest.mark.parametrize("separator", [",", ";", "\t"])

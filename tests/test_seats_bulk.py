@@ -245,6 +245,14 @@ def test_the_last_active_seat_with_administration_rights_cannot_be_stopped(tmp_p
     # A seat without administration rights is stopped as before, the last boss still active.
     seats.disable_seats([User.get_by_id(agent.user.id)])
     assert [u.email for u in User.select().where(User.active)] == [second.email]
+    # A stolen boss account with no other boss: customer IT stops it all the same, when asked so.
+    refused_disable = CliRunner().invoke(main, ["--config", config, "seats", "disable", second.email])
+    assert refused_disable.exit_code == 1 and "run this again with --even-the-last-boss" in refused_disable.output
+    forced = CliRunner().invoke(main, ["--config", config, "seats", "disable", second.email, "--even-the-last-boss"])
+    assert forced.exit_code == 0 and "Seats disabled: 1" in forced.output, forced.output
+    assert "No active seat has administration rights now" in forced.output
+    assert not User.select().where(User.active).exists()
+    assert AuditLog.select().where(AuditLog.record_id == second.user.id, AuditLog.action == "suspend").count() == 1
 
 
 # ----------------------------------------------------------------------------- the commands

@@ -105,6 +105,14 @@ class _Sink:
         return len(data)
 
 
+def check_output(output: Path) -> None:
+    """:raise ExportError: ``output`` exists (an export never overwrites a file) or its folder does not."""
+    if output.exists():
+        raise ExportError(f"{output} already exists; choose another --output (an export never overwrites a file)")
+    if not output.parent.is_dir():
+        raise ExportError(f"{output.parent} is not a directory; create it or choose another --output")
+
+
 def export_all(output: Path, progress: Callable[[str], None] = lambda message: None,
                attachments_dir: Path | None = None) -> ExportResult:
     """Write every table the customer owns, and the attachment files from ``attachments_dir``
@@ -116,10 +124,7 @@ def export_all(output: Path, progress: Callable[[str], None] = lambda message: N
 
     started = time.monotonic()
     output = Path(output)
-    if output.exists():
-        raise ExportError(f"{output} already exists; choose another --output (an export never overwrites a file)")
-    if not output.parent.is_dir():
-        raise ExportError(f"{output.parent} is not a directory; create it or choose another --output")
+    check_output(output)
     tmp = output.with_name(f".{output.name}.partial")
     files: list[dict] = []
     try:
@@ -172,9 +177,10 @@ def export_all(output: Path, progress: Callable[[str], None] = lambda message: N
             raise ExportError(f"{output} appeared while exporting; choose another --output") from None
         tmp.unlink()
     except BaseException:
+        from appliance.attachments import shred
+
         with contextlib.suppress(OSError):
-            if tmp.exists():
-                tmp.unlink()
+            shred(tmp)  # the part written holds customer data: overwritten, not only unlinked
         raise
     return ExportResult(path=output, files=files, bytes=output.stat().st_size,
                         seconds=round(time.monotonic() - started, 2), attachments=len(copied), missing=missing)

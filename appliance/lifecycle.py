@@ -514,6 +514,13 @@ def _still_ended(settings: Settings, lic: Licence, sent: set[str], said: list[st
     except ConfigError as exc:
         log.error("licence: nothing destroyed: the configuration file cannot be read to confirm the end: %s", exc)
         said.append("nothing destroyed: the configuration file cannot be read")
+        if "unreadable" not in sent:  # once: the banner keeps saying the data goes at the next run
+            sent.add("unreadable")
+            raise_notice(settings, "error", "licence", N_(
+                "The licence ended on %(expires)s and its grace period is over, but the data was not destroyed: "
+                "the configuration file %(file)s cannot be read to confirm the end (%(reason)s). Correct the "
+                "file; the retention job destroys the data at its next run after that, unless the licence was "
+                "renewed there."), {"expires": lic.expires.isoformat(), "file": settings.source, "reason": str(exc)})
         return None
     now = licence_state(current, lic.today)
     if now.state == "ended" and now.expires == lic.expires:

@@ -600,6 +600,7 @@ def export(ctx: Context, output: Path) -> None:
     from appliance import export as export_mod
     from webapp import audit
 
+    export_mod.check_output(output)  # a refused file name is no export: not audited
     with ctx.database().connection_context():
         # Written first, as for the web's exports: a run stopped halfway has still copied data.
         audit.write_row(f"cli:{_os_user()}", "export", 0, "export_all", {"file": [None, str(output.absolute())]})

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -422,8 +423,15 @@ def test_a_renewal_the_scheduler_has_not_read_yet_destroys_nothing(clean_store, 
     assert [a.name for a in Account.select()] == ["kept"]
     assert AppState.get_or_none(AppState.key == "licence.purged") is None
 
+    # A file that cannot be read confirms nothing: no destruction, and the boss is told once.
+    Path(path).write_text("[seats\n")
+    [unreadable] = _job_at(started_with, destroy_on + dt.timedelta(days=2))
+    assert "the data was not destroyed: the configuration file" in unreadable and "cannot be read" in unreadable
+    assert _job_at(started_with, destroy_on + dt.timedelta(days=3)) == [], "said once"
+    assert [a.name for a in Account.select()] == ["kept"]
+
     _config(tmp_path, clean_store, expires=expires.isoformat())  # not renewed after all: the purge goes ahead
-    [purged] = _job_at(started_with, destroy_on + dt.timedelta(days=2))
+    [purged] = _job_at(started_with, destroy_on + dt.timedelta(days=4))
     assert "all customer data was destroyed" in purged and Account.select().count() == 0
 
 

@@ -17,6 +17,7 @@ import re
 import threading
 from pathlib import Path
 
+import psutil
 from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, send_file, url_for
 from flask_babel import gettext as _
 from flask_babel import to_utc
@@ -238,7 +239,8 @@ def new_link(user_id: int):
 
 EXPORTS_KEPT = 3  # older exports are shredded: each holds all the customer's data
 _EXPORT_NAME = re.compile(r"^crm-export-\d{8}T\d{6}Z\.zip$")
-# The last export's state: {"file", "state": running|done|failed, "pid", "started_at", "finished_at", "reason"}.
+# The last export's state: {"file", "state": running|done|failed, "pid", "pid_started", "started_at",
+# "finished_at", "reason"}.
 # One export runs at a time, so the last one is the one that matters.
 _STATUS = "export-status.json"
 
@@ -257,14 +259,17 @@ def _write_status(folder: Path, status: dict) -> None:
     os.replace(tmp, folder / _STATUS)
 
 
-def _pid_alive(pid) -> bool:
+def _process_identity() -> dict:
+    """This process, as the export's state names it: its pid and when it started, since after
+    a reboot another worker may well get the same pid."""
+    return {"pid": os.getpid(), "pid_started": psutil.Process().create_time()}
+
+
+def _still_running(status: dict) -> bool:
     try:
-        os.kill(int(pid), 0)
-    except PermissionError:  # it runs, as another user
-        return True
-    except (OSError, TypeError, ValueError):
+        return psutil.Process(int(status["pid"])).create_time() == status.get("pid_started")
+    except (psutil.Error, KeyError, TypeError, ValueError):
         return False
-    return True
 
 
 @contextlib.contextmanager
@@ -287,7 +292,7 @@ def _export_status(folder: Path) -> dict | None:
         status = json.loads((folder / _STATUS).read_text())
     except (FileNotFoundError, ValueError):
         status = None
-    if status and status.get("state") == "running" and not _pid_alive(status.get("pid")):
+    if status and status.get("state") == "running" and not _still_running(status):
         status.update(state="failed", reason="", finished_at=utcnow().isoformat())
         _write_status(folder, status)
     writing = f".{status['file']}.partial" if status and status.get("state") == "running" else None
@@ -329,7 +334,7 @@ def data_export():
                 name = f"crm-export-{utcnow():%Y%m%dT%H%M%SZ}.zip"
                 audit.write_row(g.user, "export", 0, "export_all", {"file": [None, name]})
                 # Written before the thread starts, so that the next request sees it running.
-                status = {"file": name, "state": "running", "pid": os.getpid(), "started_at": utcnow().isoformat()}
+                status = {"file": name, "state": "running", **_process_identity(), "started_at": utcnow().isoformat()}
                 _write_status(folder, status)
                 threading.Thread(target=_run_export, args=(folder / name, _settings(), status), name="data-export",
                                  daemon=True).start()

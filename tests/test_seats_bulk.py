@@ -397,6 +397,20 @@ def test_bad_pasted_seats_keep_the_text_say_what_is_wrong_and_add_nothing(make_s
     assert not User.select().where(User.email == "fine@corp.cn").exists()
 
 
+def test_a_long_paste_is_answered_by_the_form_not_by_a_size_limit(make_seat, browser_for):
+    """199,000 characters of Chinese (600 KB, over Flask's default 500 KB for a form's text) as
+    a browser sends them, multipart: the page's own rules answer, with the text kept."""
+    boss = make_seat("boss@corp.cn", role="boss")
+    pasted = ("email,name,role,team\n" + "\n".join(f"s{i}@corp.cn,张伟{'很' * 90},agent,东区"
+                                                   for i in range(3000)))[:199_000]
+    assert len(pasted.encode()) > 500_000
+    resp = browser_for(boss).post("/admin/seats/bulk", {"text": pasted}, token_from="/admin/seats/bulk",
+                                  content_type="multipart/form-data")
+    page = resp.get_data(as_text=True)
+    assert resp.status_code == 400 and "seats; one operation adds at most 100: split the file" in page
+    assert "s1700@corp.cn" in page and User.select().count() == 1, "the text is kept, nothing added"
+
+
 def test_an_agent_cannot_reach_the_bulk_seats_page(make_seat, browser_for):
     agent = make_seat("agent@corp.cn")
     b = browser_for(agent)

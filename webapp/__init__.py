@@ -48,6 +48,10 @@ def create_app(settings: Settings, database=None) -> Flask:
         # The CSRF token lives as long as the session that holds it.
         WTF_CSRF_TIME_LIMIT=None,
         MAX_CONTENT_LENGTH=(settings.attachments.max_upload_mb + 1) * 1024 * 1024,
+        # A form's text fields in memory (Flask's default is 500 KB): the forms' own limits
+        # decide, e.g. 200,000 pasted characters of Chinese are 600 KB. Over it Flask answers
+        # 413, whose page speaks of the upload limit.
+        MAX_FORM_MEMORY_SIZE=2 * 1024 * 1024,
         BABEL_DEFAULT_LOCALE=web.default_locale,
         BABEL_DEFAULT_TIMEZONE=web.timezone,
         BABEL_TRANSLATION_DIRECTORIES="translations",

@@ -230,6 +230,9 @@ def reactivate(user_id: int):
 def new_link(user_id: int):
     """A fresh one-time set-password link (the old one stops working); the password is never shown."""
     user = _seat_or_404(user_id)
+    if not user.active:  # its link would not work (find_token): Reactivate issues one
+        flash(_("Seat %(email)s is not active; nothing was changed.", email=user.email), "error")
+        return redirect(url_for("admin.seat_list"))
     link, expires = seats.issue_link(_settings(), user)
     audit.write_row(g.user, "user", user.id, "new_link", {})
     return render_template("admin/link.html", seat=user, link=link, expires_at=expires)

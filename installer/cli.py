@@ -154,6 +154,7 @@ def seats_add(ctx: Context, email, name, role, team, seats_file, as_json) -> Non
     from appliance import lifecycle
     from appliance import seats as seats_lib
     from webapp import audit
+    from webapp.models import database
 
     if seats_file and (email or name or role or team):
         raise click.UsageError("give either --file or --email/--name/--role, not both")
@@ -168,7 +169,7 @@ def seats_add(ctx: Context, email, name, role, team, seats_file, as_json) -> Non
         rows = [seats_lib.SeatRow(1, email, name, role, team)]
     else:
         raise click.UsageError("give --email, --name and --role for one seat, or --file for many")
-    with ctx.database().connection_context():
+    with ctx.database().connection_context(), database.atomic():  # the seats and their audit rows together
         created = seats_lib.add_seats(ctx.settings, rows)
         for new in created:
             audit.write_row(f"cli:{_os_user()}", "user", new.user.id, "create",

@@ -384,8 +384,13 @@ def soft_delete(actor: User | str, row: Attachment) -> None:
     from webapp import audit
 
     with database.atomic():
-        row.deleted_at = utcnow()
-        row.save()
+        now = utcnow()
+        # Only a file not deleted meanwhile (a form sent twice): one delete, one audit row.
+        changed = (Attachment.update(deleted_at=now)
+                   .where(Attachment.id == row.id, Attachment.deleted_at.is_null()).execute())
+        if not changed:
+            return
+        row.deleted_at = now
         audit.write_row(actor, "attachment", row.id, "delete",
                         {"parent": [f"{row.parent_type}:{row.parent_id}", None], "filename": [row.filename, None]})
 

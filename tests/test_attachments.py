@@ -336,8 +336,14 @@ def test_upload_download_delete_through_the_pages(clean_store, make_seat, browse
     assert got.headers["Content-Disposition"].startswith("attachment;")
     assert "sandbox" in got.headers["Content-Security-Policy"] and got.headers["Cache-Control"] == "no-store"
     assert got.headers["X-Content-Type-Options"] == "nosniff"
+    stale = Attachment.get_by_id(row.id)  # as a second tab read it, before the delete
     resp = b.post(f"/attachments/{row.id}/delete", token_from=f"/accounts/{acc.id}")
     assert resp.status_code == 302 and Attachment.get_by_id(row.id).deleted_at is not None
+    deleted_at = Attachment.get_by_id(row.id).deleted_at
+    store.soft_delete(agent.user, stale)  # the form sent twice: nothing more happens
+    assert Attachment.get_by_id(row.id).deleted_at == deleted_at
+    assert AuditLog.select().where(AuditLog.entity == "attachment", AuditLog.record_id == row.id,
+                                   AuditLog.action == "delete").count() == 1
     assert b.get(f"/attachments/{row.id}").status_code == 404
     assert "报价单.pdf" not in b.get(f"/accounts/{acc.id}").get_data(as_text=True)
 

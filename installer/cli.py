@@ -182,8 +182,7 @@ def seats_add(ctx: Context, email, name, role, team, seats_file, as_json) -> Non
         return
     for c in created:
         click.echo(f"Added {c.user.email} ({c.user.role.name}).")
-        click.echo(f"One-time set-password link, valid until {c.expires_at:%Y-%m-%d %H:%M} UTC:")
-        click.echo(c.link)
+        _print_link(c.link, c.expires_at)
     if seats_file:
         click.echo(f"Seats added: {len(created)}; "
                    f"in use: {seats_lib.in_use()} of {ctx.settings.seats.licensed} licensed.")
@@ -273,6 +272,55 @@ def seats_remove(ctx: Context, emails, emails_file, heir_email, yes) -> None:
     handed = ", ".join(f"{n} {entity}" for entity, n in moved.items()) or "no records"
     click.echo(f"Seats removed: {len(users)}; handed to {heir.email}: {handed}; "
                f"in use: {in_use} of {ctx.settings.seats.licensed} licensed.")
+
+
+@seats.command("link")
+@click.argument("email")
+@pass_ctx
+@handle_errors
+def seats_link(ctx: Context, email: str) -> None:
+    """A new one-time set-password link for an active seat (a forgotten password, an invitation
+    that expired); its earlier unused links stop working. The password itself is never shown."""
+    from appliance import seats as seats_lib
+    from appliance.errors import SeatError
+    from webapp import audit
+    from webapp.models import database
+
+    with ctx.database().connection_context(), database.atomic():
+        [user] = seats_lib.find_seats([email])
+        if not user.active:
+            raise SeatError(f"{user.email} is not active; 'crm-appliance seats reactivate {user.email}' brings it "
+                            f"back with a new link")
+        link, expires = seats_lib.issue_link(ctx.settings, user)
+        audit.write_row(f"cli:{_os_user()}", "user", user.id, "new_link", {})
+    _print_link(link, expires)
+
+
+@seats.command("reactivate")
+@click.argument("email")
+@pass_ctx
+@handle_errors
+def seats_reactivate(ctx: Context, email: str) -> None:
+    """Bring a disabled, suspended or removed seat back; it takes a licensed seat. Its old
+    password stops working and it gets a new one-time link (a removed seat comes back without
+    the records it handed over). Also after the licence's end: it is about who may log in."""
+    from appliance import seats as seats_lib
+    from webapp import audit
+    from webapp.models import database
+
+    with ctx.database().connection_context(), database.atomic():
+        [user] = seats_lib.find_seats([email])
+        had_password = bool(user.password_hash)
+        new = seats_lib.reactivate(ctx.settings, user)
+        audit.write_row(f"cli:{_os_user()}", "user", user.id, "reactivate",
+                        {"active": [False, True], "password_set": [had_password, False]})
+    click.echo(f"{user.email} is active again; its old password no longer works.")
+    _print_link(new.link, new.expires_at)
+
+
+def _print_link(link: str, expires) -> None:
+    click.echo(f"One-time set-password link, valid until {expires:%Y-%m-%d %H:%M} UTC:")
+    click.echo(link)
 
 
 @seats.command("list")

@@ -223,7 +223,7 @@ def test_removing_seats_hands_every_record_to_the_chosen_seat_audited(make_seat)
         seats.remove_seats(seats.find_seats(["staying@corp.cn"]), staying.user, boss.user)
 
 
-def test_the_last_active_seat_with_administration_rights_cannot_be_stopped(tmp_path, settings, make_seat):
+def test_the_last_boss_is_kept_unless_customer_it_stops_a_stolen_one_and_gives_it_back(tmp_path, settings, make_seat):
     config = _config_file(tmp_path, settings)
     first, second = make_seat("first.boss@corp.cn", role="boss"), make_seat("second.boss@corp.cn", role="boss")
     agent = make_seat("agent@corp.cn")
@@ -253,6 +253,20 @@ def test_the_last_active_seat_with_administration_rights_cannot_be_stopped(tmp_p
     assert "No active seat has administration rights now" in forced.output
     assert not User.select().where(User.active).exists()
     assert AuditLog.select().where(AuditLog.record_id == second.user.id, AuditLog.action == "suspend").count() == 1
+    # Its owner gets the account back with a new link; the thief's password no longer works.
+    refused_link = CliRunner().invoke(main, ["--config", config, "seats", "link", second.email])
+    assert refused_link.exit_code == 1 and f"'crm-appliance seats reactivate {second.email}'" in refused_link.output
+    back = CliRunner().invoke(main, ["--config", config, "seats", "reactivate", second.email])
+    assert back.exit_code == 0 and "its old password no longer works" in back.output, back.output
+    token = re.search(r"/auth/set-password/(\S+)", back.output).group(1)
+    returned = User.get_by_id(second.user.id)
+    assert returned.active and returned.password_hash is None and seats.find_token(token).user_id == returned.id
+    again = CliRunner().invoke(main, ["--config", config, "seats", "link", second.email])  # the link got lost
+    assert again.exit_code == 0 and seats.find_token(token) is None, "the earlier link stops working"
+    assert seats.find_token(re.search(r"/auth/set-password/(\S+)", again.output).group(1)).user_id == returned.id
+    assert [r.action for r in AuditLog.select().where(AuditLog.record_id == returned.id,
+                                                      AuditLog.action.in_(["reactivate", "new_link"]))
+            .order_by(AuditLog.id)] == ["reactivate", "new_link"]
 
 
 # ----------------------------------------------------------------------------- the commands

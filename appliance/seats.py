@@ -162,9 +162,9 @@ def _keep_an_admin(user: User) -> None:
     _lock_seat_count()
     others = User.select().where(User.active, User.role.in_(admin_roles), User.id != user.id)
     if not others.exists():
-        raise LastAdminError(_l("nothing was changed: %(email)s is the last active seat with administration rights; "
-                           "give another active seat a role with administration rights (boss) first",
-                           email=user.email))
+        raise LastAdminError(_l("nothing was changed: %(email)s is the last active seat with administration "
+                                "rights; give another active seat a role with administration rights (boss) first",
+                                email=user.email))
 
 
 def in_use() -> int:

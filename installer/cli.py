@@ -216,7 +216,7 @@ def _emails(emails: tuple[str, ...], emails_file: Path | None) -> tuple[list[str
 @click.option("--reason", default="disabled by customer IT", show_default=True, help="Kept with the seat.")
 @click.option("--even-the-last-boss", "even_last_boss", is_flag=True,
               help="Also when no other active seat with administration rights remains (a stolen boss "
-                   "account); then add a boss with 'seats add --role boss'.")
+                   "account); then 'seats reactivate' gives it back to its owner with a new link.")
 @pass_ctx
 @handle_errors
 def seats_disable(ctx: Context, emails, emails_file, reason, even_last_boss) -> None:
@@ -243,7 +243,8 @@ def seats_disable(ctx: Context, emails, emails_file, reason, even_last_boss) -> 
                f"in use: {in_use} of {ctx.settings.seats.licensed} licensed.")
     if not admins_left:
         click.echo("No active seat has administration rights now: nobody can manage the seats on the web until "
-                   "you add one (crm-appliance seats add --email ... --name ... --role boss).")
+                   "one is back ('crm-appliance seats reactivate EMAIL' gives its owner a new link) or added "
+                   "('crm-appliance seats add --email ... --name ... --role boss').")
 
 
 @seats.command("remove")

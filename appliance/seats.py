@@ -154,17 +154,19 @@ def active_admins() -> int:
 
 
 def _keep_an_admin(user: User) -> None:
-    """Refuse to stop the last active seat with administration rights: nobody could manage the
-    seats on the web any more. Serialised, so that two bosses cannot stop each other at once."""
+    """Refuse to stop the last active seat with administration rights that can log in: nobody
+    could manage the seats on the web any more. Serialised, so that two bosses cannot stop each other at once."""
     admin_roles = Role.select(Role.id).where(Role.is_admin)
     if not user.active or not admin_roles.where(Role.id == user.role_id).exists():
         return
     _lock_seat_count()
-    others = User.select().where(User.active, User.role.in_(admin_roles), User.id != user.id)
+    # An invited boss who never set a password cannot log in to manage anything yet.
+    others = User.select().where(User.active, User.role.in_(admin_roles), User.id != user.id,
+                                 User.password_hash.is_null(False))
     if not others.exists():
         raise LastAdminError(_l("nothing was changed: %(email)s is the last active seat with administration "
-                                "rights; give another active seat a role with administration rights (boss) first",
-                                email=user.email))
+                                "rights that can log in; give another active seat a role with administration "
+                                "rights (boss) first, and let it set its password", email=user.email))
 
 
 def in_use() -> int:

@@ -228,11 +228,13 @@ def test_the_last_boss_is_kept_unless_customer_it_stops_a_stolen_one_and_gives_i
     first, second = make_seat("first.boss@corp.cn", role="boss"), make_seat("second.boss@corp.cn", role="boss")
     agent = make_seat("agent@corp.cn")
     acc = audit.create(first.user, Account, {"name": "Boss Ltd"})
-    refused = "nothing was changed: second.boss@corp.cn is the last active seat with administration rights"
+    refused = "nothing was changed: second.boss@corp.cn is the last active seat with administration rights that " \
+              "can log in"
+    invited = seats.add_seat(settings, "invited.boss@corp.cn", "Invited", "boss")  # no password yet: no help
 
     both = CliRunner().invoke(main, ["--config", config, "seats", "disable", first.email, second.email])
     assert both.exit_code == 1 and refused in both.output, both.output
-    assert User.select().where(User.active).count() == 3, "the whole operation is undone"
+    assert User.select().where(User.active).count() == 4, "the whole operation is undone"
     one = CliRunner().invoke(main, ["--config", config, "seats", "disable", first.email])
     assert one.exit_code == 0 and "Seats disabled: 1" in one.output, one.output
     for args in (["disable", second.email], ["remove", second.email, "--reassign-to", agent.email, "--yes"]):
@@ -243,7 +245,7 @@ def test_the_last_boss_is_kept_unless_customer_it_stops_a_stolen_one_and_gives_i
         seats.suspend(User.get_by_id(second.user.id))
     assert Account.get_by_id(acc.id).owner_id == first.user.id
     # A seat without administration rights is stopped as before, the last boss still active.
-    seats.disable_seats([User.get_by_id(agent.user.id)])
+    seats.disable_seats([User.get_by_id(agent.user.id), User.get_by_id(invited.user.id)])
     assert [u.email for u in User.select().where(User.active)] == [second.email]
     # A stolen boss account with no other boss: customer IT stops it all the same, when asked so.
     refused_disable = CliRunner().invoke(main, ["--config", config, "seats", "disable", second.email])

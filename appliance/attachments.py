@@ -439,6 +439,9 @@ def shred_unnamed(settings: Settings, hashes: Iterable[str] | None = None) -> in
             # A shred killed after its rename left its file aside: finish it.
             leftovers = sum(1 for p in found if p.name.startswith(_SHRED_PREFIX) and shred(p))
             candidates = {p.name for p in found if not p.name.startswith(".")}
+            for path in found:  # files stored before the store kept them read-only
+                if not path.name.startswith(".") and path.stat().st_mode & 0o777 != 0o400:
+                    os.chmod(path, 0o400)
         else:
             leftovers = 0
             candidates = set(hashes)

@@ -298,8 +298,10 @@ def test_the_sweep_shreds_files_no_row_names(clean_store, make_seat):
     orphan = store.blob_path(settings, "ab" * 32)
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(b"left by a destroy killed before its shredding")
+    store.blob_path(settings, kept.sha256).chmod(0o600)  # stored before files were kept read-only
     assert store.shred_unnamed(settings) == 1
     assert not orphan.exists() and store.blob_path(settings, kept.sha256).exists()
+    assert store.blob_path(settings, kept.sha256).stat().st_mode & 0o777 == 0o400, "made read-only by the sweep"
 
 
 def test_a_removed_seat_hands_its_files_to_the_heir(clean_store, make_seat):

@@ -436,12 +436,14 @@ def shred_unnamed(settings: Settings, hashes: Iterable[str] | None = None) -> in
         if hashes is None:
             root = store_dir(settings)
             found = [p for p in root.glob("??/*") if p.is_file()] if root.exists() else []
-            # A shred killed after its rename left its file aside: finish it.
-            leftovers = sum(1 for p in found if p.name.startswith(_SHRED_PREFIX) and shred(p))
-            candidates = {p.name for p in found if not p.name.startswith(".")}
-            for path in found:  # files stored before the store kept them read-only
-                if not path.name.startswith(".") and path.stat().st_mode & 0o777 != 0o400:
-                    os.chmod(path, 0o400)
+            leftovers, candidates = 0, set()
+            for path in found:
+                if path.name.startswith(_SHRED_PREFIX):  # a shred killed after its rename: finish it
+                    leftovers += shred(path)
+                elif not path.name.startswith("."):
+                    candidates.add(path.name)
+                    if path.stat().st_mode & 0o777 != 0o400:  # stored before files were kept read-only
+                        os.chmod(path, 0o400)
         else:
             leftovers = 0
             candidates = set(hashes)

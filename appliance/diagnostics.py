@@ -51,7 +51,6 @@ import pkgutil
 import pwd
 import grp
 import re
-import secrets
 import shutil
 import socket
 import ssl
@@ -72,6 +71,7 @@ from urllib.parse import unquote, urlsplit
 from appliance import config as config_mod
 from appliance.config import Settings, toml_value
 from appliance.errors import ApplianceError
+from appliance.files import write_private
 
 log = logging.getLogger(__name__)
 
@@ -1626,17 +1626,9 @@ def _tar_gz(top: str, files: list[BundleFile], now: float) -> bytes:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Mode 0600 from the first byte; a temp file renamed into place, so no half bundle is ever sent."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_private(path, data)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise DiagnosticsError(f"{path}: cannot write the bundle: {exc.strerror}") from None
 
 

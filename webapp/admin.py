@@ -29,6 +29,7 @@ from wtforms.validators import DataRequired, Length, Optional
 
 from appliance import seats
 from appliance.attachments import shred
+from appliance.files import write_private
 from appliance.errors import SeatError
 from webapp import audit, permissions
 from webapp.crud import escape_like
@@ -255,11 +256,7 @@ def _export_dir() -> Path:
 
 
 def _write_status(folder: Path, status: dict) -> None:
-    tmp = folder / f".{_STATUS}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump(status, out)
-    os.replace(tmp, folder / _STATUS)
+    write_private(folder / _STATUS, json.dumps(status).encode())
 
 
 def _process_identity() -> dict:

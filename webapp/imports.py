@@ -12,7 +12,6 @@ import starts. The seat needs "create" on the entity, else every page answers 40
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import shutil
@@ -26,6 +25,7 @@ from flask_wtf import FlaskForm
 from flask_wtf.file import FileField, FileRequired
 
 from appliance import importer
+from appliance.files import write_private
 from appliance.importer import ImportChanged, ImportFileError
 from webapp import permissions
 from webapp.crud import MODULES
@@ -73,22 +73,15 @@ def _remove_stale(folder: Path) -> None:
             continue
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-
-
 def _save_job(job: Path, meta: dict) -> None:
-    _write_private(job / (_SIDECAR + ".tmp"), json.dumps(meta, ensure_ascii=False).encode())
-    os.replace(job / (_SIDECAR + ".tmp"), job / _SIDECAR)
+    write_private(job / _SIDECAR, json.dumps(meta, ensure_ascii=False).encode())
 
 
 def store_table(job: Path, table: importer.Table) -> None:
     """Keep the rows of an uploaded workbook, parsed, beside it: reading a 100,000-row .xlsx
     takes 8-10 s, loading them again about 1 s (docs/data.md), and the review, the report and the import
     each need them (a CSV file parses as fast as this would load)."""
-    _write_private(job / _PARSED, json.dumps({"headers": table.headers, "rows": table.rows},
+    write_private(job / _PARSED, json.dumps({"headers": table.headers, "rows": table.rows},
                                              ensure_ascii=False).encode())
 
 
@@ -129,7 +122,7 @@ def upload(entity: str):
         token = secrets.token_urlsafe(24)
         job = folder / token
         job.mkdir(mode=0o700)
-        _write_private(job / stored, form.file.data.read())
+        write_private(job / stored, form.file.data.read())
         try:
             table = importer.read_table(job / stored, filename)
         except ImportFileError as exc:
